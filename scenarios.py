@@ -1,0 +1,244 @@
+"""dpmock scenario catalogue: data only, plus small pure helpers (no I/O, no sleeps).
+
+A scenario is selected by the request's API key (or an ``X-DP-Scenario`` header) and
+answers, per route, with a fixed reply, an SSE stream or an upload rule. The server
+(dpmock.py) interprets these values; the tests loop over them; the README's scenario
+table is generated from them (``markdown_table()``) and checked by a test.
+
+Route names used below are the ``name`` column of dpmock.ROUTES.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+JSON = "application/json"
+HTML = "text/html; charset=utf-8"
+SSE = "text/event-stream; charset=utf-8"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete answer: status, body (dict/list -> JSON, str -> text) and content type."""
+
+    status: int
+    body: Any
+    content_type: str = JSON
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event: an optional ``event:`` name and one ``data:`` payload."""
+
+    data: Any  # dict -> one line of JSON; str -> sent as is
+    event: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A 200 ``text/event-stream`` answer sent chunked, one event per chunk."""
+
+    events: Tuple[Event, ...]
+    pause_ms: int = 0  #: pause before ``tail``
+    tail: str = ""  #: raw text sent after the events (a deliberately broken event)
+    close: bool = False  #: close the connection once the chunked body has ended
+    content_type: str = SSE
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload rule: the answer depends on the body's byte count, which is never kept."""
+
+    ok: Dict[str, Any]  #: file object answered with 200; ``bytes`` is added
+    empty: Optional[Reply] = None  #: answer to an empty body
+    max_bytes: Optional[int] = None  #: bodies over this get ``too_large``
+    too_large: Optional[Reply] = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    doc: str
+    routes: Dict[str, Any] = field(default_factory=dict)  #: route name -> Reply | Stream | Upload
+
+
+# --------------------------------------------------------------------------- bodies
+
+RATE_LIMIT = {"error": {"message": "Rate limit exceeded", "type": "rate_limit_error", "code": 429}}
+OPENAI_AUTH = {"error": {"message": "Invalid Authentication", "type": "invalid_request_error", "code": 401}}
+GEMINI_AUTH = {"error": {"message": "Invalid Authentication", "code": 401}}
+ANTHROPIC_AUTH = {"type": "error", "message": "Authentication Error"}
+FILE_EMPTY = {"error": {"message": "File is empty", "code": 400}}
+FILE_TOO_LARGE = {"error": {"message": "File size exceeds limit", "code": 413}}
+
+
+def _anthropic_start(model):
+    """message_start data: the contract's ``message`` plus the real API's ``type`` and ``content``."""
+    return {
+        "type": "message_start",
+        "message": {
+            "id": "msg_01J1.1", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1},
+        },
+    }
+
+
+_BLOCK_START = Event({"type": "content_block_start", "index": 0,
+                      "content_block": {"type": "text", "text": ""}}, "content_block_start")
+
+
+def _text_delta(text):
+    return Event({"type": "content_block_delta", "index": 0,
+                  "delta": {"type": "text_delta", "text": text}}, "content_block_delta")
+
+
+_ZERO_BYTE = Upload(ok={"id": "file-123", "filename": "test_file.txt", "purpose": "fine-tune"},
+                    empty=Reply(400, FILE_EMPTY))
+_LARGE_FILE = Upload(ok={"id": "file-456", "filename": "large_test_file.bin", "purpose": "fine-tune"},
+                     max_bytes=100 * MIB, too_large=Reply(413, FILE_TOO_LARGE))
+
+# --------------------------------------------------------------------------- catalogue
+
+_CATALOGUE = (
+    Scenario("NON_JSON_ERROR", "500 with an HTML page instead of JSON.", {
+        "chat": Reply(500, "<html><body><h1>500 Internal Server Error</h1></body></html>", HTML),
+    }),
+    Scenario("ABRUPT_STREAM", "One whole chunk, then a truncated `data:` event; the chunked body "
+             "ends cleanly and the connection closes.", {
+        "chat": Stream(
+            events=(Event({"id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1694268190,
+                           "model": "gpt-3.5-turbo-0613",
+                           "choices": [{"index": 0, "delta": {"role": "assistant"}}, {"finish_reason": None}]}),),
+            pause_ms=10, tail='data: {"id":"truncated_chunk", "content":"partial', close=True),
+    }),
+    Scenario("RATE_LIMIT_COMPLETION", "429 rate-limit error on completions.", {
+        "chat": Reply(429, RATE_LIMIT),
+    }),
+    Scenario("AUTH_FAILURE_OPENAI", "401 OpenAI-style authentication error.", {
+        "chat": Reply(401, OPENAI_AUTH),
+        "models": Reply(401, OPENAI_AUTH),
+        "files": Reply(401, OPENAI_AUTH),
+    }),
+    Scenario("AUTH_FAILURE_GEMINI", "401 Gemini-style authentication error (OpenAI-style on the "
+             "shared models list).", {
+        "gemini_generate": Reply(401, GEMINI_AUTH),
+        "gemini_count_tokens": Reply(401, GEMINI_AUTH),
+        "gemini_upload": Reply(401, GEMINI_AUTH),
+        "models": Reply(401, OPENAI_AUTH),
+    }),
+    Scenario("AUTH_FAILURE_ANTHROPIC", "401 Anthropic-style authentication error.", {
+        "messages": Reply(401, ANTHROPIC_AUTH),
+        "messages_count_tokens": Reply(401, ANTHROPIC_AUTH),
+        "models": Reply(401, ANTHROPIC_AUTH),
+    }),
+    Scenario("STREAM_ERROR_ANTHROPIC", "Stream starts, one text delta, then `event: error` "
+             "(top-level `message` and nested `error`).", {
+        "messages": Stream(events=(
+            Event(_anthropic_start("claude-3-haiku-20240307"), "message_start"),
+            _BLOCK_START,
+            _text_delta("Partial"),
+            Event({"type": "error", "message": "Simulated mid-stream error.",
+                   "error": {"type": "api_error", "message": "Simulated mid-stream error."}}, "error"),
+        )),
+    }),
+    Scenario("STREAM_PING_ANTHROPIC", "Complete stream with an `event: ping` between two text deltas.", {
+        "messages": Stream(events=(
+            Event(_anthropic_start("claude-3-opus-20240229"), "message_start"),
+            _BLOCK_START,
+            _text_delta("Hello"),
+            Event({"type": "ping"}, "ping"),
+            _text_delta(" World!"),
+            Event({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                   "usage": {"output_tokens": 2}, "stop_reason": "end_turn", "stop_sequence": None},
+                  "message_delta"),
+            Event({"type": "message_stop"}, "message_stop"),
+        )),
+    }),
+    Scenario("EMPTY_LIST", "200 with an empty model list.", {
+        "models": Reply(200, {"object": "list", "data": []}),
+    }),
+    Scenario("RATE_LIMIT_LIST_MODELS", "429 rate-limit error on the model list.", {
+        "models": Reply(429, RATE_LIMIT),
+    }),
+    Scenario("ZERO_BYTE_FILE", "Empty upload: 400 `File is empty`; otherwise 200 with the byte count.", {
+        "files": _ZERO_BYTE,
+        "gemini_upload": _ZERO_BYTE,
+    }),
+    Scenario("LARGE_FILE_UPLOAD", "Upload over 100 MiB: 413 (at once, unread, under `Expect: "
+             "100-continue`); otherwise 200 with the byte count.", {
+        "files": _LARGE_FILE,
+        "gemini_upload": _LARGE_FILE,
+    }),
+)
+
+SCENARIOS = {s.name: s for s in _CATALOGUE}
+
+#: The contract's answer on each scenario route when no scenario matched (upstream's exact text).
+NO_SCENARIO = {
+    "chat": Reply(400, {"error": "No test scenario triggered in mock server"}),
+    "gemini_generate": Reply(400, {"error": "No test scenario triggered for Gemini completions endpoint"}),
+    "messages": Reply(400, {"error": "No test scenario triggered for Anthropic completions endpoint"}),
+    "models": Reply(400, {"error": "No test scenario triggered for models endpoint"}),
+    "files": Reply(400, {"error": "No test scenario triggered for files endpoint"}),
+    "gemini_upload": Reply(400, {"error": "No test scenario triggered for files:upload endpoint"}),
+    "gemini_count_tokens": Reply(400, {"error": "No test scenario triggered for countTokens endpoint"}),
+    "messages_count_tokens": Reply(400, {"error": "No test scenario triggered for Anthropic count_tokens endpoint"}),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def names():
+    """Scenario names in catalogue order."""
+    return [s.name for s in _CATALOGUE]
+
+
+def get(name):
+    """The scenario called ``name``, or None."""
+    return SCENARIOS.get(name)
+
+
+def answer(name, route):
+    """What scenario ``name`` answers on ``route``, or None when it does not apply there."""
+    scenario = SCENARIOS.get(name)
+    return scenario.routes.get(route) if scenario else None
+
+
+def upload_reply(rule, nbytes):
+    """The Reply an Upload rule gives for a body of ``nbytes`` bytes."""
+    if nbytes == 0 and rule.empty is not None:
+        return rule.empty
+    if rule.max_bytes is not None and nbytes > rule.max_bytes:
+        return rule.too_large
+    body = dict(rule.ok)
+    body["bytes"] = nbytes
+    return Reply(200, body)
+
+
+def describe(value):
+    """A one-line description of a Reply, Stream or Upload, for tables and logs."""
+    if isinstance(value, Reply):
+        return "%d %s" % (value.status, value.content_type.split(";")[0])
+    if isinstance(value, Stream):
+        return "200 SSE, %d events%s" % (len(value.events), " + broken tail" if value.tail else "")
+    if isinstance(value, Upload):
+        parts = []
+        if value.empty is not None:
+            parts.append("empty: %d" % value.empty.status)
+        if value.max_bytes is not None:
+            parts.append("> %d MiB: %d" % (value.max_bytes // MIB, value.too_large.status))
+        parts.append("else 200")
+        return ", ".join(parts)
+    raise TypeError("not a scenario answer: %r" % (value,))
+
+
+def markdown_table():
+    """The README's scenario table, generated from the catalogue."""
+    rows = ["| scenario | route | answer | what it does |", "|---|---|---|---|"]
+    for s in _CATALOGUE:
+        for i, (route, value) in enumerate(s.routes.items()):
+            rows.append("| %s | %s | %s | %s |" % (
+                "`%s`" % s.name if i == 0 else "", route, describe(value), s.doc if i == 0 else ""))
+    return "\n".join(rows) + "\n"
