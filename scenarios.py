@@ -8,8 +8,7 @@ table is generated from them (``markdown_table()``) and checked by a test.
 Route names used below are the ``name`` column of dpmock.ROUTES.
 """
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from collections import namedtuple
 
 JSON = "application/json"
 HTML = "text/html; charset=utf-8"
@@ -17,50 +16,57 @@ SSE = "text/event-stream; charset=utf-8"
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Reply:
-    """A complete answer: status, body (dict/list -> JSON, str -> text) and content type."""
+# Plain named tuples, not dataclasses: importing dataclasses (and inspect) would cost
+# dpmock ~15 ms of its start-up.
 
-    status: int
-    body: Any
-    content_type: str = JSON
-    headers: Tuple[Tuple[str, str], ...] = ()
+class Reply(namedtuple("Reply", "status body content_type headers")):
+    """A complete answer: status, body (dict/list -> JSON, str -> text), content type, extra headers."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Event:
-    """One server-sent event: an optional ``event:`` name and one ``data:`` payload."""
-
-    data: Any  # dict -> one line of JSON; str -> sent as is
-    event: Optional[str] = None
+    def __new__(cls, status, body, content_type=JSON, headers=()):
+        return super().__new__(cls, status, body, content_type, headers)
 
 
-@dataclass(frozen=True)
-class Stream:
-    """A 200 ``text/event-stream`` answer sent chunked, one event per chunk."""
+class Event(namedtuple("Event", "data event")):
+    """One server-sent event: a ``data:`` payload (dict -> one line of JSON) and an optional name."""
 
-    events: Tuple[Event, ...]
-    pause_ms: int = 0  #: pause before ``tail``
-    tail: str = ""  #: raw text sent after the events (a deliberately broken event)
-    close: bool = False  #: close the connection once the chunked body has ended
-    content_type: str = SSE
+    __slots__ = ()
+
+    def __new__(cls, data, event=None):
+        return super().__new__(cls, data, event)
 
 
-@dataclass(frozen=True)
-class Upload:
-    """An upload rule: the answer depends on the body's byte count, which is never kept."""
+class Stream(namedtuple("Stream", "events pause_ms tail close content_type")):
+    """A 200 ``text/event-stream`` answer sent chunked, one event per chunk.
 
-    ok: Dict[str, Any]  #: file object answered with 200; ``bytes`` is added
-    empty: Optional[Reply] = None  #: answer to an empty body
-    max_bytes: Optional[int] = None  #: bodies over this get ``too_large``
-    too_large: Optional[Reply] = None
+    ``tail`` is raw text sent after a pause of ``pause_ms`` (a deliberately broken event);
+    ``close`` closes the connection once the chunked body has ended.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, events, pause_ms=0, tail="", close=False, content_type=SSE):
+        return super().__new__(cls, tuple(events), pause_ms, tail, close, content_type)
 
 
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    doc: str
-    routes: Dict[str, Any] = field(default_factory=dict)  #: route name -> Reply | Stream | Upload
+class Upload(namedtuple("Upload", "ok empty max_bytes too_large")):
+    """An upload rule: the answer depends on the body's byte count, which is never kept.
+
+    ``ok`` is the file object answered with 200 (``bytes`` is added); ``empty`` answers an
+    empty body; bodies over ``max_bytes`` get ``too_large``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, ok, empty=None, max_bytes=None, too_large=None):
+        return super().__new__(cls, ok, empty, max_bytes, too_large)
+
+
+class Scenario(namedtuple("Scenario", "name doc routes")):
+    """A named scenario: route name -> Reply | Stream | Upload."""
+
+    __slots__ = ()
 
 
 # --------------------------------------------------------------------------- bodies
@@ -222,7 +228,8 @@ def describe(value):
     if isinstance(value, Reply):
         return "%d %s" % (value.status, value.content_type.split(";")[0])
     if isinstance(value, Stream):
-        return "200 SSE, %d events%s" % (len(value.events), " + broken tail" if value.tail else "")
+        n = len(value.events)
+        return "200 SSE, %d event%s%s" % (n, "" if n == 1 else "s", " + broken tail" if value.tail else "")
     if isinstance(value, Upload):
         parts = []
         if value.empty is not None:
