@@ -533,7 +533,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         values = [v for k, v in h.items if k.lower() == "content-length"]
         if values:
             vals = {v.strip() for v in ",".join(values).split(",")}
-            if len(vals) != 1 or not next(iter(vals)).isdigit():
+            if len(vals) != 1 or not re.match(r"^[0-9]{1,18}$", next(iter(vals))):
                 raise HTTPError(400, "invalid Content-Length %r" % ", ".join(values)[:50], "bad_content_length",
                                 close=True)
             req.length = int(next(iter(vals)))

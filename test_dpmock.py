@@ -420,7 +420,7 @@ class HTTPBehaviourTest(unittest.TestCase):
                 self.assertIn(needle, json.loads(data)["error"]["message"])
 
     def test_bad_content_length_400_and_close(self):
-        for value in (b"abc", b"-5", b"1, 2"):
+        for value in (b"abc", b"-5", b"1, 2", b"\xb2", b"+3"):
             with self.subTest(value=value):
                 raw = SERVER.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + value +
                                  b"\r\n\r\n{}")
