@@ -8,7 +8,9 @@ Measures, in one run: start-up to first answer, keep-alive small-JSON requests/s
 installed, else a stdlib load generator), a 101 MiB LARGE_FILE_UPLOAD through curl (curl's
 time_total and the server's RSS growth), and idle RSS. Exits 1 if a target is missed.
 Every server runs under the interpreter that runs this script, so the comparison is fair:
-to include the Flask mock, run it with a python that has flask installed.
+to include the Flask mock, run it with a python that has flask installed. Servers run with
+Python's default bytecode caching (PYTHONDONTWRITEBYTECODE removed from their environment),
+as pip already gave Flask's modules, and after one uncounted warm-up start.
 """
 
 import argparse
@@ -84,7 +86,9 @@ class Target:
         self.port = free_port()
         cmd = [c.replace("{port}", str(self.port)) for c in self.cmd]
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.cwd)
+        env = dict(os.environ)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.cwd, env=env)
         deadline = t0 + 30
         while time.perf_counter() < deadline:
             try:
@@ -188,7 +192,7 @@ def main(argv=None):
     p.add_argument("--flask", help="path of the Flask mock's main.py (tests/mock-server/main.py)")
     p.add_argument("--duration", type=int, default=5, help="seconds per load run (default 5)")
     p.add_argument("--connections", type=int, default=4, help="keep-alive connections (default 4)")
-    p.add_argument("--startups", type=int, default=5, help="start-ups measured per server (median)")
+    p.add_argument("--startups", type=int, default=9, help="start-ups measured per server (median)")
     p.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.baseline_server is not None:
@@ -211,6 +215,8 @@ def main(argv=None):
           % (sys.version.split()[0], "wrk" if wrk else "stdlib (wrk not installed)", a.connections, a.duration))
     res = {}
     for t in targets:
+        t.start()  # warm-up: caches bytecode, warms the OS file cache
+        t.stop()
         starts = []
         for _ in range(a.startups):
             starts.append(t.start())

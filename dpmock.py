@@ -12,7 +12,7 @@ Exit codes: 0 started (or, in the foreground, stopped cleanly); 1 could not star
 in use, bad host, pidfile locked, log file unwritable); 2 bad command line.
 """
 
-import argparse
+import binascii
 import errno
 import fcntl
 import itertools
@@ -25,13 +25,11 @@ import socketserver
 import sys
 import threading
 import time
-import traceback
 from collections import namedtuple
 from http import HTTPStatus
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import scenarios
-from scenarios import Reply, Stream, Upload
+from scenarios import ByProvider, Reply, Stream, Upload
 
 __version__ = "0.1.0"
 
@@ -64,121 +62,224 @@ class Config:
         return argv
 
 
+USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--foreground] [--pidfile PATH]
+                 [--logfile PATH] [-q | -v] [--version]"""
+
+HELP = USAGE + """
+
+Mock the OpenAI, Gemini and Anthropic HTTP APIs.
+
+options:
+  --host HOST      address to bind (default 127.0.0.1)
+  --port PORT      port to bind; 0 picks a free one (default 8080)
+  --foreground     stay attached and log to stderr (default: detach as a daemon)
+  --pidfile PATH   write the pid here, held with flock
+  --logfile PATH   append the log here (a daemon logs nothing without it)
+  -q, --quiet      log errors only
+  -v, --verbose    log debug lines too
+  --version        print the version and exit
+  -h, --help       show this help and exit"""
+
+#: Options that take a value, and flags, by every spelling.
+_VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile"}
+_FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line."""
+
+
 def parse_args(argv):
-    """Parse the command line into a Config; paths become absolute (the daemon chdirs to /)."""
-    p = argparse.ArgumentParser(prog="dpmock.py", description="Mock OpenAI, Gemini and Anthropic APIs.")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default 8080)")
-    p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
-    p.add_argument("--pidfile", help="write and lock this pid file")
-    p.add_argument("--logfile", help="append the log here (daemon default: no log)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", help="log errors only")
-    g.add_argument("-v", "--verbose", action="store_true", help="log debug lines too")
-    a = p.parse_args(argv)
-    if not 0 <= a.port <= 65535:
-        p.error("--port must be between 0 and 65535, not %d" % a.port)
-    return Config(host=a.host, port=a.port, foreground=a.foreground,
-                  pidfile=os.path.abspath(a.pidfile) if a.pidfile else None,
-                  logfile=os.path.abspath(a.logfile) if a.logfile else None,
-                  verbosity=0 if a.quiet else 2 if a.verbose else 1)
+    """Parse the command line into a Config; paths become absolute (the daemon chdirs to /).
+
+    Hand-written rather than argparse: argparse's help formatter imports shutil, locale and
+    gettext on every start, several milliseconds of a ~40 ms start-up.
+    """
+    values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None}
+    flags = set()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(HELP)
+            raise SystemExit(0)
+        if arg == "--version":
+            print("dpmock " + __version__)
+            raise SystemExit(0)
+        name, eq, value = arg.partition("=")
+        if name in _VALUE_OPTIONS:
+            if not eq:
+                if not args or args[0].startswith("-") and args[0] != "-":
+                    raise UsageError("%s needs a value" % name)
+                value = args.pop(0)
+            values[_VALUE_OPTIONS[name]] = value
+        elif arg in _FLAGS:
+            flags.add(_FLAGS[arg])
+        else:
+            raise UsageError("unrecognized argument %r" % arg)
+    if {"quiet", "verbose"} <= flags:
+        raise UsageError("-q and -v exclude each other")
+    port = values["port"]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError("--port must be a number from 0 to 65535, not %r" % port)
+    return Config(host=values["host"], port=int(port), foreground="foreground" in flags,
+                  pidfile=os.path.abspath(values["pidfile"]) if values["pidfile"] else None,
+                  logfile=os.path.abspath(values["logfile"]) if values["logfile"] else None,
+                  verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
 
 
 ################################################################################
 # Routing
 ################################################################################
 
-BODY_NONE, BODY_JSON, BODY_COUNT = "none", "json", "count"
+BODY_NONE, BODY_JSON, BODY_STREAM = "none", "json", "stream"
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 
 
-class Route(namedtuple("Route", "method pattern name body handler versioned anthropic")):
+class Route(namedtuple("Route", "method pattern name body handler provider versioned")):
     """One row of the route table.
 
     ``pattern`` is the path after any version prefix, with ``{name}`` placeholders; ``name``
-    is the key scenarios.py uses; ``body`` is BODY_NONE, BODY_JSON or BODY_COUNT (counted,
-    never held); ``handler`` names a module-level function; ``versioned`` routes are also
-    served under /v1 and /v1beta; ``anthropic`` routes read the key as the Anthropic SDK
-    sends it (x-api-key first).
+    is the key scenarios.py uses; ``body`` is BODY_NONE, BODY_JSON (read and parsed) or
+    BODY_STREAM (the handler reads it in pieces: counted or parsed, never held whole);
+    ``handler`` names a module-level function; ``provider`` is OPENAI, ANTHROPIC, GEMINI,
+    None for paths the providers share (told apart per request) or "" for dpmock's own;
+    ``versioned`` routes are also served under /v1, /v1beta, /v1alpha and /v1beta1.
     """
 
     __slots__ = ()
 
-    def __new__(cls, method, pattern, name, body, handler, versioned=True, anthropic=False):
-        return super().__new__(cls, method, pattern, name, body, handler, versioned, anthropic)
+    def __new__(cls, method, pattern, name, body, handler, provider, versioned=True):
+        return super().__new__(cls, method, pattern, name, body, handler, provider, versioned)
 
+
+_GEMINI_MODEL = "/models/{model}"
+_VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
+_EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
 
 ROUTES = (
-    Route("POST", "/chat/completions", "chat", BODY_JSON, "handle_scenario_route"),
-    Route("POST", "/models/{model}:generateContent", "gemini_generate", BODY_JSON, "handle_scenario_route"),
-    Route("POST", "/models/{model}:countTokens", "gemini_count_tokens", BODY_JSON, "handle_scenario_route"),
-    Route("POST", "/messages", "messages", BODY_JSON, "handle_scenario_route", anthropic=True),
-    Route("POST", "/messages/count_tokens", "messages_count_tokens", BODY_JSON, "handle_scenario_route",
-          anthropic=True),
-    Route("GET", "/models", "models", BODY_NONE, "handle_scenario_route"),
-    Route("POST", "/files", "files", BODY_COUNT, "handle_scenario_route"),
-    Route("POST", "/files:upload", "gemini_upload", BODY_COUNT, "handle_scenario_route"),
-    Route("GET", "/_control/status", "control_status", BODY_NONE, "handle_control_status", versioned=False),
-    Route("POST", "/_control/shutdown", "control_shutdown", BODY_NONE, "handle_control_shutdown",
+    Route("POST", "/chat/completions", "chat", BODY_JSON, "handle_openai_chat", OPENAI),
+    Route("POST", "/images/generations", "images", BODY_JSON, "handle_openai_images", OPENAI),
+    Route("POST", "/files", "files", BODY_STREAM, "handle_openai_file_upload", OPENAI),
+    Route("POST", "/messages", "messages", BODY_JSON, "handle_anthropic_messages", ANTHROPIC),
+    Route("POST", "/messages/count_tokens", "messages_count_tokens", BODY_JSON, "handle_anthropic_count_tokens",
+          ANTHROPIC),
+    Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", BODY_JSON, "handle_gemini_generate", GEMINI),
+    Route("POST", _GEMINI_MODEL + ":streamGenerateContent", "gemini_stream", BODY_JSON, "handle_gemini_generate",
+          GEMINI),
+    Route("POST", _GEMINI_MODEL + ":countTokens", "gemini_count_tokens", BODY_JSON, "handle_gemini_count_tokens",
+          GEMINI),
+    Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
+    Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
+    Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
+    Route("POST", _EXPRESS_MODEL + ":generateContent", "gemini_generate", BODY_JSON, "handle_gemini_generate", GEMINI),
+    Route("POST", _EXPRESS_MODEL + ":streamGenerateContent", "gemini_stream", BODY_JSON, "handle_gemini_generate",
+          GEMINI),
+    Route("POST", "/files:upload", "gemini_upload", BODY_STREAM, "handle_gemini_upload_raw", GEMINI),
+    Route("POST", "/upload/files", "gemini_upload_media", BODY_STREAM, "handle_gemini_upload", GEMINI),
+    Route("GET", "/models", "models", BODY_NONE, "handle_models_list", None),
+    Route("GET", "/models/{model}", "models_get", BODY_NONE, "handle_model_get", None),
+    Route("GET", "/files", "files_list", BODY_NONE, "handle_files_list", None),
+    Route("GET", "/files/{file_id}", "files_get", BODY_NONE, "handle_file_get", None),
+    Route("DELETE", "/files/{file_id}", "files_delete", BODY_NONE, "handle_file_delete", None),
+    Route("GET", "/_images/{image}", "image_png", BODY_NONE, "handle_image_png", "", versioned=False),
+    Route("GET", "/_control/status", "control_status", BODY_NONE, "handle_control_status", "", versioned=False),
+    Route("POST", "/_control/shutdown", "control_shutdown", BODY_NONE, "handle_control_shutdown", "",
           versioned=False),
-    Route("POST", "/_control/restart", "control_restart", BODY_NONE, "handle_control_restart",
+    Route("POST", "/_control/restart", "control_restart", BODY_NONE, "handle_control_restart", "",
           versioned=False),
 )
 
-#: Version prefixes a provider route may carry (the C library sends bare paths).
+#: Version prefixes the tests exercise (the C library sends bare paths; SDKs /v1 or /v1beta).
 PREFIXES = ("", "/v1", "/v1beta")
-_PREFIX_RE = re.compile(r"^/v1(?:beta)?(?=/)")
+#: Version segments; google-genai also uses /v1alpha and, in Vertex express mode, /v1beta1.
+_VERSIONS = ("v1", "v1beta", "v1alpha", "v1beta1")
 
-
-def _compile(pattern):
-    return re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/:]+)", re.escape(pattern)) + "$")
-
-
+# Routes are matched by path segments, not regexes: compiling a regex per route would cost
+# milliseconds at every start. A pattern segment is a literal, "{name}" or "{name}:action".
 _EXACT = {}  # path -> {method: route}
-_PATTERNS = []  # (regex, {method: route})
+_PATTERNS = {}  # segment count -> [(segments, {method: route})]
 for _r in ROUTES:
-    if "{" in _r.pattern:
-        for _rx, _methods in _PATTERNS:
-            if _rx.pattern == _compile(_r.pattern).pattern:
-                _methods[_r.method] = _r
-                break
-        else:
-            _PATTERNS.append((_compile(_r.pattern), {_r.method: _r}))
-    else:
+    if "{" not in _r.pattern:
         _EXACT.setdefault(_r.pattern, {})[_r.method] = _r
+        continue
+    _segs = tuple(_r.pattern.split("/"))
+    _same = _PATTERNS.setdefault(len(_segs), [])
+    for _known, _methods in _same:
+        if _known == _segs:
+            _methods[_r.method] = _r
+            break
+    else:
+        _same.append((_segs, {_r.method: _r}))
 
 
-class HTTPError(Exception):
-    """Raised anywhere in request handling to answer with a JSON error."""
+def _match_segments(pattern, segments):
+    """Placeholder values if a path's segments fit a pattern's, else None."""
+    params = {}
+    for want, got in zip(pattern, segments):
+        if want[:1] != "{":
+            if want != got:
+                return None
+            continue
+        name, _, action = want[1:].partition("}")
+        if action:
+            value, sep, got_action = got.rpartition(":")
+            if not sep or ":" + got_action != action:
+                return None
+        else:
+            value = got
+        if not value or ":" in value:
+            return None
+        params[name] = percent_decode(value)
+    return params
 
-    def __init__(self, status, message, code=None, headers=(), close=False):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-        self.headers, self.close = headers, close
 
-    def body(self):
-        err = {"message": self.message, "type": "invalid_request_error" if self.status < 500 else "server_error",
-               "code": self.code}
-        return {"error": err}
+def percent_decode(text, plus=False):
+    """URL percent-decoding (UTF-8), with ``+`` as space in query strings."""
+    if plus:
+        text = text.replace("+", " ")
+    if "%" not in text:
+        return text
+    parts = text.split("%")
+    out = bytearray(parts[0].encode("utf-8"))
+    for part in parts[1:]:
+        try:
+            out += bytes.fromhex(part[:2]) if len(part) >= 2 else b"%" + part.encode("utf-8")
+            out += part[2:].encode("utf-8") if len(part) >= 2 else b""
+        except ValueError:
+            out += b"%" + part.encode("utf-8")
+    return out.decode("utf-8", "replace")
+
+
+def parse_query(query):
+    """{name: [values]} of a query string, blank values kept (as urllib.parse.parse_qs does)."""
+    out = {}
+    for pair in query.split("&"):
+        if pair:
+            k, _, v = pair.partition("=")
+            out.setdefault(percent_decode(k, True), []).append(percent_decode(v, True))
+    return out
 
 
 def match(method, path):
     """Return (route, params) for a request, or raise HTTPError 404 / 405 (with Allow)."""
-    stripped = path
+    upload = path.startswith("/upload/")  # Gemini media uploads: /upload/v1beta/files
+    segments = path.split("/")[2 if upload else 1:]
+    versioned = False
     for _ in range(2):  # the C library may send /v1beta/v1/files:upload
-        m = _PREFIX_RE.match(stripped)
-        if not m:
-            break
-        stripped = stripped[m.end():]
-    versioned = stripped != path
+        if len(segments) > 1 and segments[0] in _VERSIONS:
+            segments = segments[1:]
+            versioned = True
+    stripped = ("/upload/" if upload else "/") + "/".join(segments)
     candidates = []
     methods = _EXACT.get(stripped)
     if methods is not None:
         candidates.append((methods, {}))
     else:
-        for rx, methods in _PATTERNS:
-            m = rx.match(stripped)
-            if m:
-                candidates.append((methods, {k: unquote(v) for k, v in m.groupdict().items()}))
+        for pattern, methods in _PATTERNS.get(stripped.count("/") + 1, ()):
+            params = _match_segments(pattern, stripped.split("/"))
+            if params is not None:
+                candidates.append((methods, params))
                 break
     for methods, params in candidates:
         lookup = "GET" if method == "HEAD" else method
@@ -203,6 +304,8 @@ MAX_HEADER_BYTES = 65536
 MAX_HEADERS = 100
 MAX_JSON_BODY = 32 * scenarios.MIB  #: larger JSON bodies get 413 unread
 MAX_DISCARD = 64 * 1024  #: unwanted bodies up to this are drained; larger ones close the connection
+MAX_FIELD = 64 * 1024  #: a non-file multipart field or upload metadata body kept in memory
+PIECE = 65536  #: request bodies are read in pieces of this size
 LINGER_SECONDS = 2.0  #: how long an unread upload is drained after its answer before closing
 IDLE_POLL = 0.1  #: how often an idle keep-alive connection checks for a stop
 FRESH_GRACE = 1.0  #: at a stop, how long a just-accepted connection may take to send its request
@@ -229,23 +332,32 @@ class Headers:
 class Request:
     """One parsed request; attributes are filled in as the handler learns them."""
 
-    __slots__ = ("method", "target", "version", "path", "query", "headers", "route", "params",
-                 "length", "chunked", "body", "json", "nbytes", "scenario", "t0")
+    __slots__ = ("method", "target", "version", "path", "query", "headers", "route", "params", "provider",
+                 "length", "chunked", "json", "body_done", "scenario", "t0")
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
-        parts = urlsplit(target)
-        self.path = parts.path or "/"
-        self.query = parse_qs(parts.query, keep_blank_values=True)
-        self.route, self.params = None, {}
+        if target.startswith(("http://", "https://")):  # absolute form, as sent to a proxy
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = target.partition("#")[0].partition("?")
+        self.path = path or "/"
+        self.query = parse_query(query)
+        self.route, self.params, self.provider = None, {}, None
         self.length, self.chunked = None, False
-        self.body, self.json, self.nbytes = None, None, 0
+        self.json, self.body_done = None, False
         self.scenario = None
         self.t0 = time.monotonic()
 
     def arg(self, name, default=None):
         values = self.query.get(name)
         return values[0] if values else default
+
+    def has_body(self):
+        return self.chunked or (self.length or 0) > 0
+
+    def origin(self):
+        """scheme://host[:port] as the client addressed this server (for URLs it will follow)."""
+        return "http://" + (self.headers.get("host") or "127.0.0.1")
 
 
 def _bearer(value):
@@ -255,7 +367,7 @@ def _bearer(value):
 def request_key(req):
     """The API key, looked up where the Flask mock looked (Anthropic routes: x-api-key first)."""
     h = req.headers
-    if req.route.anthropic:
+    if req.route.provider == ANTHROPIC:
         sources = (h.get("x-api-key"), h.get("authorization"))
     else:
         sources = (h.get("authorization"), h.get("x-api-key"), h.get("x-goog-api-key"), req.arg("key"))
@@ -278,30 +390,1192 @@ def select_scenario(req):
     return key if key is not None and scenarios.get(key) is not None else None
 
 
+def detect_provider(req):
+    """Which provider a request on a shared path (GET /models, /files/...) is meant for."""
+    h = req.headers
+    if "anthropic-version" in h or "x-api-key" in h:
+        return ANTHROPIC
+    if "x-goog-api-key" in h or req.arg("key") is not None or req.path.startswith(("/v1beta/", "/v1alpha/")):
+        return GEMINI
+    return OPENAI
+
+
 ################################################################################
-# Provider routes (driven by the scenario catalogue)
+# Provider conventions: ids, times, tokens, errors, keys, models
 ################################################################################
 
-def handle_scenario_route(h, req):
-    """Answer with the selected scenario's value for this route, else the contract's default."""
-    value = scenarios.answer(req.scenario, req.route.name) if req.scenario else None
-    if value is None:
-        value = scenarios.NO_SCENARIO[req.route.name]
-    if isinstance(value, Upload):
-        value = scenarios.upload_reply(value, req.nbytes)
-    if isinstance(value, Stream):
-        h.send_stream(value)
-    else:
-        h.send_reply(value)
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                          403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 504: "timeout_error",
+                          529: "overloaded_error"}
+_GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                    408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                    499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
+                    504: "DEADLINE_EXCEEDED"}
 
 
-def early_reply(req):
-    """A Reply decided from the headers alone (before reading the body), or None."""
-    value = scenarios.answer(req.scenario, req.route.name) if req.scenario else None
-    if isinstance(value, Upload) and value.max_bytes is not None and req.length is not None \
-            and req.length > value.max_bytes:
-        return value.too_large
+class HTTPError(Exception):
+    """Raised anywhere in request handling; rendered in the provider's own error shape."""
+
+    def __init__(self, status, message, code=None, headers=(), close=False, etype=None, param=None, details=None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.close = headers, close
+        self.etype, self.param, self.details = etype, param, details
+
+    def body(self, provider, request_id=None):
+        if provider == ANTHROPIC:
+            body = {"type": "error", "error": {
+                "type": self.etype or _ANTHROPIC_ERROR_TYPES.get(self.status,
+                                                                 "api_error" if self.status >= 500 else
+                                                                 "invalid_request_error"),
+                "message": self.message}}
+            if request_id:
+                body["request_id"] = request_id
+            return body
+        if provider == GEMINI:
+            err = {"code": self.status, "message": self.message,
+                   "status": self.etype or _GEMINI_STATUSES.get(self.status,
+                                                                "INTERNAL" if self.status >= 500 else
+                                                                "FAILED_PRECONDITION")}
+            if self.details:
+                err["details"] = self.details
+            return {"error": err}
+        etype = self.etype or ("invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": etype, "param": self.param, "code": self.code}}
+
+
+def invalid(message, param=None, code=None):
+    """A 400 for a request the provider would refuse; the message names the field."""
+    return HTTPError(400, message, code, param=param)
+
+
+def new_id(prefix, nbytes=12):
+    return prefix + os.urandom(nbytes).hex()
+
+
+def rfc3339(t, fraction=True):
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+    return stamp + (".%06dZ" % int((t % 1) * 1e6) if fraction else "Z")
+
+
+_WORDS = r"\S+"  #: a token (patterns compile on first use, not at start-up)
+_PIECES = r"\S+\s*"  #: a token with the spaces after it
+MEDIA_TOKENS = 85  #: what one image, document or file part counts in a prompt
+
+
+def count_tokens(texts, media=0):
+    """dpmock's token rule: one token per run of non-space characters, MEDIA_TOKENS per media part."""
+    return max(1, sum(len(re.findall(_WORDS, t)) for t in texts) + MEDIA_TOKENS * media)
+
+
+def check_key(req):
+    """Refuse a missing key, or one starting with ``invalid``, as the provider does."""
+    key = request_key(req)
+    p = req.provider
+    if not key:
+        if p == ANTHROPIC:
+            raise HTTPError(401, "x-api-key header is required", etype="authentication_error")
+        if p == GEMINI:
+            raise HTTPError(403, "Method doesn't allow unregistered callers (callers without established "
+                                 "identity). Please use API Key or other form of API consumer identity to call "
+                                 "this API.", etype="PERMISSION_DENIED")
+        raise HTTPError(401, "You didn't provide an API key. You need to provide your API key in an "
+                             "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    if key.startswith("invalid"):
+        if p == ANTHROPIC:
+            raise HTTPError(401, "invalid x-api-key", etype="authentication_error")
+        if p == GEMINI:
+            text = "API key not valid. Please pass a valid API key."
+            raise HTTPError(400, text, etype="INVALID_ARGUMENT", details=[
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+                {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": text}])
+        raise HTTPError(401, "Incorrect API key provided: %s. You can find your API key at "
+                             "https://platform.openai.com/account/api-keys." % mask_key(key), "invalid_api_key")
+
+
+def mask_key(key):
+    return key[:3] + "*" * max(0, len(key) - 7) + key[-4:] if len(key) > 8 else "*" * len(key)
+
+
+def check_model(req, model, action="generateContent"):
+    """Refuse a model id containing ``does-not-exist``, in the provider's words."""
+    if scenarios.MISSING_MODEL_MARK not in model:
+        return
+    p = req.provider
+    if p == ANTHROPIC:
+        raise HTTPError(404, "model: %s" % model, etype="not_found_error")
+    if p == GEMINI:
+        raise HTTPError(404, "models/%s is not found for API version v1beta, or is not supported for %s. Call "
+                             "ListModels to see the list of available models and their supported methods."
+                        % (model, action), etype="NOT_FOUND")
+    raise HTTPError(404, "The model `%s` does not exist or you do not have access to it." % model,
+                    "model_not_found")
+
+
+def provider_headers(provider, request_id):
+    """Headers the real provider puts on every answer (the SDKs read the request id)."""
+    if provider == OPENAI:
+        return [("x-request-id", request_id), ("openai-version", "2020-10-01"), ("openai-processing-ms", "1")]
+    if provider == ANTHROPIC:
+        return [("request-id", request_id), ("anthropic-organization-id", "d9f4a1c2-7e3b-4c5d-9a8f-0b1c2d3e4f50")]
+    return []
+
+
+def _get(obj, *names):
+    """The first present key of ``names`` (camelCase or snake_case spellings)."""
+    if isinstance(obj, dict):
+        for n in names:
+            if n in obj:
+                return obj[n]
     return None
+
+
+################################################################################
+# Conversations: what was asked, and dpmock's deterministic answer
+################################################################################
+
+class Turn:
+    """A request reduced to what dpmock's answer depends on, whatever the provider."""
+
+    def __init__(self, model):
+        self.model = model
+        self.texts = []  #: every text in the prompt, for token counts
+        self.media = 0  #: image/document/file parts in the prompt
+        self.user_text = ""  #: the last user message's text
+        self.tool_result = None  #: (tool name, result text) when the last message answers a tool call
+        self.tools = []  #: (name, JSON schema) the model may call
+        self.forced_tool = None  #: a tool the request insists on
+        self.tools_off = False  #: tool_choice none / mode NONE
+        self.thinking = False
+        self.max_tokens = None
+
+    def add_text(self, text):
+        if isinstance(text, str) and text:
+            self.texts.append(text)
+
+
+class Plan:
+    """dpmock's answer to a Turn: optional thinking, then text pieces or tool calls."""
+
+    def __init__(self, turn):
+        self.thinking = thinking_text(turn) if turn.thinking else None
+        self.calls = []  #: (call id suffix, tool name, arguments dict)
+        self.pieces = []
+        self.finish = "stop"  #: stop | length | tool
+        if turn.tool_result is None and turn.tools and not turn.tools_off:
+            name = turn.forced_tool or turn.tools[0][0]
+            schema = dict(turn.tools).get(name, {})
+            self.calls.append((os.urandom(12).hex(), name, example_value(schema)))
+            self.finish = "tool"
+        else:
+            self.pieces = re.findall(_PIECES, answer_text(turn))
+            if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
+                self.pieces = self.pieces[:turn.max_tokens]
+                self.finish = "length"
+        self.text = "".join(self.pieces)
+        self.prompt_tokens = count_tokens(turn.texts, turn.media)
+        self.thinking_tokens = count_tokens([self.thinking]) if self.thinking else 0
+        self.output_tokens = (len(self.pieces) if not self.calls else
+                              sum(count_tokens([json.dumps(args)]) for _, _, args in self.calls))
+
+
+def answer_text(turn):
+    """The documented text rule (README): what dpmock says back."""
+    if turn.tool_result is not None:
+        name, result = turn.tool_result
+        return "The %s tool returned: %s" % (name, result)
+    if turn.user_text.strip():
+        return "dpmock reply to: " + " ".join(turn.user_text.split())
+    return "dpmock reply to a message with no text."
+
+
+def thinking_text(turn):
+    return "Thinking about: " + (" ".join(turn.user_text.split()) or "a message with no text")
+
+
+_FORMATS = {"date": "2025-01-01", "date-time": "2025-01-01T00:00:00Z", "time": "00:00:00", "email": "user@example.com",
+            "uri": "https://example.com", "url": "https://example.com", "uuid": "00000000-0000-4000-8000-000000000000",
+            "hostname": "example.com", "ipv4": "192.0.2.1", "ipv6": "2001:db8::1"}
+
+
+def example_value(schema, depth=0):
+    """A value valid against a JSON schema (Gemini's upper-case types too): the documented tool-argument rule."""
+    if not isinstance(schema, dict) or depth > 8:
+        return "example"
+    for key in ("const", "default"):
+        if key in schema:
+            return schema[key]
+    for key in ("enum", "examples"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema[key][0]
+    for key in ("anyOf", "oneOf", "any_of", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return example_value(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    kind = str(kind).lower() if kind else ("object" if "properties" in schema else "string")
+    if kind == "object":
+        props = schema.get("properties")
+        return {k: example_value(v, depth + 1) for k, v in props.items()} if isinstance(props, dict) else {}
+    if kind == "array":
+        n = schema.get("minItems", schema.get("min_items", 1))
+        n = min(max(int(n) if isinstance(n, (int, float, str)) and str(n).isdigit() else 1, 1), 3)
+        return [example_value(schema.get("items"), depth + 1) for _ in range(n)]
+    if kind in ("integer", "number"):
+        low = _get(schema, "minimum", "exclusiveMinimum")
+        high = _get(schema, "maximum", "exclusiveMaximum")
+        value = 1
+        if isinstance(low, (int, float)):
+            value = low + (1 if "exclusiveMinimum" in schema else 0)
+        if isinstance(high, (int, float)) and value > high:
+            value = high
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    text = _FORMATS.get(schema.get("format"), "example")
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if isinstance(low, int) and len(text) < low:
+        text += "x" * (low - len(text))
+    if isinstance(high, int) and len(text) > high:
+        text = text[:high]
+    return text
+
+
+def _require_model(body):
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter", "model")
+    return model
+
+
+def _max_tokens(value, name):
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise invalid("Invalid '%s': expected an integer of at least 1, got %s." % (name, json.dumps(value)), name)
+    return value
+
+
+################################################################################
+# OpenAI
+################################################################################
+
+def openai_turn(body):
+    """Read a chat/completions body into a Turn, refusing what OpenAI refuses."""
+    turn = Turn(_require_model(body))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array of message objects.", "messages")
+    calls = {}  # tool_call_id -> name
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool",
+                                                              "function"):
+            raise invalid("Invalid value for 'messages[%d].role': expected one of system, developer, user, "
+                          "assistant, tool." % i, "messages[%d].role" % i)
+        text = _openai_content(m.get("content"), turn)
+        for tc in m.get("tool_calls") or []:
+            if isinstance(tc, dict):
+                calls[tc.get("id")] = _get(tc.get("function"), "name")
+        if m["role"] == "user":
+            turn.user_text = text
+    last = messages[-1]
+    if last["role"] in ("tool", "function"):
+        name = calls.get(last.get("tool_call_id")) or last.get("name") or "tool"
+        turn.tool_result = (name, _openai_content(last.get("content"), Turn("")))
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise invalid("Invalid type for 'tools': expected an array of tool objects.", "tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise invalid("Missing required parameter: 'tools[%d].function.name'." % i,
+                              "tools[%d].function.name" % i, "missing_required_parameter")
+            turn.tools.append((fn["name"], fn.get("parameters") or {"type": "object", "properties": {}}))
+    choice = body.get("tool_choice")
+    if choice == "none":
+        turn.tools_off = True
+    elif isinstance(choice, dict):
+        turn.forced_tool = _get(choice.get("function"), "name")
+    turn.thinking = (body.get("reasoning_effort") not in (None, "none", "minimal")
+                     or isinstance(body.get("reasoning"), dict) or bool(body.get("thinking")))
+    turn.max_tokens = _max_tokens(body.get("max_completion_tokens"), "max_completion_tokens") or \
+        _max_tokens(body.get("max_tokens"), "max_tokens")
+    return turn
+
+
+def _openai_content(content, turn):
+    if isinstance(content, str):
+        turn.add_text(content)
+        return content
+    texts = []
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+            texts.append(str(part.get("text", "")))
+            turn.add_text(texts[-1])
+        elif isinstance(part, dict):
+            turn.media += 1
+    return "\n".join(texts)
+
+
+_OPENAI_FINISH = {"stop": "stop", "length": "length", "tool": "tool_calls"}
+
+
+def openai_usage(plan):
+    out = plan.output_tokens + plan.thinking_tokens
+    return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": out, "total_tokens": plan.prompt_tokens + out,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": plan.thinking_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+def handle_openai_chat(h, req):
+    check_key(req)
+    body = req.json
+    turn = openai_turn(body)
+    check_model(req, turn.model)
+    plan = Plan(turn)
+    head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": turn.model}
+    calls = [{"id": "call_" + cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+             for cid, name, args in plan.calls]
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": plan.text if not calls else None, "refusal": None,
+                   "annotations": []}
+        if calls:
+            message["tool_calls"] = calls
+        if plan.thinking:
+            message["reasoning_content"] = plan.thinking
+        h.send_json(200, dict(head, choices=[{"index": 0, "message": message, "logprobs": None,
+                                              "finish_reason": _OPENAI_FINISH[plan.finish]}],
+                              usage=openai_usage(plan), service_tier="default", system_fingerprint="fp_dpmock"))
+        return
+    head["object"] = "chat.completion.chunk"
+    head["system_fingerprint"] = "fp_dpmock"
+    usage = bool(_get(body.get("stream_options"), "include_usage"))
+
+    def chunk(delta, finish=None):
+        c = dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        if usage:
+            c["usage"] = None
+        return c
+    h.start_chunked(200, scenarios.SSE)
+    h.send_sse_event(chunk({"role": "assistant", "content": "" if not calls else None, "refusal": None}))
+    if plan.thinking:
+        for piece in re.findall(_PIECES, plan.thinking):
+            h.send_sse_event(chunk({"reasoning_content": piece}))
+    for piece in plan.pieces:
+        h.send_sse_event(chunk({"content": piece}))
+    for i, call in enumerate(calls):
+        h.send_sse_event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+        for fragment in json_fragments(call["function"]["arguments"]):
+            h.send_sse_event(chunk({"tool_calls": [{"index": i, "function": {"arguments": fragment}}]}))
+    h.send_sse_event(chunk({}, _OPENAI_FINISH[plan.finish]))
+    if usage:
+        h.send_sse_event(dict(head, choices=[], usage=openai_usage(plan)))
+    h.send_sse_event("[DONE]")
+    h.end_chunked()
+
+
+def json_fragments(text, size=8):
+    """A JSON text cut into the small fragments a streamed tool call arrives in."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+def handle_openai_images(h, req):
+    check_key(req)
+    body = req.json
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    model = body.get("model") or "dall-e-2"
+    check_model(req, model)
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+        raise invalid("Invalid 'n': expected an integer from 1 to 10.", "n")
+    fmt = body.get("response_format") or ("b64_json" if model.startswith("gpt-image") else "url")
+    if fmt not in ("url", "b64_json"):
+        raise invalid("Invalid 'response_format': expected 'url' or 'b64_json'.", "response_format")
+    data = []
+    for _ in range(n):
+        name = image_name(prompt)
+        item = {"b64_json": b64(png_for(name))} if fmt == "b64_json" else \
+            {"url": "%s/_images/%s" % (req.origin(), name)}
+        if not model.startswith("gpt-image"):
+            item["revised_prompt"] = prompt
+        data.append(item)
+    answer = {"created": int(time.time()), "data": data}
+    if model.startswith("gpt-image"):
+        words = count_tokens([prompt])
+        answer["usage"] = {"input_tokens": words, "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
+                           "output_tokens": 272 * n, "total_tokens": words + 272 * n}
+    h.send_json(200, answer)
+
+
+################################################################################
+# Anthropic
+################################################################################
+
+def anthropic_turn(body, need_max_tokens=True):
+    """Read a messages body into a Turn, refusing what Anthropic refuses."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model: Field required")
+    turn = Turn(model)
+    if need_max_tokens:
+        if "max_tokens" not in body:
+            raise invalid("max_tokens: Field required")
+        turn.max_tokens = _max_tokens(body.get("max_tokens"), "max_tokens")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: at least one message is required")
+    system = body.get("system")
+    _anthropic_content(system, turn, {})
+    names = {}  # tool_use id -> name
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise invalid("messages.%d.role: Input should be 'user' or 'assistant'" % i)
+        text = _anthropic_content(m.get("content"), turn, names)
+        if m["role"] == "user":
+            turn.user_text = text
+    last = messages[-1]
+    if last["role"] == "user" and isinstance(last.get("content"), list):
+        for block in last["content"]:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                turn.tool_result = (names.get(block.get("tool_use_id"), "tool"),
+                                    _anthropic_content(block.get("content"), Turn(""), {}))
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise invalid("tools: Input should be a valid list")
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+                raise invalid("tools.%d.name: Field required" % i)
+            if t.get("type") in (None, "custom"):
+                if not isinstance(t.get("input_schema"), dict):
+                    raise invalid("tools.%d.custom.input_schema: Field required" % i)
+                turn.tools.append((t["name"], t["input_schema"]))
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        turn.tools_off = choice.get("type") == "none"
+        if choice.get("type") == "tool":
+            turn.forced_tool = choice.get("name")
+    thinking = body.get("thinking")
+    turn.thinking = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    return turn
+
+
+def _anthropic_content(content, turn, names):
+    if isinstance(content, str):
+        turn.add_text(content)
+        return content
+    texts = []
+    for block in content if isinstance(content, list) else ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+            turn.add_text(texts[-1])
+        elif kind == "tool_use":
+            names[block.get("id")] = block.get("name")
+            turn.add_text(json.dumps(block.get("input")))
+        elif kind == "tool_result":
+            turn.add_text(_anthropic_content(block.get("content"), Turn(""), names))
+        elif kind in ("image", "document"):
+            turn.media += 1
+    return "\n".join(texts)
+
+
+_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use"}
+
+
+def anthropic_blocks(plan):
+    """The content blocks of the answer, in order."""
+    blocks = []
+    if plan.thinking:
+        blocks.append({"type": "thinking", "thinking": plan.thinking, "signature": signature(plan.thinking)})
+    if plan.text or not plan.calls:
+        blocks.append({"type": "text", "text": plan.text})
+    for cid, name, args in plan.calls:
+        blocks.append({"type": "tool_use", "id": "toolu_01" + cid, "name": name, "input": args})
+    return blocks
+
+
+def signature(text):
+    """An opaque, deterministic signature for a thinking block (base64, as the real ones are)."""
+    return b64(("dpmock-signature:" + text[:48]).encode("utf-8"))
+
+
+def anthropic_usage(plan, output_tokens):
+    return {"input_tokens": plan.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "output_tokens": output_tokens, "service_tier": "standard"}
+
+
+def handle_anthropic_messages(h, req):
+    check_key(req)
+    turn = anthropic_turn(req.json)
+    check_model(req, turn.model)
+    plan = Plan(turn)
+    blocks = anthropic_blocks(plan)
+    out = plan.output_tokens + plan.thinking_tokens
+    message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
+    if not req.json.get("stream"):
+        h.send_json(200, dict(message, content=blocks, stop_reason=_ANTHROPIC_STOP[plan.finish], stop_sequence=None,
+                              usage=anthropic_usage(plan, out)))
+        return
+    h.start_chunked(200, scenarios.SSE)
+    h.send_sse_event(dict(type="message_start", message=dict(message, content=[], stop_reason=None,
+                                                             stop_sequence=None, usage=anthropic_usage(plan, 1))),
+                     "message_start")
+    for i, block in enumerate(blocks):
+        kind = block["type"]
+        start = {"thinking": {"type": "thinking", "thinking": "", "signature": ""}, "text": {"type": "text", "text": ""},
+                 "tool_use": dict(block, input={})}[kind]
+        h.send_sse_event({"type": "content_block_start", "index": i, "content_block": start}, "content_block_start")
+        if i == 0:
+            h.send_sse_event({"type": "ping"}, "ping")
+        if kind == "thinking":
+            deltas = [{"type": "thinking_delta", "thinking": p} for p in re.findall(_PIECES, block["thinking"])]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind == "text":
+            deltas = [{"type": "text_delta", "text": p} for p in plan.pieces]
+        else:
+            deltas = [{"type": "input_json_delta", "partial_json": f}
+                      for f in [""] + json_fragments(json.dumps(block["input"]))]
+        for delta in deltas:
+            h.send_sse_event({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta")
+        h.send_sse_event({"type": "content_block_stop", "index": i}, "content_block_stop")
+    h.send_sse_event({"type": "message_delta", "delta": {"stop_reason": _ANTHROPIC_STOP[plan.finish],
+                                                          "stop_sequence": None},
+                      "usage": {"output_tokens": out}}, "message_delta")
+    h.send_sse_event({"type": "message_stop"}, "message_stop")
+    h.end_chunked()
+
+
+def handle_anthropic_count_tokens(h, req):
+    check_key(req)
+    turn = anthropic_turn(req.json, need_max_tokens=False)
+    check_model(req, turn.model)
+    for name, schema in turn.tools:
+        turn.add_text(name + " " + json.dumps(schema))
+    h.send_json(200, {"input_tokens": count_tokens(turn.texts, turn.media)})
+
+
+################################################################################
+# Gemini
+################################################################################
+
+def gemini_turn(body, model):
+    """Read a generateContent body (camelCase or snake_case) into a Turn."""
+    turn = Turn(model)
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise invalid("* GenerateContentRequest.contents: contents is not specified")
+    _gemini_parts(_get(_get(body, "systemInstruction", "system_instruction"), "parts"), turn)
+    for i, c in enumerate(contents):
+        if not isinstance(c, dict) or not isinstance(c.get("parts"), list):
+            raise invalid("* GenerateContentRequest.contents[%d].parts: contents.parts must not be empty" % i)
+        text = _gemini_parts(c["parts"], turn)
+        if c.get("role", "user") == "user" and text:
+            turn.user_text = text
+    results = [_get(p, "functionResponse", "function_response") for p in contents[-1]["parts"]]
+    results = [r for r in results if isinstance(r, dict)]
+    if results:
+        response = results[-1].get("response")
+        content = _get(response, "content", "result", "output")
+        turn.tool_result = (results[-1].get("name") or "tool",
+                            content if isinstance(content, str) else json.dumps(response))
+    for t in body.get("tools") or []:
+        decls = _get(t, "functionDeclarations", "function_declarations")
+        for i, d in enumerate(decls if isinstance(decls, list) else ()):
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not d["name"]:
+                raise invalid("* GenerateContentRequest.tools[0].function_declarations[%d].name: Name cannot be "
+                              "empty." % i)
+            schema = _get(d, "parameters", "parametersJsonSchema", "parameters_json_schema") or {}
+            turn.tools.append((d["name"], schema))
+    config = _get(_get(body, "toolConfig", "tool_config"), "functionCallingConfig", "function_calling_config")
+    if isinstance(config, dict):
+        turn.tools_off = str(config.get("mode", "")).upper() == "NONE"
+        allowed = _get(config, "allowedFunctionNames", "allowed_function_names")
+        if isinstance(allowed, list) and allowed:
+            turn.forced_tool = allowed[0]
+    gen = _get(body, "generationConfig", "generation_config") or {}
+    turn.max_tokens = _max_tokens(_get(gen, "maxOutputTokens", "max_output_tokens"), "maxOutputTokens")
+    thinking = _get(gen, "thinkingConfig", "thinking_config")
+    turn.thinking = bool(_get(thinking, "includeThoughts", "include_thoughts"))
+    return turn
+
+
+def _gemini_parts(parts, turn):
+    texts = []
+    for p in parts if isinstance(parts, list) else ():
+        if not isinstance(p, dict):
+            continue
+        if isinstance(p.get("text"), str) and not p.get("thought"):
+            texts.append(p["text"])
+            turn.add_text(p["text"])
+        elif _get(p, "inlineData", "inline_data", "fileData", "file_data") is not None:
+            turn.media += 1
+        else:
+            call = _get(p, "functionCall", "function_call", "functionResponse", "function_response")
+            if call is not None:
+                turn.add_text(json.dumps(call))
+    return "\n".join(texts)
+
+
+_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
+
+
+def gemini_usage(plan, output_tokens):
+    usage = {"promptTokenCount": plan.prompt_tokens, "candidatesTokenCount": output_tokens,
+             "totalTokenCount": plan.prompt_tokens + output_tokens + plan.thinking_tokens,
+             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": plan.prompt_tokens}]}
+    if plan.thinking_tokens:
+        usage["thoughtsTokenCount"] = plan.thinking_tokens
+    return usage
+
+
+def gemini_chunks(plan):
+    """The answer as a list of (parts, finished?, cumulative output tokens): one item per streamed chunk."""
+    out = []
+    if plan.thinking:
+        out.append(([{"text": plan.thinking, "thought": True}], False, 0))
+    if plan.calls:
+        out.append(([{"functionCall": {"name": name, "args": args}} for _, name, args in plan.calls], True,
+                    plan.output_tokens))
+        return out
+    for i, piece in enumerate(plan.pieces or [""]):
+        out.append(([{"text": piece}], i == max(len(plan.pieces), 1) - 1, i + 1 if plan.pieces else 0))
+    return out
+
+
+def handle_gemini_generate(h, req):
+    check_key(req)
+    model = req.params["model"]
+    stream = req.route.name == "gemini_stream"
+    check_model(req, model, "streamGenerateContent" if stream else "generateContent")
+    plan = Plan(gemini_turn(req.json, model))
+    head = {"modelVersion": model, "responseId": new_id("", 11)}
+    finish = _GEMINI_FINISH[plan.finish]
+
+    def response(parts, final, tokens):
+        candidate = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        if final:
+            candidate["finishReason"] = finish
+        return dict({"candidates": [candidate], "usageMetadata": gemini_usage(plan, tokens)}, **head)
+    if not stream:
+        parts = [p for chunk_parts, _, _ in gemini_chunks(plan) for p in chunk_parts]
+        text = [p for p in parts if "text" in p and not p.get("thought")]
+        if len(text) > 1:  # one text part for the whole answer, as the real API sends it
+            parts = [p for p in parts if p not in text] + [{"text": "".join(p["text"] for p in text)}]
+        h.send_json(200, response(parts, True, plan.output_tokens))
+        return
+    chunks = [response(*c) for c in gemini_chunks(plan)]
+    if req.arg("alt") == "sse":
+        h.start_chunked(200, "text/event-stream")
+        for c in chunks:
+            h.send_sse_event(c, sep="\r\n\r\n")
+    else:  # alt=json: one JSON array, written element by element
+        h.start_chunked(200, "application/json; charset=UTF-8")
+        for i, c in enumerate(chunks):
+            h.send_chunk(("[" if i == 0 else ",\r\n").encode() + json.dumps(c, indent=2).encode("utf-8"))
+        h.send_chunk(b"]")
+    h.end_chunked()
+
+
+def handle_gemini_count_tokens(h, req):
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "countTokens")
+    body = req.json
+    inner = _get(body, "generateContentRequest", "generate_content_request")
+    # The C library sends a top-level system_instruction (the real API has none here): counted too.
+    turn = gemini_turn(inner if isinstance(inner, dict) else body, model)
+    total = count_tokens(turn.texts, turn.media)
+    h.send_json(200, {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]})
+
+
+def handle_gemini_predict(h, req):
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "predict")
+    instances = req.json.get("instances")
+    if not isinstance(instances, list) or not instances or not all(
+            isinstance(i, dict) and isinstance(i.get("prompt"), str) and i["prompt"] for i in instances):
+        raise invalid("instances: every instance needs a non-empty prompt")
+    params = req.json.get("parameters") or {}
+    n = _get(params, "sampleCount", "sample_count", "numberOfImages")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 8:
+        raise invalid("parameters.sampleCount: expected an integer from 1 to 8")
+    predictions = [{"mimeType": "image/png", "bytesBase64Encoded": b64(png_for(image_name(inst["prompt"])))}
+                   for inst in instances for _ in range(n)]
+    h.send_json(200, {"predictions": predictions})
+
+
+################################################################################
+# Shared paths: model lists, files, images
+################################################################################
+
+def handle_models_list(h, req):
+    check_key(req)
+    p = req.provider
+    if p == OPENAI:
+        h.send_json(200, {"object": "list", "data": [openai_model(m) for m in scenarios.OPENAI_MODELS]})
+    elif p == ANTHROPIC:
+        models = [anthropic_model(m) for m in scenarios.ANTHROPIC_MODELS]
+        limit = _int_arg(req, "limit", 20, 1, 1000)
+        ids = [m["id"] for m in models]
+        after, before = req.arg("after_id"), req.arg("before_id")
+        for name, cursor in (("after_id", after), ("before_id", before)):
+            if cursor is not None and cursor not in ids:
+                raise invalid("%s: unknown model id %r" % (name, cursor))
+        if before is not None:
+            end = ids.index(before)
+            page = models[max(0, end - limit):end]
+            more = end - limit > 0
+        else:
+            start = ids.index(after) + 1 if after is not None else 0
+            page = models[start:start + limit]
+            more = start + limit < len(models)
+        h.send_json(200, {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None})
+    else:
+        models = [gemini_model(m) for m in scenarios.GEMINI_MODELS]
+        size = _int_arg(req, "pageSize", 50, 1, 1000)
+        token = req.arg("pageToken") or "0"
+        if not token.isdigit() or int(token) > len(models):
+            raise invalid("Invalid page token %r." % token)
+        start = int(token)
+        answer = {"models": models[start:start + size]}
+        if start + size < len(models):
+            answer["nextPageToken"] = str(start + size)
+        h.send_json(200, answer)
+
+
+def _int_arg(req, name, default, low, high):
+    raw = req.arg(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise invalid("%s: expected an integer from %d to %d, got %r" % (name, low, high, raw), name)
+    return int(raw)
+
+
+def handle_model_get(h, req):
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "get")
+    p = req.provider
+    if p == OPENAI:
+        known = {m[0]: m for m in scenarios.OPENAI_MODELS}
+        h.send_json(200, openai_model(known.get(model, (model, 1700000000, "system"))))
+    elif p == ANTHROPIC:
+        known = {m[0]: m for m in scenarios.ANTHROPIC_MODELS}
+        h.send_json(200, anthropic_model(known.get(model, (model, model, "2025-01-01T00:00:00Z"))))
+    else:
+        known = {m[0]: m for m in scenarios.GEMINI_MODELS}
+        h.send_json(200, gemini_model(known.get(model, (model, model, 1048576, 65536, False))))
+
+
+def openai_model(m):
+    return {"id": m[0], "object": "model", "created": m[1], "owned_by": m[2]}
+
+
+def anthropic_model(m):
+    return {"type": "model", "id": m[0], "display_name": m[1], "created_at": m[2]}
+
+
+def gemini_model(m):
+    name, display, input_limit, output_limit, thinking = m
+    methods = ["predict"] if name.startswith("imagen") else \
+        ["embedContent"] if "embedding" in name else \
+        ["generateContent", "countTokens", "createCachedContent", "batchGenerateContent"]
+    model = {"name": "models/" + name, "version": "001", "displayName": display,
+             "description": "%s (served by dpmock)" % display, "inputTokenLimit": input_limit,
+             "outputTokenLimit": output_limit, "supportedGenerationMethods": methods}
+    if methods[0] == "generateContent":
+        model.update(temperature=1, topP=0.95, topK=64, maxTemperature=2, thinking=thinking)
+    return model
+
+
+# ---------------------------------------------------------------- files
+
+class FileStore:
+    """Uploaded files' metadata (never their bytes), bounded, shared by every connection."""
+
+    LIMIT = 1000
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.files = {}  # (provider, id) -> record dict
+        self.uploads = {}  # upload_id -> resumable session dict
+
+    def add(self, provider, record):
+        with self.lock:
+            self.files[(provider, record["id"])] = record
+            while len(self.files) > self.LIMIT:
+                self.files.pop(next(iter(self.files)))
+        return record
+
+    def get(self, provider, file_id):
+        with self.lock:
+            return self.files.get((provider, file_id))
+
+    def remove(self, provider, file_id):
+        with self.lock:
+            return self.files.pop((provider, file_id), None)
+
+    def list(self, provider):
+        with self.lock:
+            return [r for (p, _), r in self.files.items() if p == provider]
+
+    def start_upload(self, session):
+        with self.lock:
+            self.uploads[session["id"]] = session
+            while len(self.uploads) > self.LIMIT:
+                self.uploads.pop(next(iter(self.uploads)))
+
+    def upload(self, upload_id):
+        with self.lock:
+            return self.uploads.get(upload_id)
+
+    def end_upload(self, upload_id):
+        with self.lock:
+            self.uploads.pop(upload_id, None)
+
+
+def file_record(name, mime, nbytes, digest, **extra):
+    record = {"id": new_id("", 8), "filename": name, "mime": mime, "bytes": nbytes, "created": time.time(),
+              "sha256": digest}
+    record.update(extra)
+    return record
+
+
+def openai_file(r):
+    return {"id": "file-" + r["id"], "object": "file", "bytes": r["bytes"], "created_at": int(r["created"]),
+            "filename": r["filename"], "purpose": r.get("purpose", "user_data"), "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def gemini_file(r, origin):
+    created = rfc3339(r["created"])
+    return {"name": "files/" + r["id"], "displayName": r["filename"], "mimeType": r["mime"],
+            "sizeBytes": str(r["bytes"]), "createTime": created, "updateTime": created,
+            "expirationTime": rfc3339(r["created"] + 48 * 3600), "sha256Hash": b64(r["sha256"]),
+            "uri": "%s/v1beta/files/%s" % (origin, r["id"]), "state": "ACTIVE", "source": "UPLOADED"}
+
+
+def _file_id(req):
+    file_id = req.params["file_id"]
+    if req.provider == OPENAI:
+        return file_id[5:] if file_id.startswith("file-") else file_id
+    return file_id[6:] if file_id.startswith("files/") else file_id
+
+
+def _missing_file(req):
+    if req.provider == GEMINI:
+        return HTTPError(404, "File files/%s does not exist." % _file_id(req), etype="NOT_FOUND")
+    return HTTPError(404, "No such File object: %s" % req.params["file_id"], param="id")
+
+
+def handle_files_list(h, req):
+    check_key(req)
+    records = h.server.files.list(req.provider)
+    if req.provider == GEMINI:
+        size = _int_arg(req, "pageSize", 10, 1, 100)
+        token = req.arg("pageToken") or "0"
+        if not token.isdigit():
+            raise invalid("Invalid page token %r." % token)
+        start = int(token)
+        answer = {"files": [gemini_file(r, req.origin()) for r in records[start:start + size]]}
+        if start + size < len(records):
+            answer["nextPageToken"] = str(start + size)
+        h.send_json(200, answer)
+        return
+    data = [openai_file(r) for r in reversed(records)]
+    h.send_json(200, {"object": "list", "data": data, "has_more": False,
+                      "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
+def handle_file_get(h, req):
+    check_key(req)
+    record = h.server.files.get(req.provider, _file_id(req))
+    if record is None:
+        raise _missing_file(req)
+    h.send_json(200, gemini_file(record, req.origin()) if req.provider == GEMINI else openai_file(record))
+
+
+def handle_file_delete(h, req):
+    check_key(req)
+    record = h.server.files.remove(req.provider, _file_id(req))
+    if record is None:
+        raise _missing_file(req)
+    h.send_json(200, {} if req.provider == GEMINI else {"id": "file-" + record["id"], "object": "file",
+                                                         "deleted": True})
+
+
+def _hasher():
+    import hashlib  # loads OpenSSL: kept off the start-up path
+    return hashlib.sha256()
+
+
+def count_body(h, req):
+    """Consume the body, returning (byte count, sha256 digest); nothing is kept."""
+    digest = _hasher()
+    n = 0
+    for piece in h.body_pieces(req):
+        n += len(piece)
+        digest.update(piece)
+    return n, digest.digest()
+
+
+def small_body(h, req):
+    """The whole body when it is small metadata; 413 past MAX_FIELD."""
+    data = bytearray()
+    for piece in h.body_pieces(req):
+        data += piece
+        if len(data) > MAX_FIELD:
+            raise HTTPError(413, "metadata body over %d bytes" % MAX_FIELD, close=True)
+    return bytes(data)
+
+
+def handle_openai_file_upload(h, req):
+    """POST /files: multipart/form-data parsed as it streams in; the file part is only counted."""
+    check_key(req)
+    boundary = multipart_boundary(req, "multipart/form-data")
+    fields, files = read_multipart(h, req, boundary)
+    if not files:
+        raise invalid("Missing required parameter: 'file'.", "file", "missing_required_parameter")
+    purpose = fields.get("purpose")
+    if not purpose:
+        raise invalid("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
+    name, mime, nbytes, digest = files[0]
+    record = h.server.files.add(OPENAI, file_record(name, mime, nbytes, digest, purpose=purpose))
+    h.send_json(200, openai_file(record))
+
+
+def handle_gemini_upload_raw(h, req):
+    """POST /files:upload?key=: the C library's raw upload (body = the file's bytes)."""
+    check_key(req)
+    nbytes, digest = count_body(h, req)
+    if nbytes == 0:
+        raise invalid("File is empty.")
+    mime = (req.headers.get("content-type") or "application/octet-stream").split(";")[0].strip()
+    record = h.server.files.add(GEMINI, file_record(req.arg("name") or "upload", mime, nbytes, digest))
+    h.send_json(200, {"file": gemini_file(record, req.origin())})
+
+
+def handle_gemini_upload(h, req):
+    """POST /upload/v1beta/files: the resumable protocol (start, upload, finalize), media or multipart."""
+    hdr = req.headers
+    protocol = (hdr.get("x-goog-upload-protocol") or req.arg("uploadType") or "").lower()
+    upload_id = req.arg("upload_id")
+    if upload_id is not None:  # the upload URL: authorised by its session, the SDK sends no key there
+        return resumable_chunk(h, req, upload_id)
+    check_key(req)
+    if protocol == "resumable":
+        command = (hdr.get("x-goog-upload-command") or "").lower()
+        if command != "start":
+            raise invalid("X-Goog-Upload-Command must be 'start' to begin a resumable upload, not %r" % command)
+        meta = _upload_meta(small_body(h, req))
+        session = {"id": new_id("", 16), "received": 0, "hash": _hasher(),
+                   "name": meta.get("name") or hdr.get("x-goog-upload-file-name") or "upload",
+                   "mime": meta.get("mime") or hdr.get("x-goog-upload-header-content-type") or
+                   "application/octet-stream"}
+        h.server.files.start_upload(session)
+        url = "%s/upload/v1beta/files?upload_id=%s&upload_protocol=resumable" % (req.origin(), session["id"])
+        h.send_bytes(200, b"", "text/plain; charset=utf-8", [
+            ("X-Goog-Upload-URL", url), ("X-Goog-Upload-Control-URL", url), ("X-Goog-Upload-Status", "active"),
+            ("X-Goog-Upload-Chunk-Granularity", "8388608")])
+    elif protocol == "multipart":
+        boundary = multipart_boundary(req, "multipart/related")
+        fields, files = read_multipart(h, req, boundary, keep_first=True)
+        if not files:
+            raise invalid("multipart upload has no media part")
+        meta = _upload_meta(fields.get(""))
+        _, mime, nbytes, digest = files[0]
+        gemini_store(h, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
+    elif protocol in ("media", "raw", ""):
+        nbytes, digest = count_body(h, req)
+        mime = (hdr.get("content-type") or "application/octet-stream").split(";")[0].strip()
+        gemini_store(h, req, hdr.get("x-goog-upload-file-name") or "upload", mime, nbytes, digest)
+    else:
+        raise invalid("unsupported upload protocol %r; use resumable, multipart or media" % protocol)
+
+
+def _upload_meta(raw):
+    """Display name and MIME type from an upload's JSON metadata (either spelling)."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise invalid("upload metadata is not valid JSON: %s" % e)
+    f = _get(meta, "file") if isinstance(meta, dict) else None
+    f = f if isinstance(f, dict) else {}
+    return {"name": _get(f, "displayName", "display_name"), "mime": _get(f, "mimeType", "mime_type")}
+
+
+def gemini_store(h, req, name, mime, nbytes, digest, headers=()):
+    if nbytes == 0:
+        raise invalid("File is empty.")
+    record = h.server.files.add(GEMINI, file_record(name, mime, nbytes, digest))
+    h.send_json(200, {"file": gemini_file(record, req.origin())}, headers)
+
+
+def resumable_chunk(h, req, upload_id):
+    session = h.server.files.upload(upload_id)
+    if session is None:
+        raise HTTPError(404, "upload session %r is unknown or finished" % upload_id, etype="NOT_FOUND")
+    command = [c.strip() for c in (req.headers.get("x-goog-upload-command") or "").lower().split(",")]
+    offset = req.headers.get("x-goog-upload-offset")
+    if "upload" in command:
+        if offset is None or not offset.isdigit() or int(offset) != session["received"]:
+            raise invalid("X-Goog-Upload-Offset %r does not match the %d bytes received"
+                          % (offset, session["received"]))
+        for piece in h.body_pieces(req):
+            session["received"] += len(piece)
+            session["hash"].update(piece)
+    elif "query" in command or "cancel" in command:
+        small_body(h, req)
+    else:
+        raise invalid("X-Goog-Upload-Command must be upload, finalize, query or cancel")
+    if "cancel" in command:
+        h.server.files.end_upload(upload_id)
+        h.send_bytes(200, b"", "text/plain; charset=utf-8", [("X-Goog-Upload-Status", "cancelled")])
+    elif "finalize" in command:
+        h.server.files.end_upload(upload_id)
+        gemini_store(h, req, session["name"], session["mime"], session["received"], session["hash"].digest(),
+                     [("X-Goog-Upload-Status", "final")])
+    else:
+        h.send_bytes(200, b"", "text/plain; charset=utf-8", [
+            ("X-Goog-Upload-Status", "active"), ("X-Goog-Upload-Size-Received", str(session["received"]))])
+
+
+# ---------------------------------------------------------------- multipart, streamed
+
+_PARAM_RE = r';\s*([\w-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))'
+
+
+def header_params(value):
+    """(main value lower-cased, {param: value}) of a header like Content-Type or Content-Disposition."""
+    main = value.split(";", 1)[0].strip().lower()
+    return main, {k.lower(): q or u for k, q, u in re.findall(_PARAM_RE, value)}
+
+
+def multipart_boundary(req, kind):
+    ctype = req.headers.get("content-type") or ""
+    main, params = header_params(ctype)
+    if main != kind or not params.get("boundary"):
+        raise invalid("Content-Type must be %s with a boundary, not %r" % (kind, ctype[:80]))
+    return params["boundary"].encode("latin-1")
+
+
+def read_multipart(h, req, boundary, keep_first=False):
+    """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
+
+    Returns ({field name: text}, [(filename, mime, byte count, sha256 digest)]). With
+    ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part).
+    """
+    delim = b"\r\n--" + boundary
+    buf = b"\r\n"  # so the first delimiter looks like every later one
+    pieces = h.body_pieces(req)
+    fields, files = {}, []
+
+    def more():
+        piece = next(pieces, None)
+        if piece is None:
+            raise invalid("multipart body ended before its closing boundary")
+        return piece
+    while True:  # preamble
+        at = buf.find(delim)
+        if at >= 0:
+            buf = buf[at + len(delim):]
+            break
+        buf = buf[-len(delim):] + more()
+    index = 0
+    while True:
+        while len(buf) < 2:
+            buf += more()
+        if buf[:2] == b"--":  # closing delimiter: drain the epilogue
+            for _ in pieces:
+                pass
+            return fields, files
+        while b"\r\n\r\n" not in buf:
+            if len(buf) > MAX_FIELD:
+                raise invalid("multipart part headers over %d bytes" % MAX_FIELD)
+            buf += more()
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        _, disp = header_params(headers.get("content-disposition", ""))
+        is_file = "filename" in disp or (index > 0 and keep_first)
+        kept = bytearray()
+        size = 0
+        digest = _hasher() if is_file else None
+        while True:
+            at = buf.find(delim)
+            if at >= 0:
+                body, buf = buf[:at], buf[at + len(delim):]
+            else:
+                cut = max(0, len(buf) - len(delim))
+                body, buf = buf[:cut], buf[cut:]
+            size += len(body)
+            if is_file:
+                digest.update(body)
+            elif len(kept) + len(body) <= MAX_FIELD:
+                kept += body
+            else:
+                raise invalid("multipart field over %d bytes" % MAX_FIELD)
+            if at >= 0:
+                break
+            buf += more()
+        if is_file:
+            files.append((disp.get("filename") or "upload", headers.get("content-type", "application/octet-stream"),
+                          size, digest.digest()))
+        else:
+            fields["" if keep_first and index == 0 else disp.get("name", "")] = kept.decode("utf-8", "replace")
+        index += 1
+
+
+# ---------------------------------------------------------------- images
+
+def image_name(prompt):
+    """An image id whose colour comes from the prompt, so the PNG can be made again from the name."""
+    import zlib
+    rgb = zlib.crc32(prompt.encode("utf-8")) & 0xFFFFFF
+    return "img-%06x-%s.png" % (rgb, os.urandom(6).hex())
+
+
+def png_for(name, size=8):
+    """A real size x size PNG in one colour (taken from an image_name)."""
+    import struct
+    import zlib
+    m = re.match(r"^img-([0-9a-f]{6})-[0-9a-f]+\.png$", name)
+    if not m:
+        raise HTTPError(404, "no image %r" % name, "not_found")
+    rgb = bytes.fromhex(m.group(1))
+    raw = b"".join(b"\0" + rgb * size for _ in range(size))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def b64(data):
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def handle_image_png(h, req):
+    h.send_bytes(200, png_for(req.params["image"]), "image/png")
 
 
 ################################################################################
@@ -436,6 +1710,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.req = None
         self.status = 0
         self.sent = 0
+        self.extra_headers = ()
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
             self.close_connection = True
@@ -453,7 +1728,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         except _DISCONNECTS + (ClientGone,):
             raise
         except Exception:
-            srv.log.error("error while handling %s:\n%s", self.requestline_text(), traceback.format_exc().rstrip())
+            srv.log.error("error while handling %s:\n%s", self.requestline_text(), format_exc())
             if not self.headers_sent:
                 self.send_json(500, {"error": {"message": "dpmock internal error; see its log", "type": "server_error",
                                                "code": "internal_error"}}, close=True)
@@ -538,9 +1813,6 @@ class MockHandler(socketserver.StreamRequestHandler):
                                 close=True)
             req.length = int(next(iter(vals)))
 
-    def has_body(self, req):
-        return req.chunked or (req.length or 0) > 0
-
     # ---------------------------------------------------------------- dispatch
 
     def dispatch(self, req):
@@ -550,25 +1822,28 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.refuse_body(req, e)
             raise
         route = req.route
+        if route.provider != "":
+            req.provider = route.provider or detect_provider(req)
+            self.extra_headers = provider_headers(req.provider, new_id("req_", 12))
         if route.body != BODY_NONE and req.length is None and not req.chunked:
             self.close_connection = True  # whatever follows can't be told apart from a body
             raise HTTPError(411, "%s %s needs a request body with Content-Length or chunked encoding"
                             % (req.method, req.path), "length_required")
+        value = None
         if route.versioned:
             try:
                 req.scenario = select_scenario(req)
             except HTTPError as e:
                 self.refuse_body(req, e)
                 raise
+            value = self.scenario_value(req)
         expect = req.headers.get("expect")
-        if expect is not None:
-            if expect.lower() != "100-continue":
-                self.refuse_body(req, None)
-                raise HTTPError(417, "unsupported Expect %r" % expect, "expectation_failed")
-        reply = early_reply(req) if req.scenario else None
-        if reply is not None:
+        if expect is not None and expect.lower() != "100-continue":
+            self.refuse_body(req, None)
+            raise HTTPError(417, "unsupported Expect %r" % expect, "expectation_failed")
+        if isinstance(value, Upload) and value.max_bytes is not None and (req.length or 0) > value.max_bytes:
             # Answered from the headers: the body is never read, so the connection can't be reused.
-            self.send_reply(reply, close=True)
+            self.send_reply(value.too_large, close=True)
             if expect is None:
                 self.linger()
             return
@@ -576,19 +1851,49 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.refuse_body(req, None)
             raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, MAX_JSON_BODY),
                             "request_too_large", close=True)
-        if expect is not None and req.version == "HTTP/1.1" and self.has_body(req):
+        if expect is not None and req.version == "HTTP/1.1" and req.has_body():
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.read_body(req)
         if route.body == BODY_JSON:
-            req.json = parse_json_body(req.body)
-        _HANDLERS[route.handler](self, req)
+            req.json = parse_json_body(self.read_json_body(req))
+        elif route.body == BODY_NONE:
+            self.refuse_body(req, None)
+        if value is not None:
+            self.answer_scenario(req, value)
+        else:
+            _HANDLERS[route.handler](self, req)
+        if req.has_body() and not req.body_done:
+            self.close_connection = True  # the handler answered without reading the body
+
+    def scenario_value(self, req):
+        """The selected scenario's answer for this route (ByProvider resolved), or None."""
+        value = scenarios.answer(req.scenario, req.route.name) if req.scenario else None
+        return value.get(req.provider) if isinstance(value, ByProvider) else value
+
+    def answer_scenario(self, req, value):
+        if isinstance(value, Upload):
+            n = 0
+            for piece in self.body_pieces(req):
+                n += len(piece)
+                if value.max_bytes is not None and n > value.max_bytes:
+                    self.send_reply(value.too_large, close=True)
+                    self.linger()
+                    raise _Answered()
+            value = scenarios.upload_reply(value, n)
+        elif req.route.body == BODY_STREAM:
+            for _ in self.body_pieces(req):
+                pass
+        if isinstance(value, Stream):
+            self.send_stream(value)
+        else:
+            self.send_reply(value)
 
     def refuse_body(self, req, err):
-        """Before an error answer: drain a small body so the connection stays usable, else close."""
-        if not self.has_body(req):
+        """Before answering without the body: drain a small one so the connection stays usable, else close."""
+        if not req.has_body() or req.body_done:
             return
         if req.headers.get("expect") is None and not req.chunked and req.length <= MAX_DISCARD:
-            self.read_exact(req.length)
+            for _ in self.body_pieces(req):
+                pass
         else:
             self.close_connection = True
             if err is not None:
@@ -596,45 +1901,32 @@ class MockHandler(socketserver.StreamRequestHandler):
 
     # ---------------------------------------------------------------- bodies
 
-    def read_body(self, req):
-        """Read the body: kept for JSON routes, counted (never held) for uploads, drained otherwise."""
-        keep = req.route.body == BODY_JSON
-        limit = MAX_JSON_BODY if keep else None
-        if req.route.body == BODY_NONE and self.has_body(req):
-            if req.chunked or req.length > MAX_DISCARD:
-                self.close_connection = True
-                return
-        sink = bytearray() if keep else None
-        if req.chunked:
-            req.nbytes = self.read_chunked(sink, limit, req)
-        elif req.length:
-            req.nbytes = self.read_exact(req.length, sink)
-        req.body = bytes(sink) if keep else None
+    def read_json_body(self, req):
+        data = bytearray()
+        for piece in self.body_pieces(req):
+            data += piece
+            if len(data) > MAX_JSON_BODY:
+                raise HTTPError(413, "request body is over the %d byte limit" % MAX_JSON_BODY, "request_too_large",
+                                close=True)
+        return bytes(data)
 
-    def read_exact(self, n, sink=None):
-        """Read exactly n bytes, appending to sink if given; memory stays bounded when sink is None."""
-        left = n
-        buf = bytearray(min(n, 65536)) if sink is None else None
-        view = memoryview(buf) if buf is not None else None
-        while left:
-            if sink is not None:
-                piece = self.rfile.read(min(left, 1 << 20))
+    def body_pieces(self, req):
+        """Yield the request body in pieces of at most PIECE bytes (Content-Length or chunked)."""
+        if req.body_done:
+            return
+        if req.chunked:
+            yield from self._chunked_pieces()
+        else:
+            left = req.length or 0
+            while left:
+                piece = self.rfile.read(min(left, PIECE))
                 if not piece:
                     raise ClientGone("body cut off")
-                sink += piece
                 left -= len(piece)
-            else:
-                got = self.rfile.readinto(view[:min(left, len(buf))])
-                if not got:
-                    raise ClientGone("body cut off")
-                left -= got
-        return n
+                yield piece
+        req.body_done = True
 
-    def read_chunked(self, sink, limit, req):
-        """Decode a chunked body; an over-limit upload is answered 413 as soon as the limit is passed."""
-        total = 0
-        rule = scenarios.answer(req.scenario, req.route.name) if req.scenario else None
-        cap = rule.max_bytes if isinstance(rule, Upload) else None
+    def _chunked_pieces(self):
         while True:
             line = self.rfile.readline(1026)
             if not line.endswith(b"\n"):
@@ -642,7 +1934,7 @@ class MockHandler(socketserver.StreamRequestHandler):
                     raise ClientGone("chunked body cut off")
                 raise HTTPError(400, "chunk size line too long", "bad_chunk", close=True)
             size_text = line.split(b";", 1)[0].strip()
-            if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
+            if not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
                 raise HTTPError(400, "invalid chunk size %r" % size_text[:20].decode("latin-1"), "bad_chunk",
                                 close=True)
             size = int(size_text, 16)
@@ -652,17 +1944,14 @@ class MockHandler(socketserver.StreamRequestHandler):
                     if not t:
                         raise ClientGone("chunked trailer cut off")
                     if t in (b"\r\n", b"\n"):
-                        return total
+                        return
                 raise HTTPError(431, "too many trailer fields", "headers_too_large", close=True)
-            total += size
-            if limit is not None and total > limit:
-                raise HTTPError(413, "request body is over the %d byte limit" % limit, "request_too_large",
-                                close=True)
-            if cap is not None and total > cap:
-                self.send_reply(rule.too_large, close=True)
-                self.linger()
-                raise _Answered()
-            self.read_exact(size, sink)
+            while size:
+                piece = self.rfile.read(min(size, PIECE))
+                if not piece:
+                    raise ClientGone("chunked body cut off")
+                size -= len(piece)
+                yield piece
             if self.rfile.read(2) != b"\r\n":
                 raise HTTPError(400, "chunk data not followed by CRLF", "bad_chunk", close=True)
 
@@ -692,7 +1981,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         out = [_STATUS_LINES.get(status) or ("HTTP/1.1 %d Status\r\n" % status).encode("latin-1"),
                b"Date: ", http_date().encode("latin-1"), b"\r\nServer: ", self.server_version.encode("latin-1"),
                b"\r\n"]
-        for k, v in headers:
+        for k, v in itertools.chain(headers, self.extra_headers):
             out.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
         if close or self.close_connection or self.server.stopping:
             self.close_connection = True
@@ -715,7 +2004,8 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.sent += len(data)
 
     def send_json(self, status, obj, headers=(), close=False):
-        self.send_bytes(status, encode_body(obj), scenarios.JSON, headers, close)
+        """A JSON answer, compact as the providers send it."""
+        self.send_bytes(status, encode_body(obj, compact=True), scenarios.JSON, headers, close)
 
     def send_reply(self, reply, close=False):
         self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
@@ -740,16 +2030,17 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.sent += 5
 
-    def send_sse_event(self, data, event=None):
-        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-        text = ("event: %s\ndata: %s\n\n" % (event, payload)) if event else ("data: %s\n\n" % payload)
+    def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
+        """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
+        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
+        text = ("event: %s\ndata: %s%s" % (event, payload, sep)) if event else ("data: %s%s" % (payload, sep))
         self.send_chunk(text.encode("utf-8"))
 
     def send_stream(self, stream):
         """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
         self.start_chunked(200, stream.content_type, close=stream.close)
         for ev in stream.events:
-            self.send_sse_event(ev.data, ev.event)
+            self.send_sse_event(ev.data, ev.event, compact=False)  # the Flask mock's spacing
         if stream.pause_ms:
             self.server.pause(stream.pause_ms / 1000.0)
         if stream.tail:
@@ -762,7 +2053,10 @@ class MockHandler(socketserver.StreamRequestHandler):
         if self.headers_sent:
             self.close_connection = True
             return
-        self.send_json(e.status, e.body(), e.headers, close=e.close)
+        req = self.req
+        provider = req.provider if req is not None else None
+        rid = next((v for k, v in self.extra_headers if k in ("request-id", "x-request-id")), None)
+        self.send_json(e.status, e.body(provider, rid), e.headers, close=e.close)
 
     # ---------------------------------------------------------------- logging
 
@@ -778,6 +2072,12 @@ class MockHandler(socketserver.StreamRequestHandler):
 
 class _Answered(ClientGone):
     """The body reader already answered (and closed); stop handling this connection quietly."""
+
+
+def format_exc():
+    """The current exception's traceback (the module loads only when something went wrong)."""
+    import traceback
+    return traceback.format_exc().rstrip()
 
 
 def parse_json_body(body):
@@ -863,6 +2163,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._counter = itertools.count(1)
         self.request_count = 0
         self.active = 0
+        self.files = FileStore()
 
     @property
     def stopping(self):
@@ -903,7 +2204,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.log.debug("%s: connection ended: %s", client_address, exc.__class__.__name__)
             return
         self.log.error("unexpected error on a connection from %s:\n%s", client_address,
-                       traceback.format_exc().rstrip())
+                       format_exc())
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -944,7 +2245,9 @@ def base_url(sock):
 def bind_listener(host, port, backlog=MockServer.request_queue_size):
     """Bind and listen; raises OSError with a plain message."""
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        # An ASCII host goes as bytes: a str is IDNA-encoded, which loads unicodedata on every start.
+        name = host.encode("ascii") if host.isascii() else host
+        infos = socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(errno.EADDRNOTAVAIL, "cannot resolve host %r: %s" % (host, e.strerror))
     family, kind, proto, _, addr = infos[0]
@@ -1082,7 +2385,11 @@ def open_log(config):
 
 
 def main(argv=None):
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print("dpmock.py: error: %s (see --help)" % e, file=sys.stderr)
+        return 2
     inherited = os.environ.pop(ENV_LISTEN_FD, None)
     pid_fd = os.environ.pop(ENV_PIDFILE_FD, None)
     restarts = int(os.environ.pop(ENV_RESTARTS, "0") or 0)

@@ -132,8 +132,14 @@ def cmd_restart(url, timeout):
 COMMANDS = {"status": cmd_status, "restart": cmd_restart, "shutdown": cmd_shutdown, "wait": cmd_wait}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not argparse's usage block: scripts log it as is."""
+        self.exit(EXIT_UNREACHABLE, "dpmockctl.py: error: %s (see --help)\n" % message)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="dpmockctl.py", description="Control a running dpmock server.")
+    p = _Parser(prog="dpmockctl.py", description="Control a running dpmock server.")
     p.add_argument("command", choices=sorted(COMMANDS), help="what to do")
     p.add_argument("--url", default=os.environ.get("DP_MOCK_SERVER") or DEFAULT_URL,
                    help="server base URL (default: $DP_MOCK_SERVER, else %s)" % DEFAULT_URL)

@@ -63,6 +63,15 @@ class Upload(namedtuple("Upload", "ok empty max_bytes too_large")):
         return super().__new__(cls, ok, empty, max_bytes, too_large)
 
 
+class ByProvider(namedtuple("ByProvider", "openai anthropic gemini")):
+    """Answers for a path the providers share (GET /models/{id}), one per provider."""
+
+    __slots__ = ()
+
+    def get(self, provider):
+        return getattr(self, provider)
+
+
 class Scenario(namedtuple("Scenario", "name doc routes")):
     """A named scenario: route name -> Reply | Stream | Upload."""
 
@@ -77,6 +86,12 @@ GEMINI_AUTH = {"error": {"message": "Invalid Authentication", "code": 401}}
 ANTHROPIC_AUTH = {"type": "error", "message": "Authentication Error"}
 FILE_EMPTY = {"error": {"message": "File is empty", "code": 400}}
 FILE_TOO_LARGE = {"error": {"message": "File size exceeds limit", "code": 413}}
+OPENAI_NO_MODEL = {"error": {"message": "The model does not exist or you do not have access to it.",
+                             "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+ANTHROPIC_NO_MODEL = {"type": "error", "error": {"type": "not_found_error", "message": "model: not found"}}
+GEMINI_NO_MODEL = {"error": {"code": 404, "message": "models/unknown is not found for API version v1beta, or is "
+                             "not supported for generateContent. Call ListModels to see the list of available "
+                             "models and their supported methods.", "status": "NOT_FOUND"}}
 
 
 def _anthropic_start(model):
@@ -104,6 +119,24 @@ _ZERO_BYTE = Upload(ok={"id": "file-123", "filename": "test_file.txt", "purpose"
                     empty=Reply(400, FILE_EMPTY))
 _LARGE_FILE = Upload(ok={"id": "file-456", "filename": "large_test_file.bin", "purpose": "fine-tune"},
                      max_bytes=100 * MIB, too_large=Reply(413, FILE_TOO_LARGE))
+
+_OPENAI_429 = Reply(429, {"error": {
+    "message": "Rate limit reached for requests in organization org-dpmock on requests per min (RPM): Limit 60, "
+               "Used 60, Requested 1. Please try again in 1s.",
+    "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
+    headers=(("retry-after", "1"), ("retry-after-ms", "1000"), ("x-ratelimit-limit-requests", "60"),
+             ("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "1s"),
+             ("x-ratelimit-limit-tokens", "30000"), ("x-ratelimit-remaining-tokens", "30000"),
+             ("x-ratelimit-reset-tokens", "0s")))
+_ANTHROPIC_429 = Reply(429, {"type": "error", "error": {
+    "type": "rate_limit_error", "message": "This request would exceed the rate limit for your organization of 50 "
+                                          "requests per minute. Please try again in 1s."}},
+    headers=(("retry-after", "1"), ("anthropic-ratelimit-requests-limit", "50"),
+             ("anthropic-ratelimit-requests-remaining", "0"),
+             ("anthropic-ratelimit-requests-reset", "2025-01-01T00:00:01Z")))
+_GEMINI_429 = Reply(429, {"error": {
+    "code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED",
+    "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]}})
 
 # --------------------------------------------------------------------------- catalogue
 
@@ -168,6 +201,39 @@ _CATALOGUE = (
     Scenario("RATE_LIMIT_LIST_MODELS", "429 rate-limit error on the model list.", {
         "models": Reply(429, RATE_LIMIT),
     }),
+    Scenario("NO_SCENARIO", "The Flask mock's answer to a key that names no scenario: 400 `No test scenario "
+             "triggered ...` (dpmock itself answers such requests like the provider).", {
+        "chat": Reply(400, {"error": "No test scenario triggered in mock server"}),
+        "gemini_generate": Reply(400, {"error": "No test scenario triggered for Gemini completions endpoint"}),
+        "messages": Reply(400, {"error": "No test scenario triggered for Anthropic completions endpoint"}),
+        "models": Reply(400, {"error": "No test scenario triggered for models endpoint"}),
+        "files": Reply(400, {"error": "No test scenario triggered for files endpoint"}),
+        "gemini_upload": Reply(400, {"error": "No test scenario triggered for files:upload endpoint"}),
+        "gemini_count_tokens": Reply(400, {"error": "No test scenario triggered for countTokens endpoint"}),
+        "messages_count_tokens": Reply(400, {"error": "No test scenario triggered for Anthropic count_tokens "
+                                                      "endpoint"}),
+    }),
+    Scenario("MODEL_NOT_FOUND", "404 unknown model, in each provider's own error shape (as for a model id "
+             "containing `does-not-exist`).", {
+        "chat": Reply(404, OPENAI_NO_MODEL),
+        "images": Reply(404, OPENAI_NO_MODEL),
+        "messages": Reply(404, ANTHROPIC_NO_MODEL),
+        "messages_count_tokens": Reply(404, ANTHROPIC_NO_MODEL),
+        "gemini_generate": Reply(404, GEMINI_NO_MODEL),
+        "gemini_stream": Reply(404, GEMINI_NO_MODEL),
+        "gemini_count_tokens": Reply(404, GEMINI_NO_MODEL),
+        "gemini_predict": Reply(404, GEMINI_NO_MODEL),
+        "models_get": ByProvider(Reply(404, OPENAI_NO_MODEL), Reply(404, ANTHROPIC_NO_MODEL),
+                                 Reply(404, GEMINI_NO_MODEL)),
+    }),
+    Scenario("RATE_LIMITED", "429 in each provider's own shape, with its rate-limit headers (`retry-after`, "
+             "`x-ratelimit-*` or `anthropic-ratelimit-*`; Gemini's `RetryInfo` detail).", {
+        "chat": _OPENAI_429, "images": _OPENAI_429,
+        "messages": _ANTHROPIC_429, "messages_count_tokens": _ANTHROPIC_429,
+        "gemini_generate": _GEMINI_429, "gemini_stream": _GEMINI_429, "gemini_count_tokens": _GEMINI_429,
+        "gemini_predict": _GEMINI_429,
+        "models": ByProvider(_OPENAI_429, _ANTHROPIC_429, _GEMINI_429),
+    }),
     Scenario("ZERO_BYTE_FILE", "Empty upload: 400 `File is empty`; otherwise 200 with the byte count.", {
         "files": _ZERO_BYTE,
         "gemini_upload": _ZERO_BYTE,
@@ -181,18 +247,43 @@ _CATALOGUE = (
 
 SCENARIOS = {s.name: s for s in _CATALOGUE}
 
-#: The contract's answer on each scenario route when no scenario matched (upstream's exact text).
-NO_SCENARIO = {
-    "chat": Reply(400, {"error": "No test scenario triggered in mock server"}),
-    "gemini_generate": Reply(400, {"error": "No test scenario triggered for Gemini completions endpoint"}),
-    "messages": Reply(400, {"error": "No test scenario triggered for Anthropic completions endpoint"}),
-    "models": Reply(400, {"error": "No test scenario triggered for models endpoint"}),
-    "files": Reply(400, {"error": "No test scenario triggered for files endpoint"}),
-    "gemini_upload": Reply(400, {"error": "No test scenario triggered for files:upload endpoint"}),
-    "gemini_count_tokens": Reply(400, {"error": "No test scenario triggered for countTokens endpoint"}),
-    "messages_count_tokens": Reply(400, {"error": "No test scenario triggered for Anthropic count_tokens endpoint"}),
-}
+# --------------------------------------------------------------------------- provider fixtures
 
+#: A model id containing this is unknown to every provider (404); every other id exists.
+MISSING_MODEL_MARK = "does-not-exist"
+
+#: OpenAI models: (id, created, owned_by).
+OPENAI_MODELS = (
+    ("gpt-4o", 1715367049, "system"), ("gpt-4o-mini", 1721172741, "system"), ("gpt-4.1", 1744316542, "system"),
+    ("gpt-4.1-mini", 1744318173, "system"), ("o3-mini", 1737146383, "system"), ("o4-mini", 1744225351, "system"),
+    ("gpt-5", 1754425777, "system"), ("gpt-5-mini", 1754425928, "system"), ("dall-e-3", 1698785189, "system"),
+    ("gpt-image-1", 1745517030, "system"), ("text-embedding-3-small", 1705948997, "system"),
+)
+
+#: Anthropic models, newest first as the API lists them: (id, display_name, created_at).
+ANTHROPIC_MODELS = (
+    ("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-01T00:00:00Z"),
+    ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-01T00:00:00Z"),
+    ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
+    ("claude-opus-4-1-20250805", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
+    ("claude-opus-4-20250514", "Claude Opus 4", "2025-05-22T00:00:00Z"),
+    ("claude-sonnet-4-20250514", "Claude Sonnet 4", "2025-05-22T00:00:00Z"),
+    ("claude-3-7-sonnet-20250219", "Claude Sonnet 3.7", "2025-02-24T00:00:00Z"),
+    ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", "2024-10-22T00:00:00Z"),
+    ("claude-3-haiku-20240307", "Claude Haiku 3", "2024-03-07T00:00:00Z"),
+)
+
+#: Gemini models: (id, displayName, inputTokenLimit, outputTokenLimit, thinking).
+GEMINI_MODELS = (
+    ("gemini-2.5-pro", "Gemini 2.5 Pro", 1048576, 65536, True),
+    ("gemini-2.5-flash", "Gemini 2.5 Flash", 1048576, 65536, True),
+    ("gemini-2.5-flash-lite", "Gemini 2.5 Flash-Lite", 1048576, 65536, True),
+    ("gemini-2.0-flash", "Gemini 2.0 Flash", 1048576, 8192, False),
+    ("gemini-2.0-flash-lite", "Gemini 2.0 Flash-Lite", 1048576, 8192, False),
+    ("gemini-embedding-001", "Gemini Embedding 001", 2048, 1, False),
+    ("imagen-4.0-generate-001", "Imagen 4", 480, 8192, False),
+    ("imagen-3.0-generate-002", "Imagen 3", 480, 8192, False),
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -230,6 +321,8 @@ def describe(value):
     if isinstance(value, Stream):
         n = len(value.events)
         return "200 SSE, %d event%s%s" % (n, "" if n == 1 else "s", " + broken tail" if value.tail else "")
+    if isinstance(value, ByProvider):
+        return " / ".join("%s: %s" % (p, describe(v)) for p, v in zip(value._fields, value))
     if isinstance(value, Upload):
         parts = []
         if value.empty is not None:
