@@ -3,7 +3,9 @@
 
 Usage:
     python3 dpmock.py [--host 127.0.0.1] [--port 8080] [--foreground]
-                      [--pidfile PATH] [--logfile PATH] [-q | -v]
+                      [--pidfile PATH] [--logfile PATH] [--port-file PATH]
+                      [--idle-exit SECONDS] [--parent-pid PID] [--journal-size N]
+                      [--seed N] [-q | -v] [--version]
 
 By default it detaches (double fork + setsid) and the launching process exits 0 only once
 the daemon is serving, after printing ``DP_MOCK_SERVER=http://HOST:PORT``.
@@ -26,7 +28,6 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from http import HTTPStatus
 
 import scenarios
 from scenarios import ByProvider, Reply, Stream, Upload
@@ -44,10 +45,14 @@ SCRIPT = os.path.abspath(__file__)
 class Config:
     """Server settings, as parsed from the command line."""
 
-    def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1):
+    def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1,
+                 port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None):
         self.host, self.port, self.foreground = host, port, foreground
         self.pidfile, self.logfile = pidfile, logfile
         self.verbosity = verbosity  #: 0 quiet (errors only), 1 one line per request, 2 debug
+        self.port_file, self.idle_exit, self.parent_pid = port_file, idle_exit, parent_pid
+        self.journal_size = journal_size
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -58,12 +63,20 @@ class Config:
             argv += ["--pidfile", self.pidfile]
         if self.logfile:
             argv += ["--logfile", self.logfile]
+        if self.port_file:
+            argv += ["--port-file", self.port_file]
+        if self.idle_exit:
+            argv += ["--idle-exit", repr(self.idle_exit)]
+        if self.parent_pid:
+            argv += ["--parent-pid", str(self.parent_pid)]
+        argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed)]
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
         return argv
 
 
 USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--foreground] [--pidfile PATH]
-                 [--logfile PATH] [-q | -v] [--version]"""
+                 [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
+                 [--parent-pid PID] [--journal-size N] [--seed N] [-q | -v] [--version]"""
 
 HELP = USAGE + """
 
@@ -75,13 +88,20 @@ options:
   --foreground     stay attached and log to stderr (default: detach as a daemon)
   --pidfile PATH   write the pid here, held with flock
   --logfile PATH   append the log here (a daemon logs nothing without it)
+  --port-file PATH write the port here (atomically) once serving; removed at exit
+  --idle-exit SECONDS  stop after no request for this long
+  --parent-pid PID stop when this process is gone
+  --journal-size N requests kept in the journal (default 1000; 0 keeps none)
+  --seed N         seed for random scenario choices (default: random, shown in status)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
   -h, --help       show this help and exit"""
 
 #: Options that take a value, and flags, by every spelling.
-_VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile"}
+_VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile",
+                  "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
+                  "--journal-size": "journal_size", "--seed": "seed"}
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
 
 
@@ -95,7 +115,8 @@ def parse_args(argv):
     Hand-written rather than argparse: argparse's help formatter imports shutil, locale and
     gettext on every start, several milliseconds of a ~40 ms start-up.
     """
-    values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None}
+    values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None, "port_file": None,
+              "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None}
     flags = set()
     args = list(argv)
     while args:
@@ -119,12 +140,23 @@ def parse_args(argv):
             raise UsageError("unrecognized argument %r" % arg)
     if {"quiet", "verbose"} <= flags:
         raise UsageError("-q and -v exclude each other")
-    port = values["port"]
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError("--port must be a number from 0 to 65535, not %r" % port)
-    return Config(host=values["host"], port=int(port), foreground="foreground" in flags,
-                  pidfile=os.path.abspath(values["pidfile"]) if values["pidfile"] else None,
-                  logfile=os.path.abspath(values["logfile"]) if values["logfile"] else None,
+    def number(option, low, high, kind=int):
+        raw = values[_VALUE_OPTIONS[option]]
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise UsageError("%s must be a number from %s to %s, not %r" % (option, low, high, raw))
+        return value
+
+    def path(name):
+        return os.path.abspath(values[name]) if values[name] else None
+    seed = number("--seed", 0, 2 ** 31 - 1) if values["seed"] is not None else None
+    return Config(host=values["host"], port=number("--port", 0, 65535), foreground="foreground" in flags,
+                  pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
+                  idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
+                  journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
 
 
@@ -184,6 +216,13 @@ ROUTES = (
     Route("DELETE", "/files/{file_id}", "files_delete", BODY_NONE, "handle_file_delete", None),
     Route("GET", "/_images/{image}", "image_png", BODY_NONE, "handle_image_png", "", versioned=False),
     Route("GET", "/_control/status", "control_status", BODY_NONE, "handle_control_status", "", versioned=False),
+    Route("GET", "/_control/requests", "control_requests", BODY_NONE, "handle_control_requests", "",
+          versioned=False),
+    Route("DELETE", "/_control/requests", "control_requests_clear", BODY_NONE, "handle_control_requests_clear", "",
+          versioned=False),
+    Route("GET", "/_control/schedules", "control_schedules", BODY_NONE, "handle_control_schedules", "",
+          versioned=False),
+    Route("POST", "/_control/reset", "control_reset", BODY_NONE, "handle_control_reset", "", versioned=False),
     Route("POST", "/_control/shutdown", "control_shutdown", BODY_NONE, "handle_control_shutdown", "",
           versioned=False),
     Route("POST", "/_control/restart", "control_restart", BODY_NONE, "handle_control_restart", "",
@@ -306,8 +345,8 @@ MAX_JSON_BODY = 32 * scenarios.MIB  #: larger JSON bodies get 413 unread
 MAX_DISCARD = 64 * 1024  #: unwanted bodies up to this are drained; larger ones close the connection
 MAX_FIELD = 64 * 1024  #: a non-file multipart field or upload metadata body kept in memory
 PIECE = 65536  #: request bodies are read in pieces of this size
+JOURNAL_BODY = 16384  #: request body bytes kept in each journal entry
 LINGER_SECONDS = 2.0  #: how long an unread upload is drained after its answer before closing
-IDLE_POLL = 0.1  #: how often an idle keep-alive connection checks for a stop
 FRESH_GRACE = 1.0  #: at a stop, how long a just-accepted connection may take to send its request
 
 
@@ -332,8 +371,8 @@ class Headers:
 class Request:
     """One parsed request; attributes are filled in as the handler learns them."""
 
-    __slots__ = ("method", "target", "version", "path", "query", "headers", "route", "params", "provider",
-                 "length", "chunked", "json", "body_done", "scenario", "t0")
+    __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
+                 "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0")
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -341,10 +380,12 @@ class Request:
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         path, _, query = target.partition("#")[0].partition("?")
         self.path = path or "/"
+        self.query_string = query
         self.query = parse_query(query)
         self.route, self.params, self.provider = None, {}, None
         self.length, self.chunked = None, False
         self.json, self.body_done = None, False
+        self.captured, self.body_bytes = bytearray(), 0  #: the body's first JOURNAL_BODY bytes, its size
         self.scenario = None
         self.t0 = time.monotonic()
 
@@ -366,11 +407,14 @@ def _bearer(value):
 
 def request_key(req):
     """The API key, looked up where the Flask mock looked (Anthropic routes: x-api-key first)."""
-    h = req.headers
-    if req.route.provider == ANTHROPIC:
+    return find_key(req.headers, req.route, req.query)
+
+
+def find_key(h, route, query):
+    if route is not None and route.provider == ANTHROPIC:
         sources = (h.get("x-api-key"), h.get("authorization"))
     else:
-        sources = (h.get("authorization"), h.get("x-api-key"), h.get("x-goog-api-key"), req.arg("key"))
+        sources = (h.get("authorization"), h.get("x-api-key"), h.get("x-goog-api-key"), (query.get("key") or [None])[0])
     for value in sources:
         if value is not None:
             return _bearer(value.strip())
@@ -378,16 +422,22 @@ def request_key(req):
 
 
 def select_scenario(req):
-    """The scenario name for this request: X-DP-Scenario if sent, else the key if it names one."""
+    """(spec, scenario, params) chosen by X-DP-Scenario, else by a key naming a scenario; else Nones.
+
+    Both may carry parameters: ``STREAM_SLOW; ttft_ms=200; tps=20``. A bad one is a 400 naming it.
+    """
     explicit = req.headers.get("x-dp-scenario")
-    if explicit is not None:
-        name = explicit.strip()
-        if scenarios.get(name) is None:
-            raise HTTPError(400, "unknown scenario %r in X-DP-Scenario; known: %s"
-                            % (name, ", ".join(scenarios.names())), "unknown_scenario")
-        return name
-    key = request_key(req)
-    return key if key is not None and scenarios.get(key) is not None else None
+    spec = explicit.strip() if explicit is not None else (request_key(req) or "")
+    if explicit is None and scenarios.get(spec.split(";")[0].strip()) is None:
+        return None, None, {}
+    try:
+        scenario, params = scenarios.resolve(spec)
+    except KeyError as e:
+        raise HTTPError(400, "unknown scenario %r in X-DP-Scenario; known: %s"
+                        % (e.args[0], ", ".join(scenarios.names())), "unknown_scenario")
+    except ValueError as e:
+        raise HTTPError(400, "bad scenario parameter: %s" % e, "bad_scenario_parameter")
+    return spec, scenario, params
 
 
 def detect_provider(req):
@@ -450,8 +500,13 @@ def invalid(message, param=None, code=None):
     return HTTPError(400, message, code, param=param)
 
 
+_ID_PREFIX = os.urandom(4).hex()  #: differs per process, so ids stay unique across restarts
+_ID_COUNTER = itertools.count(1)
+
+
 def new_id(prefix, nbytes=12):
-    return prefix + os.urandom(nbytes).hex()
+    """A unique id of ``2 * nbytes`` hex digits: no system call per id (they are made per request)."""
+    return "%s%s%0*x" % (prefix, _ID_PREFIX, 2 * nbytes - 8, next(_ID_COUNTER))
 
 
 def rfc3339(t, fraction=True):
@@ -559,7 +614,7 @@ class Turn:
 class Plan:
     """dpmock's answer to a Turn: optional thinking, then text pieces or tool calls."""
 
-    def __init__(self, turn):
+    def __init__(self, turn, fault=(None, None)):
         self.thinking = thinking_text(turn) if turn.thinking else None
         self.calls = []  #: (call id suffix, tool name, arguments dict)
         self.pieces = []
@@ -570,7 +625,7 @@ class Plan:
             self.calls.append((os.urandom(12).hex(), name, example_value(schema)))
             self.finish = "tool"
         else:
-            self.pieces = re.findall(_PIECES, answer_text(turn))
+            self.pieces = shaped_pieces(turn, *fault) or re.findall(_PIECES, answer_text(turn))
             if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
                 self.pieces = self.pieces[:turn.max_tokens]
                 self.finish = "length"
@@ -579,6 +634,19 @@ class Plan:
         self.thinking_tokens = count_tokens([self.thinking]) if self.thinking else 0
         self.output_tokens = (len(self.pieces) if not self.calls else
                               sum(count_tokens([json.dumps(args)]) for _, _, args in self.calls))
+
+
+def shaped_pieces(turn, kind, params):
+    """The answer's pieces (one per stream event) as a framing-stress fault wants them, else None."""
+    if kind == "SSE_SPLIT":  # multi-byte characters, so pieces of a few bytes split them
+        return re.findall(_PIECES, "dpmock ünïcödé ✓ 😀 " + answer_text(turn))
+    if kind == "SSE_BIG_EVENT":
+        unit = "dpmock big event ünïcödé ✓ "
+        return [unit * (params["kib"] * 1024 // len(unit.encode("utf-8")) + 1)]
+    if kind == "SSE_MANY_EVENTS":
+        text = answer_text(turn)
+        return [text[i % len(text)] for i in range(params["n"])]
+    return None
 
 
 def answer_text(turn):
@@ -739,7 +807,7 @@ def handle_openai_chat(h, req):
     body = req.json
     turn = openai_turn(body)
     check_model(req, turn.model)
-    plan = Plan(turn)
+    plan = Plan(turn, h.fault)
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": turn.model}
     calls = [{"id": "call_" + cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
              for cid, name, args in plan.calls]
@@ -919,7 +987,7 @@ def handle_anthropic_messages(h, req):
     check_key(req)
     turn = anthropic_turn(req.json)
     check_model(req, turn.model)
-    plan = Plan(turn)
+    plan = Plan(turn, h.fault)
     blocks = anthropic_blocks(plan)
     out = plan.output_tokens + plan.thinking_tokens
     message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
@@ -1058,7 +1126,7 @@ def handle_gemini_generate(h, req):
     model = req.params["model"]
     stream = req.route.name == "gemini_stream"
     check_model(req, model, "streamGenerateContent" if stream else "generateContent")
-    plan = Plan(gemini_turn(req.json, model))
+    plan = Plan(gemini_turn(req.json, model), h.fault)
     head = {"modelVersion": model, "responseId": new_id("", 11)}
     finish = _GEMINI_FINISH[plan.finish]
 
@@ -1082,7 +1150,7 @@ def handle_gemini_generate(h, req):
     else:  # alt=json: one JSON array, written element by element
         h.start_chunked(200, "application/json; charset=UTF-8")
         for i, c in enumerate(chunks):
-            h.send_chunk(("[" if i == 0 else ",\r\n").encode() + json.dumps(c, indent=2).encode("utf-8"))
+            h.stream_item(json.dumps(c, indent=2), index=i)
         h.send_chunk(b"]")
     h.end_chunked()
 
@@ -1596,8 +1664,50 @@ def handle_control_status(h, req):
         "requests": srv.request_count,
         "active_requests": srv.active,
         "scenarios": scenarios.names(),
+        "seed": srv.config.seed,
+        "journal": {"size": srv.config.journal_size, "held": len(srv.journal.entries), "last_seq": srv.journal.seq},
         "endpoints": ["%s %s" % (r.method, r.pattern) for r in ROUTES],
     })
+
+
+def handle_control_requests(h, req):
+    """The journal, filtered; with wait_for=N, held until N matching requests have arrived (or timeout)."""
+    journal = h.server.journal
+    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key") if req.arg(name) is not None}
+    since = _int_arg(req, "since", 0, 0, 2 ** 62)
+    limit = _int_arg(req, "limit", 100, 1, 10 ** 6)
+    want = _int_arg(req, "wait_for", 0, 0, 10 ** 6)
+    timeout = _float_arg(req, "timeout", 10.0, 0.0, 60.0)
+    found, timed_out = journal.wait(filters, since, want, timeout, h.server.stop_event)
+    h.send_json(200, {"requests": [public_entry(e) for e in found[-limit:]], "count": min(len(found), limit),
+                      "matched": len(found), "last_seq": journal.seq, "timed_out": timed_out})
+
+
+def handle_control_requests_clear(h, req):
+    h.send_json(200, {"cleared": h.server.journal.clear()})
+
+
+def handle_control_schedules(h, req):
+    h.send_json(200, {"counters": h.server.schedules.listing()})
+
+
+def handle_control_reset(h, req):
+    counters = len(h.server.schedules.listing())
+    h.server.schedules.reset()
+    h.send_json(200, {"cleared_requests": h.server.journal.clear(), "cleared_counters": counters})
+
+
+def _float_arg(req, name, default, low, high):
+    raw = req.arg(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise invalid("%s: expected a number from %s to %s, got %r" % (name, low, high, raw), name)
+    return value
 
 
 def handle_control_shutdown(h, req):
@@ -1623,8 +1733,24 @@ class ClientGone(Exception):
     """The client closed the connection before sending what it announced."""
 
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
-_REASONS.update({529: "Site is overloaded"})
+#: Reason phrases (http.HTTPStatus's, written out: building that enum costs every start).
+_REASONS = {100: 'Continue', 101: 'Switching Protocols', 102: 'Processing', 103: 'Early Hints', 200: 'OK',
+            201: 'Created', 202: 'Accepted', 203: 'Non-Authoritative Information', 204: 'No Content',
+            205: 'Reset Content', 206: 'Partial Content', 207: 'Multi-Status', 208: 'Already Reported',
+            226: 'IM Used', 300: 'Multiple Choices', 301: 'Moved Permanently', 302: 'Found', 303: 'See Other',
+            304: 'Not Modified', 305: 'Use Proxy', 307: 'Temporary Redirect', 308: 'Permanent Redirect',
+            400: 'Bad Request', 401: 'Unauthorized', 402: 'Payment Required', 403: 'Forbidden', 404: 'Not Found',
+            405: 'Method Not Allowed', 406: 'Not Acceptable', 407: 'Proxy Authentication Required',
+            408: 'Request Timeout', 409: 'Conflict', 410: 'Gone', 411: 'Length Required',
+            412: 'Precondition Failed', 413: 'Request Entity Too Large', 414: 'Request-URI Too Long',
+            415: 'Unsupported Media Type', 416: 'Requested Range Not Satisfiable', 417: 'Expectation Failed',
+            418: "I'm a Teapot", 421: 'Misdirected Request', 422: 'Unprocessable Entity', 423: 'Locked',
+            424: 'Failed Dependency', 425: 'Too Early', 426: 'Upgrade Required', 428: 'Precondition Required',
+            429: 'Too Many Requests', 431: 'Request Header Fields Too Large', 451: 'Unavailable For Legal Reasons',
+            500: 'Internal Server Error', 501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
+            504: 'Gateway Timeout', 505: 'HTTP Version Not Supported', 506: 'Variant Also Negotiates',
+            507: 'Insufficient Storage', 508: 'Loop Detected', 510: 'Not Extended',
+            511: 'Network Authentication Required', 529: 'Site is overloaded'}
 _STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, phrase)).encode("latin-1") for code, phrase in _REASONS.items()}
 
 _date_cache = [0, ""]
@@ -1664,42 +1790,35 @@ class MockHandler(socketserver.StreamRequestHandler):
 
     def handle(self):
         self.close_connection = False
-        served = 0
         try:
-            while not self.close_connection and self.wait_for_request(served == 0):
+            while not self.close_connection and self.wait_for_request(self.served == 0):
                 self.handle_one_request()
-                served += 1
+                self.served += 1
         except _DISCONNECTS + (ClientGone,) as e:
             self.server.log.debug("%s: connection ended: %s", self.peer, e.__class__.__name__)
+
+    def setup(self):
+        super().setup()
+        self.idle = False  #: blocked waiting for the next request (drain() may end that wait)
+        self.served = 0  #: requests answered on this connection before the current one
+        self.server.attach(self)
 
     def wait_for_request(self, fresh):
         """Wait for the next request's first byte; False when the connection should close instead.
 
-        Polls in short steps so a stop or restart closes idle keep-alive connections promptly,
-        while a request already on its way (or a fresh connection's first one) is still served.
-        peek() does at most one raw read, so a timeout here never loses buffered bytes.
+        At a stop, drain() shuts the reading side of connections idle here (after a grace
+        period for fresh ones), so the wait ends at once; peek() never loses buffered bytes.
+        The socket keeps one timeout: changing it per request costs two system calls.
         """
-        srv = self.server
-        sock = self.connection
-        idle_deadline = time.monotonic() + self.timeout
-        grace_deadline = None
-        sock.settimeout(IDLE_POLL)
+        if self.server.stopping and not fresh:
+            return False
+        self.idle = True
         try:
-            while True:
-                try:
-                    return bool(self.rfile.peek(1))
-                except socket.timeout:
-                    now = time.monotonic()
-                    if now >= idle_deadline:
-                        return False
-                    if srv.stopping:
-                        if not fresh:
-                            return False
-                        grace_deadline = grace_deadline or now + FRESH_GRACE
-                        if now >= grace_deadline:
-                            return False
+            return bool(self.rfile.peek(1))
+        except socket.timeout:
+            return False
         finally:
-            sock.settimeout(self.timeout)
+            self.idle = False
 
     @property
     def peer(self):
@@ -1711,6 +1830,9 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.status = 0
         self.sent = 0
         self.extra_headers = ()
+        self.fault = NO_FAULT  #: (kind, params) of the fault this answer carries out
+        self.events = 0  #: stream items sent
+        self.ended = None  #: how the answer ended, when not simply
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
             self.close_connection = True
@@ -1725,9 +1847,10 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.dispatch(req)
         except HTTPError as e:
             self.answer_error(e)
-        except _DISCONNECTS + (ClientGone,):
-            raise
-        except Exception:
+        except Exception as e:
+            if isinstance(e, _DISCONNECTS + (ClientGone,)):
+                self.ended = self.ended or "client_gone"
+                raise
             srv.log.error("error while handling %s:\n%s", self.requestline_text(), format_exc())
             if not self.headers_sent:
                 self.send_json(500, {"error": {"message": "dpmock internal error; see its log", "type": "server_error",
@@ -1738,7 +1861,12 @@ class MockHandler(socketserver.StreamRequestHandler):
             srv.end_request(self)
             if srv.stopping:
                 self.close_connection = True
+            if self.req is not None and not (self.req.route and self.req.route.name.startswith("control_")):
+                srv.journal.add(self.journal_entry)
             self.log_request_line()
+
+    def journal_entry(self, seq):
+        return journal_entry(self, seq)
 
     def requestline_text(self):
         req = self.req
@@ -1829,21 +1957,27 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.close_connection = True  # whatever follows can't be told apart from a body
             raise HTTPError(411, "%s %s needs a request body with Content-Length or chunked encoding"
                             % (req.method, req.path), "length_required")
-        value = None
+        value, params = None, {}
         if route.versioned:
             try:
-                req.scenario = select_scenario(req)
+                value, params = self.scenario_value(req)
             except HTTPError as e:
                 self.refuse_body(req, e)
                 raise
-            value = self.scenario_value(req)
+        kind = value.kind if isinstance(value, scenarios.Fault) else None
         expect = req.headers.get("expect")
         if expect is not None and expect.lower() != "100-continue":
             self.refuse_body(req, None)
             raise HTTPError(417, "unsupported Expect %r" % expect, "expectation_failed")
-        if isinstance(value, Upload) and value.max_bytes is not None and (req.length or 0) > value.max_bytes:
+        early = None
+        if kind == "EXPECT_REJECT" and req.has_body():
+            early = self.error_reply(HTTPError(int(params["status"]), "refused before the body was read "
+                                               "(scenario EXPECT_REJECT)"))
+        elif isinstance(value, Upload) and value.max_bytes is not None and (req.length or 0) > value.max_bytes:
+            early = value.too_large
+        if early is not None:
             # Answered from the headers: the body is never read, so the connection can't be reused.
-            self.send_reply(value.too_large, close=True)
+            self.send_reply(early, close=True)
             if expect is None:
                 self.linger()
             return
@@ -1851,25 +1985,52 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.refuse_body(req, None)
             raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, MAX_JSON_BODY),
                             "request_too_large", close=True)
-        if expect is not None and req.version == "HTTP/1.1" and req.has_body():
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if expect is not None and req.version == "HTTP/1.1" and req.has_body() and kind != "EXPECT_IGNORE":
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if route.body == BODY_JSON:
             req.json = parse_json_body(self.read_json_body(req))
         elif route.body == BODY_NONE:
             self.refuse_body(req, None)
-        if value is not None:
-            self.answer_scenario(req, value)
-        else:
-            _HANDLERS[route.handler](self, req)
+        if kind in _STREAM_FAULTS and not is_streaming(req):
+            value = kind = None  # a stream fault leaves other answers alone
+        if kind is not None:
+            self.fault = (kind, params)
+            self.start_fault(req)
+        elif value is not None:
+            self.answer_scenario(req, value, params)
+            return
+        _HANDLERS[route.handler](self, req)
         if req.has_body() and not req.body_done:
             self.close_connection = True  # the handler answered without reading the body
 
     def scenario_value(self, req):
-        """The selected scenario's answer for this route (ByProvider resolved), or None."""
-        value = scenarios.answer(req.scenario, req.route.name) if req.scenario else None
-        return value.get(req.provider) if isinstance(value, ByProvider) else value
+        """(answer, params) of the scenario selected for this route (schedules stepped), or (None, {})."""
+        spec, scenario, params = select_scenario(req)
+        if scenario is None:
+            return None, {}
+        req.scenario = spec
+        if scenario.group == "schedule":
+            name, seed = self.server.schedules.step(request_key(req) or "", spec, scenario.name, params)
+            if seed is not None:
+                self.extra_headers = list(self.extra_headers) + [("x-dp-seed", str(seed))]
+            if name is None:
+                return None, {}
+            scenario, params = scenarios.resolve(name)
+        value = scenario.routes.get(req.route.name)
+        return (value.get(req.provider) if isinstance(value, ByProvider) else value), params
 
-    def answer_scenario(self, req, value):
+    def start_fault(self, req):
+        """Faults that act before any answer is made; the others act in the writers."""
+        kind, p = self.fault
+        if kind == "EMPTY_REPLY":
+            self.abort("empty")
+        if kind == "HANG":
+            self.server.pause(p["ms"] / 1000.0)
+            self.abort("hang")
+        if kind == "RESET" and p["after_bytes"] == 0:
+            self.abort("reset")
+
+    def answer_scenario(self, req, value, params):
         if isinstance(value, Upload):
             n = 0
             for piece in self.body_pieces(req):
@@ -1882,10 +2043,45 @@ class MockHandler(socketserver.StreamRequestHandler):
         elif req.route.body == BODY_STREAM:
             for _ in self.body_pieces(req):
                 pass
+        if isinstance(value, scenarios.ProviderError):
+            value = self.provider_error(value, params)
         if isinstance(value, Stream):
             self.send_stream(value)
         else:
             self.send_reply(value)
+
+    def error_reply(self, err):
+        """An HTTPError as a Reply in the request's provider shape (with its request id)."""
+        rid = next((v for k, v in self.extra_headers if k in ("request-id", "x-request-id")), None)
+        return Reply(err.status, err.body(self.req.provider, rid), scenarios.JSON, tuple(err.headers))
+
+    def provider_error(self, pe, params):
+        """A ProviderError scenario as this provider's Reply (a proxy page when it has one)."""
+        provider = self.req.provider
+        status = pe.status if isinstance(pe.status, int) else pe.status[provider]
+        if pe.html:
+            return Reply(status, pe.html, scenarios.HTML)
+        headers, details = [], None
+        if "retry_after" in params:
+            wait = params["retry_after"]
+            if provider == OPENAI:
+                headers = [("retry-after", str(wait)), ("retry-after-ms", str(wait * 1000)),
+                           ("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "0"),
+                           ("x-ratelimit-reset-requests", "%ds" % wait), ("x-ratelimit-limit-tokens", "30000"),
+                           ("x-ratelimit-remaining-tokens", "30000"), ("x-ratelimit-reset-tokens", "0s")]
+            elif provider == ANTHROPIC:
+                headers = [("retry-after", str(wait)), ("anthropic-ratelimit-requests-limit", "50"),
+                           ("anthropic-ratelimit-requests-remaining", "0"),
+                           ("anthropic-ratelimit-requests-reset", rfc3339(time.time() + wait, False))]
+            else:
+                details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "%ds" % wait}]
+        if provider == ANTHROPIC:
+            err = HTTPError(status, pe.anthropic[1], etype=pe.anthropic[0], headers=headers)
+        elif provider == GEMINI:
+            err = HTTPError(status, pe.gemini[1], etype=pe.gemini[0], headers=headers, details=details)
+        else:
+            err = HTTPError(status, pe.openai[2], pe.openai[1], etype=pe.openai[0], headers=headers)
+        return self.error_reply(err)
 
     def refuse_body(self, req, err):
         """Before answering without the body: drain a small one so the connection stays usable, else close."""
@@ -1911,20 +2107,27 @@ class MockHandler(socketserver.StreamRequestHandler):
         return bytes(data)
 
     def body_pieces(self, req):
-        """Yield the request body in pieces of at most PIECE bytes (Content-Length or chunked)."""
+        """Yield the request body in pieces of at most PIECE bytes (Content-Length or chunked).
+
+        The first JOURNAL_BODY bytes are kept for the request journal; the rest never are.
+        """
         if req.body_done:
             return
-        if req.chunked:
-            yield from self._chunked_pieces()
-        else:
-            left = req.length or 0
-            while left:
-                piece = self.rfile.read(min(left, PIECE))
-                if not piece:
-                    raise ClientGone("body cut off")
-                left -= len(piece)
-                yield piece
+        for piece in self._chunked_pieces() if req.chunked else self._length_pieces(req.length or 0):
+            req.body_bytes += len(piece)
+            room = JOURNAL_BODY - len(req.captured)
+            if room > 0:
+                req.captured += piece[:room]
+            yield piece
         req.body_done = True
+
+    def _length_pieces(self, left):
+        while left:
+            piece = self.rfile.read(min(left, PIECE))
+            if not piece:
+                raise ClientGone("body cut off")
+            left -= len(piece)
+            yield piece
 
     def _chunked_pieces(self):
         while True:
@@ -1964,16 +2167,20 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_SECONDS
-            self.connection.settimeout(0.2)
-            while time.monotonic() < deadline and not self.server.stopping:
-                try:
-                    if not self.connection.recv(65536):
-                        break
-                except socket.timeout:
-                    continue
+            self.drain_until_eof(LINGER_SECONDS)
         except OSError:
             pass
+
+    def drain_until_eof(self, seconds):
+        """Read and drop what the client sends until it closes, at most ``seconds`` (or a stop)."""
+        deadline = time.monotonic() + seconds
+        self.connection.settimeout(0.2)
+        while time.monotonic() < deadline and not self.server.stopping:
+            try:
+                if not self.connection.recv(65536):
+                    return
+            except socket.timeout:
+                continue
 
     # ---------------------------------------------------------------- writers
 
@@ -1991,17 +2198,77 @@ class MockHandler(socketserver.StreamRequestHandler):
         out.append(b"\r\n")
         return b"".join(out)
 
+    def write(self, data):
+        """The one place response bytes leave; faults counted in bytes (RESET, STREAM_CUT, SLOW_BODY) act here."""
+        kind, p = self.fault
+        if kind == "RESET" or kind == "STREAM_CUT" and p["bytes"]:
+            limit = p["after_bytes"] if kind == "RESET" else p["bytes"]
+            if self.sent + len(data) >= limit:
+                self._put(data[:max(0, limit - self.sent)])
+                self.abort("reset" if kind == "RESET" or p["how"] == "reset" else "fin")
+        if kind == "SLOW_BODY":
+            for i in range(0, len(data), p["bytes"]):
+                if self.sent:
+                    self.server.pause(p["interval_ms"] / 1000.0)
+                self._put(data[i:i + p["bytes"]])
+            return
+        self._put(data)
+
+    def _put(self, data):
+        if data:
+            self.wfile.write(data)
+            self.sent += len(data)
+
+    def abort(self, how):
+        """End the connection now, by FIN or by TCP reset, and stop handling this request."""
+        self.ended = how
+        self.close_connection = True
+        if how == "reset":
+            import struct
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # the RST leaves when finish() drops the file objects' references
+        raise _Answered(how)
+
+    def half_close(self):
+        """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.drain_until_eof(scenarios.MAX_WAIT_S)
+        except OSError:
+            pass
+        self.ended = "half_close"
+        raise _Answered("half_close")
+
     def send_bytes(self, status, body, content_type, headers=(), close=False):
         """Send a whole response in one write (headers and body together)."""
-        hdrs = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        kind, p = self.fault
+        if kind == "HTML_200":
+            status, body, content_type = 200, _HTML_PAGE, scenarios.HTML
+        elif kind == "INVALID_JSON_200" and status == 200 and content_type == scenarios.JSON:
+            body = body[:len(body) // 2]
+        elif kind in ("NO_FINAL_CHUNK", "BAD_CHUNK_SIZE"):
+            self.start_chunked(status, content_type, headers, close=True)
+            self.send_chunk(body)
+            self.end_chunked()
+        length = len(body) + (p["missing"] if kind == "SHORT_BODY" else 0)
+        hdrs = [("Content-Type", content_type), ("Content-Length", str(length))]
         hdrs.extend(headers)
-        data = self.head_bytes(status, hdrs, close)
-        if not (self.req is not None and self.req.method == "HEAD"):
-            data += body
+        head = self.head_bytes(status, hdrs, close or kind == "SHORT_BODY")
+        if self.req is not None and self.req.method == "HEAD":
+            body = b""
         self.headers_sent = True
         self.status = status
-        self.wfile.write(data)
-        self.sent += len(data)
+        if kind == "HEADERS_STALL":
+            self.write(head)
+            self.server.pause(p["ms"] / 1000.0)
+            self.abort("fin")
+        if kind == "HALF_CLOSE":
+            self.write(head + body[:len(body) // 2])
+            self.half_close()
+        self.write(head + body)
+        if kind == "SHORT_BODY":
+            self.abort("fin")
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -2011,30 +2278,94 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
 
     def start_chunked(self, status, content_type, headers=(), close=False):
+        kind, p = self.fault
+        if kind == "HTML_200":  # an HTML page where a stream was expected
+            self.send_bytes(200, _HTML_PAGE, scenarios.HTML, close=True)
+            raise _Answered("ok")
         hdrs = [("Content-Type", content_type), ("Transfer-Encoding", "chunked"), ("Cache-Control", "no-cache")]
         hdrs.extend(headers)
-        data = self.head_bytes(status, hdrs, close)
+        head = self.head_bytes(status, hdrs, close or kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"))
         self.headers_sent = True
         self.status = status
-        self.wfile.write(data)
-        self.sent += len(data)
+        self.write(head)
+        if kind == "HEADERS_STALL":
+            self.server.pause(p["ms"] / 1000.0)
+            self.abort("fin")
 
     def send_chunk(self, data):
         """Write one chunk (size line, data, CRLF) in one write, so each event leaves at once."""
         if data:
-            out = b"%x\r\n%s\r\n" % (len(data), data)
-            self.wfile.write(out)
-            self.sent += len(out)
+            if self.fault[0] == "BAD_CHUNK_SIZE":  # a size line that is not hex
+                self.write(b"zz\r\n%s\r\n" % data)
+                self.abort("fin")
+            self.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def end_chunked(self):
-        self.wfile.write(b"0\r\n\r\n")
-        self.sent += 5
+        if self.fault[0] in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"):
+            self.abort("fin")
+        self.write(b"0\r\n\r\n")
 
     def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
         """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
         payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
-        text = ("event: %s\ndata: %s%s" % (event, payload, sep)) if event else ("data: %s%s" % (payload, sep))
-        self.send_chunk(text.encode("utf-8"))
+        self.stream_item(payload, event, sep)
+
+    def stream_item(self, payload, event=None, sep="\n\n", index=None):
+        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array.
+
+        Stream faults act here: they count items, pace them, break or cut the stream.
+        """
+        kind, p = self.fault
+        n = self.events
+        if kind == "STREAM_NO_END" and (payload == "[DONE]" or event == "message_stop"):
+            return
+        if kind == "STREAM_ERROR" and n == p["after"]:
+            self.send_stream_error(sep, index)
+        if kind == "STREAM_CUT" and not p["bytes"] and n == p["events"]:
+            self.abort(p["how"])
+        if kind == "STREAM_STALL" and n == p["after"]:
+            self.server.pause(p["ms"] / 1000.0)
+            self.abort("fin")
+        if kind == "HALF_CLOSE" and n == 1:
+            self.half_close()
+        if kind == "STREAM_SLOW":
+            self.server.pause(p["ttft_ms"] / 1000.0 if n == 0 else 1.0 / p["tps"])
+        if kind == "INVALID_JSON_200" and n == 1:
+            payload = payload[:len(payload) // 2]
+        if index is not None:
+            text = ("[" if index == 0 else ",\r\n") + payload
+        else:
+            text = ("event: %s\ndata: %s%s" % (event, payload, sep)) if event else ("data: %s%s" % (payload, sep))
+            if kind == "SSE_LINE_ENDINGS":
+                text = text.replace("\r\n", "\n").replace("\n", _EOL[p["eol"]])
+            elif kind == "SSE_COMMENTS":
+                text = ": dpmock comment before event %d\n%s:\n\n" % (n, text)
+        raw = text.encode("utf-8")
+        self.events += 1
+        if kind == "SSE_SPLIT":
+            for i in range(0, len(raw), p["every"]):
+                self.send_chunk(raw[i:i + p["every"]])
+        else:
+            self.send_chunk(raw)
+
+    def send_stream_error(self, sep, index):
+        """The provider's own in-stream error, then the end of the stream (the connection closes)."""
+        provider = self.req.provider
+        if provider == ANTHROPIC:
+            text = "event: error\ndata: %s%s" % (json.dumps({"type": "error", "error": {
+                "type": "overloaded_error", "message": "Overloaded"}}, separators=(",", ":")), sep)
+        else:
+            err = {"error": {"message": "The server had an error while processing your request. Sorry about that!",
+                             "type": "server_error", "param": None, "code": None}} if provider == OPENAI else \
+                {"error": {"code": 500, "message": "An internal error has occurred. Please retry.",
+                           "status": "INTERNAL"}}
+            payload = json.dumps(err, separators=(",", ":"))
+            text = ("data: %s%s" % (payload, sep)) if index is None else \
+                "%s%s]" % ("[" if index == 0 else ",\r\n", payload)
+        self.close_connection = True
+        self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(text.encode()), text.encode()))
+        self.ended = "stream_error"
+        raise _Answered("stream_error")
 
     def send_stream(self, stream):
         """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
@@ -2071,7 +2402,19 @@ class MockHandler(socketserver.StreamRequestHandler):
 
 
 class _Answered(ClientGone):
-    """The body reader already answered (and closed); stop handling this connection quietly."""
+    """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
+
+
+NO_FAULT = (None, None)
+#: Faults that shape a stream; other answers are left alone by them.
+_STREAM_FAULTS = {"STREAM_ERROR", "STREAM_SLOW", "STREAM_STALL", "STREAM_CUT", "STREAM_NO_END", "SSE_SPLIT",
+                  "SSE_LINE_ENDINGS", "SSE_COMMENTS", "SSE_BIG_EVENT", "SSE_MANY_EVENTS"}
+
+
+def is_streaming(req):
+    return req.route.name == "gemini_stream" or bool(isinstance(req.json, dict) and req.json.get("stream"))
+_EOL = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
+_HTML_PAGE = b"<html><body><h1>200 OK</h1><p>A page, not the JSON or event stream you asked for.</p></body></html>"
 
 
 def format_exc():
@@ -2137,6 +2480,154 @@ class Log:
 # Server
 ################################################################################
 
+class Journal:
+    """The last N requests (a ring), for tests to assert on what a client sent."""
+
+    def __init__(self, size):
+        import collections
+        self.entries = collections.deque(maxlen=size)
+        self.cond = threading.Condition()
+        self._seq = itertools.count(1)
+        self.seq = 0  #: the last sequence number given out
+        self.waiters = 0  #: long-polls waiting (only then is there anyone to wake)
+
+    def add(self, make_entry):
+        """Record ``make_entry(seq)``. Lock-free (deque.append and next() are atomic): a lock taken by
+        every request would make the handler threads queue for it."""
+        self.seq = seq = next(self._seq)
+        self.entries.append(make_entry(seq))
+        if self.waiters:
+            with self.cond:
+                self.cond.notify_all()
+
+    def clear(self):
+        n = len(self.entries)
+        self.entries.clear()
+        return n
+
+    def wait(self, filters, since, want, timeout, stop_event):
+        """(matching entries, timed out?): at once, or once ``want`` match, or at the timeout or a stop."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = sorted((e for e in list(self.entries) if e.seq > since and _matches(e, filters)),
+                               key=lambda e: e.seq)
+                left = deadline - time.monotonic()
+                if len(found) >= want or left <= 0 or stop_event.is_set():
+                    return found, len(found) < want
+                self.waiters += 1
+                try:
+                    self.cond.wait(min(left, 0.25))
+                finally:
+                    self.waiters -= 1
+
+
+def _matches(e, filters):
+    for name, value in filters.items():
+        if name == "path" and value not in e.path:
+            return False
+        if name == "route" and (e.route.name if e.route else None) != value:
+            return False
+        if name == "scenario" and (e.scenario or "").split(";")[0].strip() != value:
+            return False
+        if name == "key" and entry_key(e) != value:
+            return False
+    return True
+
+
+_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization")
+
+
+def mask_header(name, value):
+    if name.lower() not in _SECRET_HEADERS:
+        return value
+    scheme, sep, token = value.partition(" ")
+    return scheme + sep + mask_key(token) if sep and scheme.lower() in ("bearer", "basic") else mask_key(value)
+
+
+#: What the journal keeps of each request, raw: formatting waits until someone reads it.
+JournalEntry = namedtuple("JournalEntry", "seq time client method path query headers body body_bytes route "
+                                          "scenario status bytes_sent duration_ms reused ended")
+
+
+def journal_entry(h, seq):
+    """A cheap record of the request just answered (the request path must stay fast)."""
+    req = h.req
+    return JournalEntry(seq, time.time(), h.client_address, req.method, req.path, req.query_string,
+                        tuple(req.headers.items),
+                        bytes(req.captured), req.body_bytes, req.route, req.scenario, h.status or None,
+                        h.sent, (time.monotonic() - req.t0) * 1000, h.served > 0,
+                        h.ended or ("closed" if h.close_connection else "ok"))
+
+
+def entry_key(e):
+    """The unmasked API key of a journal entry (for the ``key`` filter)."""
+    return find_key(Headers(e.headers), e.route, parse_query(e.query))
+
+
+def public_entry(e):
+    """A journal entry as JSON: keys masked, body as text (else base64)."""
+    try:
+        text, b64_text = e.body.decode("utf-8"), None
+    except UnicodeDecodeError:
+        text, b64_text = None, b64(e.body)
+    query = re.sub(r"(^|&)key=([^&]*)", lambda m: m.group(1) + "key=" + mask_key(percent_decode(m.group(2))),
+                   e.query)
+    client = "%s:%s" % e.client[:2] if isinstance(e.client, tuple) else str(e.client)
+    return {"seq": e.seq, "time": rfc3339(e.time), "client": client, "method": e.method, "path": e.path,
+            "query": query, "headers": [[k, mask_header(k, v)] for k, v in e.headers], "body": text,
+            "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
+            "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
+            "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
+            "ended": e.ended}
+
+
+class Schedules:
+    """Per-key request counters for the schedule scenarios (FAIL_FIRST, FAIL_EVERY, SEQUENCE, FAIL_RANDOM)."""
+
+    LIMIT = 10000  #: counters kept; the oldest go first
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.counters = {}  # (key, spec) -> {"count": n, "rng": Random or None}
+
+    def step(self, key, spec, kind, params):
+        """Count this request; return (scenario name to apply or None, seed used or None)."""
+        with self.lock:
+            c = self.counters.get((key, spec))
+            if c is None:
+                c = self.counters[(key, spec)] = {"count": 0, "rng": None}
+                while len(self.counters) > self.LIMIT:
+                    self.counters.pop(next(iter(self.counters)))
+            i = c["count"]
+            c["count"] += 1
+            seed = None
+            if kind == "FAIL_FIRST":
+                fail = i < params["n"]
+            elif kind == "FAIL_EVERY":
+                fail = (i + 1) % params["k"] == 0
+            elif kind == "SEQUENCE":
+                step = params["steps"][i] if i < len(params["steps"]) else "OK"
+                return (None if step == "OK" else step), None
+            else:  # FAIL_RANDOM
+                seed = params["seed"] if params["seed"] >= 0 else self.seed
+                if c["rng"] is None:
+                    import random  # off the start-up path
+                    c["rng"] = random.Random(seed)
+                fail = c["rng"].random() < params["p"]
+        return (params["fault"] if fail else None), seed
+
+    def listing(self):
+        with self.lock:
+            return [{"key": mask_key(k) if k else "", "scenario": spec, "requests": c["count"]}
+                    for (k, spec), c in self.counters.items()]
+
+    def reset(self):
+        with self.lock:
+            self.counters.clear()
+
+
 class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The listening socket, the connection threads, and the state every handler shares.
 
@@ -2159,11 +2650,14 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.stop_event = threading.Event()
         self.restart_requested = False
         self._lock = threading.Lock()
-        self._conns = set()  # accepted connection sockets not yet closed
+        self._conns = {}  # accepted connection sockets not yet closed -> [handler, accepted at]
         self._counter = itertools.count(1)
         self.request_count = 0
         self.active = 0
         self.files = FileStore()
+        self.journal = Journal(config.journal_size)
+        self.schedules = Schedules(config.seed)
+        self.last_activity = time.monotonic()
 
     @property
     def stopping(self):
@@ -2178,22 +2672,30 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request, client_address):
         """Count the connection from the moment it is accepted, so a drain never misses it."""
         with self._lock:
-            self._conns.add(request)
+            self._conns[request] = [None, time.monotonic()]  # [handler once it runs, accepted at]
         super().process_request(request, client_address)
+
+    def attach(self, handler):
+        with self._lock:
+            entry = self._conns.get(handler.request)
+            if entry is not None:
+                entry[0] = handler
 
     def shutdown_request(self, request):
         try:
             super().shutdown_request(request)
         finally:
             with self._lock:
-                self._conns.discard(request)
+                self._conns.pop(request, None)
 
     def begin_request(self, handler):
+        self.last_activity = time.monotonic()
         with self._lock:
             self.active += 1
             self.request_count = next(self._counter)
 
     def end_request(self, handler):
+        self.last_activity = time.monotonic()
         with self._lock:
             self.active -= 1
 
@@ -2220,16 +2722,25 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def drain(self, timeout=10.0):
         """After serve_forever: wait (bounded) until every connection has finished and closed.
 
-        Idle keep-alive connections notice the stop within IDLE_POLL; busy ones finish their
-        request (deliberate waits are cut short) and answer with Connection: close.
+        Idle keep-alive connections are woken and closed; busy ones finish their request
+        (deliberate waits are cut short) and answer with Connection: close.
         Returns how many connections were still open at the deadline.
         """
         deadline = time.monotonic() + timeout
         while True:
+            now = time.monotonic()
             with self._lock:
-                left = len(self._conns)
-            if not left or time.monotonic() >= deadline:
-                return left
+                conns = list(self._conns.items())
+            for sock, (handler, accepted) in conns:
+                # An idle keep-alive connection ends now; a fresh one first gets FRESH_GRACE to send
+                # its request. Shutting the reading side wakes the handler's wait with an EOF.
+                if handler is not None and handler.idle and (handler.served or now - accepted > FRESH_GRACE):
+                    try:
+                        sock.shutdown(socket.SHUT_RD)
+                    except OSError:
+                        pass
+            if not conns or now >= deadline:
+                return len(conns)
             time.sleep(0.01)
 
 
@@ -2375,6 +2886,37 @@ def reexec(server, sock, pidfile):
     os.execve(sys.executable, [sys.executable, SCRIPT] + server.config.to_argv(), env)
 
 
+def write_port_file(path, port):
+    """Write the port atomically (a reader never sees a half-written file)."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(tmp, "w") as f:
+            f.write("%d\n" % port)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StartError("cannot write port file %s: %s" % (path, e.strerror))
+
+
+def watch(server, config):
+    """Stop the server once it has been idle for --idle-exit seconds or --parent-pid has gone."""
+    while not server.stop_event.wait(0.1):
+        if config.parent_pid and not pid_alive(config.parent_pid):
+            server.request_stop("parent process %d is gone" % config.parent_pid)
+        elif config.idle_exit and server.active == 0 and \
+                time.monotonic() - server.last_activity >= config.idle_exit:
+            server.request_stop("no request for %g s" % config.idle_exit)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def open_log(config):
     if config.logfile:
         try:
@@ -2415,6 +2957,8 @@ def main(argv=None):
                 pidfile.acquire()
             else:
                 os.set_inheritable(pidfile.fd, False)
+        if config.port_file:
+            write_port_file(config.port_file, sock.getsockname()[1])
     except StartError as e:
         if ready is not None:
             os.write(ready, ("error %s\n" % e).encode())
@@ -2423,6 +2967,8 @@ def main(argv=None):
         return 1
     server = MockServer(config, sock, log, restarts)
     install_signals(server)
+    if config.idle_exit or config.parent_pid:
+        threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()
     if ready is not None:
         redirect_stdio()
         os.write(ready, ("ok %s\n" % server.url).encode())
@@ -2441,6 +2987,11 @@ def main(argv=None):
         reexec(server, sock, pidfile)
     if pidfile is not None:
         pidfile.release()
+    if config.port_file:
+        try:
+            os.unlink(config.port_file)
+        except OSError:
+            pass
     sock.close()
     log.info("stopped")
     return 0

@@ -72,10 +72,38 @@ class ByProvider(namedtuple("ByProvider", "openai anthropic gemini")):
         return getattr(self, provider)
 
 
-class Scenario(namedtuple("Scenario", "name doc routes")):
-    """A named scenario: route name -> Reply | Stream | Upload."""
+class ProviderError(namedtuple("ProviderError", "status openai anthropic gemini html")):
+    """An HTTP error in each provider's own shape (or a proxy's HTML page when ``html`` is set).
+
+    ``openai`` is (type, code, message), ``anthropic`` (type, message), ``gemini`` (status, message).
+    """
 
     __slots__ = ()
+
+    def __new__(cls, status, openai=None, anthropic=None, gemini=None, html=None):
+        return super().__new__(cls, status, openai, anthropic, gemini, html)
+
+
+class Fault(namedtuple("Fault", "kind")):
+    """A behaviour dpmock carries out itself (a broken connection, a paced stream, a schedule...)."""
+
+    __slots__ = ()
+
+
+class Param(namedtuple("Param", "name kind default low high doc")):
+    """A scenario parameter: ``int``/``float`` clamped to [low, high], ``choice`` (low = the choices),
+    ``scenario`` (another scenario's name) or ``steps`` (names, or OK, separated by commas)."""
+
+    __slots__ = ()
+
+
+class Scenario(namedtuple("Scenario", "name doc routes params group")):
+    """A named scenario: route name -> Reply | Stream | Upload | ByProvider | ProviderError | Fault."""
+
+    __slots__ = ()
+
+    def __new__(cls, name, doc, routes, params=(), group="contract"):
+        return super().__new__(cls, name, doc, routes, tuple(params), group)
 
 
 # --------------------------------------------------------------------------- bodies
@@ -119,24 +147,6 @@ _ZERO_BYTE = Upload(ok={"id": "file-123", "filename": "test_file.txt", "purpose"
                     empty=Reply(400, FILE_EMPTY))
 _LARGE_FILE = Upload(ok={"id": "file-456", "filename": "large_test_file.bin", "purpose": "fine-tune"},
                      max_bytes=100 * MIB, too_large=Reply(413, FILE_TOO_LARGE))
-
-_OPENAI_429 = Reply(429, {"error": {
-    "message": "Rate limit reached for requests in organization org-dpmock on requests per min (RPM): Limit 60, "
-               "Used 60, Requested 1. Please try again in 1s.",
-    "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
-    headers=(("retry-after", "1"), ("retry-after-ms", "1000"), ("x-ratelimit-limit-requests", "60"),
-             ("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "1s"),
-             ("x-ratelimit-limit-tokens", "30000"), ("x-ratelimit-remaining-tokens", "30000"),
-             ("x-ratelimit-reset-tokens", "0s")))
-_ANTHROPIC_429 = Reply(429, {"type": "error", "error": {
-    "type": "rate_limit_error", "message": "This request would exceed the rate limit for your organization of 50 "
-                                          "requests per minute. Please try again in 1s."}},
-    headers=(("retry-after", "1"), ("anthropic-ratelimit-requests-limit", "50"),
-             ("anthropic-ratelimit-requests-remaining", "0"),
-             ("anthropic-ratelimit-requests-reset", "2025-01-01T00:00:01Z")))
-_GEMINI_429 = Reply(429, {"error": {
-    "code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED",
-    "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]}})
 
 # --------------------------------------------------------------------------- catalogue
 
@@ -226,14 +236,6 @@ _CATALOGUE = (
         "models_get": ByProvider(Reply(404, OPENAI_NO_MODEL), Reply(404, ANTHROPIC_NO_MODEL),
                                  Reply(404, GEMINI_NO_MODEL)),
     }),
-    Scenario("RATE_LIMITED", "429 in each provider's own shape, with its rate-limit headers (`retry-after`, "
-             "`x-ratelimit-*` or `anthropic-ratelimit-*`; Gemini's `RetryInfo` detail).", {
-        "chat": _OPENAI_429, "images": _OPENAI_429,
-        "messages": _ANTHROPIC_429, "messages_count_tokens": _ANTHROPIC_429,
-        "gemini_generate": _GEMINI_429, "gemini_stream": _GEMINI_429, "gemini_count_tokens": _GEMINI_429,
-        "gemini_predict": _GEMINI_429,
-        "models": ByProvider(_OPENAI_429, _ANTHROPIC_429, _GEMINI_429),
-    }),
     Scenario("ZERO_BYTE_FILE", "Empty upload: 400 `File is empty`; otherwise 200 with the byte count.", {
         "files": _ZERO_BYTE,
         "gemini_upload": _ZERO_BYTE,
@@ -245,7 +247,152 @@ _CATALOGUE = (
     }),
 )
 
-SCENARIOS = {s.name: s for s in _CATALOGUE}
+# --------------------------------------------------------------------------- faults
+
+#: Route groups a fault applies to (route names as in dpmock.ROUTES).
+PROVIDER_ROUTES = ("chat", "images", "files", "messages", "messages_count_tokens", "gemini_generate",
+                   "gemini_stream", "gemini_count_tokens", "gemini_predict", "gemini_upload", "gemini_upload_media",
+                   "models", "models_get", "files_list", "files_get", "files_delete")
+STREAM_ROUTES = ("chat", "messages", "gemini_stream")
+BODY_ROUTES = ("chat", "images", "files", "messages", "messages_count_tokens", "gemini_generate", "gemini_stream",
+               "gemini_count_tokens", "gemini_predict", "gemini_upload", "gemini_upload_media")
+ROUTE_GROUPS = {PROVIDER_ROUTES: "every provider route", STREAM_ROUTES: "streamed answers",
+                BODY_ROUTES: "requests with a body", ("chat", "messages"): "OpenAI and Anthropic streams"}
+
+#: The longest any deliberate wait may last, whatever a parameter says (seconds).
+MAX_WAIT_S = 120
+
+
+def _on(routes, value):
+    return {r: value for r in routes}
+
+
+def _int(name, default, low, high, doc):
+    return Param(name, "int", default, low, high, doc)
+
+
+_PROXY_502 = ("<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
+              "</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+_PROXY_503 = ("<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center>"
+              "<h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>"
+              "\r\n</html>\r\n")
+_AFTER = _int("after", 2, 0, 100000, "events sent before it")
+_WAIT = _int("ms", 30000, 0, MAX_WAIT_S * 1000, "how long, in ms")
+_INNER = Param("fault", "scenario", "SERVER_ERROR", None, None, "the scenario applied when failing")
+
+_FAULTS = (
+    # provider-shaped HTTP errors
+    Scenario("RATE_LIMITED", "429 with `retry-after`, `retry-after-ms` and `x-ratelimit-*` (OpenAI) or "
+             "`anthropic-ratelimit-*` (Anthropic) headers, Gemini's `RESOURCE_EXHAUSTED` with a `RetryInfo` detail",
+             _on(PROVIDER_ROUTES, ProviderError(
+                 429, ("requests", "rate_limit_exceeded", "Rate limit reached for requests in organization "
+                       "org-dpmock on requests per min (RPM): Limit 60, Used 60, Requested 1."),
+                 ("rate_limit_error", "This request would exceed the rate limit for your organization."),
+                 ("RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."))),
+             [_int("retry_after", 1, 0, 3600, "seconds the client is told to wait")], "fault"),
+    Scenario("SERVER_ERROR", "500 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+        500, ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+        ("api_error", "Internal server error"), ("INTERNAL", "An internal error has occurred. Please retry."))),
+        group="fault"),
+    Scenario("BAD_GATEWAY", "502 with a proxy's HTML page", _on(PROVIDER_ROUTES, ProviderError(502, html=_PROXY_502)),
+             group="fault"),
+    Scenario("SERVICE_UNAVAILABLE", "503 with a proxy's HTML page",
+             _on(PROVIDER_ROUTES, ProviderError(503, html=_PROXY_503)), group="fault"),
+    Scenario("OVERLOADED", "Anthropic 529 `overloaded_error`; Gemini 503 `UNAVAILABLE`; OpenAI 503 `server_error`",
+             _on(PROVIDER_ROUTES, ProviderError(
+                 {"openai": 503, "anthropic": 529, "gemini": 503}, ("server_error", None, "The engine is currently overloaded, please try again later"),
+                 ("overloaded_error", "Overloaded"), ("UNAVAILABLE", "The model is overloaded. Please try again "
+                                                                     "later."))), group="fault"),
+    Scenario("REQUEST_TIMEOUT", "408 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+        408, ("timeout", None, "Request timed out."), ("timeout_error", "Request timed out"),
+        ("DEADLINE_EXCEEDED", "The request timed out."))), group="fault"),
+    Scenario("TOO_LARGE", "413 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+        413, ("invalid_request_error", "request_too_large", "Request too large."),
+        ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+        ("INVALID_ARGUMENT", "Request payload size exceeds the limit: 20971520 bytes."))), group="fault"),
+    # in-stream errors
+    Scenario("STREAM_ERROR", "200 stream, then the provider's in-stream error: Anthropic `event: error` "
+             "(`overloaded_error`), an OpenAI `data: {\"error\": ...}`, a Gemini `{\"error\": ...}` element; "
+             "then the stream ends", _on(STREAM_ROUTES, Fault("STREAM_ERROR")), [_AFTER], "fault"),
+    # pacing
+    Scenario("STREAM_SLOW", "the stream paced: first event after `ttft_ms`, then `tps` events a second",
+             _on(STREAM_ROUTES, Fault("STREAM_SLOW")),
+             [_int("ttft_ms", 500, 0, MAX_WAIT_S * 1000, "time to the first event, ms"),
+              _int("tps", 10, 1, 100000, "events per second after it")], "fault"),
+    Scenario("SLOW_BODY", "the whole response dribbled `bytes` at a time, `interval_ms` apart",
+             _on(PROVIDER_ROUTES, Fault("SLOW_BODY")),
+             [_int("bytes", 16, 1, 1 << 20, "bytes per write"),
+              _int("interval_ms", 50, 0, 10000, "pause between writes, ms")], "fault"),
+    Scenario("HEADERS_STALL", "status line and headers, then nothing for `ms`, then the connection closes",
+             _on(PROVIDER_ROUTES, Fault("HEADERS_STALL")), [_WAIT], "fault"),
+    # hangs
+    Scenario("HANG", "the request is read, never answered; the connection closes after `ms` (a client "
+             "timeout fires first: curl 28)", _on(PROVIDER_ROUTES, Fault("HANG")), [_WAIT], "fault"),
+    Scenario("STREAM_STALL", "`after` events, then nothing for `ms`, then the connection closes mid-stream",
+             _on(STREAM_ROUTES, Fault("STREAM_STALL")), [_AFTER, _WAIT], "fault"),
+    # connection ends
+    Scenario("EMPTY_REPLY", "the connection closes before the status line (curl 52)",
+             _on(PROVIDER_ROUTES, Fault("EMPTY_REPLY")), group="fault"),
+    Scenario("RESET", "TCP reset (SO_LINGER 0) after `after_bytes` bytes of the response (curl 56)",
+             _on(PROVIDER_ROUTES, Fault("RESET")), [_int("after_bytes", 0, 0, 1 << 30, "response bytes sent first")],
+             "fault"),
+    Scenario("SHORT_BODY", "`Content-Length` promises `missing` more bytes than sent, then FIN (curl 18)",
+             _on(PROVIDER_ROUTES, Fault("SHORT_BODY")), [_int("missing", 100, 1, 1 << 30, "bytes never sent")],
+             "fault"),
+    Scenario("NO_FINAL_CHUNK", "chunked body without its final `0` chunk, then FIN (curl 18)",
+             _on(PROVIDER_ROUTES, Fault("NO_FINAL_CHUNK")), group="fault"),
+    Scenario("HALF_CLOSE", "headers and half the body, then the server shuts its sending side (FIN) and keeps "
+             "reading until the client closes (curl 18)", _on(PROVIDER_ROUTES, Fault("HALF_CLOSE")), group="fault"),
+    Scenario("STREAM_CUT", "the stream cut after `events` events (or `bytes` response bytes, headers included) "
+             "by FIN or reset (curl 18 / 56)", _on(STREAM_ROUTES, Fault("STREAM_CUT")),
+             [_int("events", 2, 0, 100000, "events sent first"),
+              _int("bytes", 0, 0, 1 << 30, "cut after this many response bytes instead (0: by events)"),
+              Param("how", "choice", "fin", ("fin", "reset"), None, "how the connection ends")], "fault"),
+    # framing stress, valid
+    Scenario("SSE_SPLIT", "every event written in `every`-byte pieces, each its own chunk, so events break "
+             "inside `data: `, inside line ends and inside multi-byte UTF-8 characters (the answer text has some)",
+             _on(STREAM_ROUTES, Fault("SSE_SPLIT")), [_int("every", 3, 1, 65536, "bytes per piece")], "fault"),
+    Scenario("SSE_LINE_ENDINGS", "events framed with `eol` line ends (the C library accepts only LF and CRLF)",
+             _on(STREAM_ROUTES, Fault("SSE_LINE_ENDINGS")),
+             [Param("eol", "choice", "crlf", ("crlf", "lf", "cr"), None, "line end")], "fault"),
+    Scenario("SSE_COMMENTS", "a `: comment` line and an empty keep-alive comment event between events",
+             _on(STREAM_ROUTES, Fault("SSE_COMMENTS")), group="fault"),
+    Scenario("SSE_BIG_EVENT", "one text event of `kib` KiB (over 64 KiB by default)",
+             _on(STREAM_ROUTES, Fault("SSE_BIG_EVENT")), [_int("kib", 80, 1, 16384, "size of the event")], "fault"),
+    Scenario("SSE_MANY_EVENTS", "the answer as `n` one-character events",
+             _on(STREAM_ROUTES, Fault("SSE_MANY_EVENTS")), [_int("n", 10000, 1, 1000000, "events")], "fault"),
+    # framing, invalid
+    Scenario("BAD_CHUNK_SIZE", "a chunk-size line that is not hex, then FIN (curl 56)",
+             _on(PROVIDER_ROUTES, Fault("BAD_CHUNK_SIZE")), group="fault"),
+    Scenario("INVALID_JSON_200", "200 whose JSON is cut in half (a stream: its second event)",
+             _on(PROVIDER_ROUTES, Fault("INVALID_JSON_200")), group="fault"),
+    Scenario("HTML_200", "200 `text/html` page, also to a streaming request",
+             _on(PROVIDER_ROUTES, Fault("HTML_200")), group="fault"),
+    Scenario("STREAM_NO_END", "a stream without its `data: [DONE]` (OpenAI) or `message_stop` (Anthropic)",
+             _on(("chat", "messages"), Fault("STREAM_NO_END")), group="fault"),
+    # Expect: 100-continue
+    Scenario("EXPECT_REJECT", "the answer `status` at once, without `100 Continue` and without reading the body "
+             "(then the connection closes)", _on(BODY_ROUTES, Fault("EXPECT_REJECT")),
+             [Param("status", "choice", "413", ("413", "401"), None, "status sent")], "fault"),
+    Scenario("EXPECT_IGNORE", "no `100 Continue`: the client sends its body when its own wait ends (curl: 1 s)",
+             _on(BODY_ROUTES, Fault("EXPECT_IGNORE")), group="fault"),
+    # schedules
+    Scenario("FAIL_FIRST", "the first `n` requests of a key get `fault`, later ones succeed",
+             _on(PROVIDER_ROUTES, Fault("FAIL_FIRST")), [_int("n", 1, 0, 1000000, "failing requests"), _INNER],
+             "schedule"),
+    Scenario("FAIL_EVERY", "every `k`-th request of a key gets `fault`", _on(PROVIDER_ROUTES, Fault("FAIL_EVERY")),
+             [_int("k", 2, 1, 1000000, "period"), _INNER], "schedule"),
+    Scenario("SEQUENCE", "the requests of a key get `steps` in turn (`OK`: a normal answer), then succeed",
+             _on(PROVIDER_ROUTES, Fault("SEQUENCE")),
+             [Param("steps", "steps", "SERVER_ERROR,OK", None, None, "scenario names or OK, by commas")],
+             "schedule"),
+    Scenario("FAIL_RANDOM", "each request of a key gets `fault` with probability `p`, reproducibly from `seed` "
+             "(echoed in `x-dp-seed`; default: the server's `--seed`)", _on(PROVIDER_ROUTES, Fault("FAIL_RANDOM")),
+             [Param("p", "float", 0.5, 0.0, 1.0, "failure probability"), _INNER,
+              _int("seed", -1, -1, 2 ** 31 - 1, "random seed (-1: the server's)")], "schedule"),
+)
+
+SCENARIOS = {s.name: s for s in _CATALOGUE + _FAULTS}
 
 # --------------------------------------------------------------------------- provider fixtures
 
@@ -288,8 +435,8 @@ GEMINI_MODELS = (
 # --------------------------------------------------------------------------- helpers
 
 def names():
-    """Scenario names in catalogue order."""
-    return [s.name for s in _CATALOGUE]
+    """Scenario names in catalogue order (the Flask mock's first, then the faults)."""
+    return [s.name for s in _CATALOGUE + _FAULTS]
 
 
 def get(name):
@@ -301,6 +448,67 @@ def answer(name, route):
     """What scenario ``name`` answers on ``route``, or None when it does not apply there."""
     scenario = SCENARIOS.get(name)
     return scenario.routes.get(route) if scenario else None
+
+
+def parse_spec(text):
+    """``NAME; a=1; b=2`` -> (NAME, {a: "1", b: "2"}). Raises ValueError naming what is wrong."""
+    name, *rest = [p.strip() for p in text.split(";")]
+    params = {}
+    for item in rest:
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError("scenario parameter %r is not name=value" % item)
+        params[key.strip()] = value.strip()
+    return name, params
+
+
+def resolve(text):
+    """(scenario, {param: value}) for a spec, defaults filled in and numbers clamped to their bounds.
+
+    Raises KeyError for an unknown scenario name, ValueError for a bad parameter (naming it).
+    """
+    name, raw = parse_spec(text)
+    scenario = SCENARIOS.get(name)
+    if scenario is None:
+        raise KeyError(name)
+    specs = {p.name: p for p in scenario.params}
+    for key in raw:
+        if key not in specs:
+            raise ValueError("%s has no parameter %r; it takes %s" % (
+                name, key, ", ".join(specs) if specs else "none"))
+    values = {}
+    for p in scenario.params:
+        value = raw.get(p.name)
+        values[p.name] = p.default if value is None else _param_value(name, p, value)
+    return scenario, values
+
+
+def _param_value(scenario, p, raw):
+    if p.kind in ("int", "float"):
+        try:
+            value = int(raw) if p.kind == "int" else float(raw)
+        except ValueError:
+            raise ValueError("%s: %s must be %s number, not %r" % (
+                scenario, p.name, "a whole" if p.kind == "int" else "a", raw))
+        if value != value:  # NaN
+            raise ValueError("%s: %s must be a number, not %r" % (scenario, p.name, raw))
+        return min(max(value, p.low), p.high)
+    if p.kind == "choice":
+        if raw not in p.low:
+            raise ValueError("%s: %s must be one of %s, not %r" % (scenario, p.name, ", ".join(p.low), raw))
+        return raw
+    names_ = [n.strip() for n in raw.split(",")] if p.kind == "steps" else [raw]
+    for n in names_:
+        target = SCENARIOS.get(n)
+        if n == "OK" and p.kind == "steps":
+            continue
+        if target is None or target.group == "schedule":
+            raise ValueError("%s: %s must name %s, not %r" % (
+                scenario, p.name, "scenarios (or OK)" if p.kind == "steps" else "a scenario that is not a schedule",
+                n))
+    return names_ if p.kind == "steps" else raw
 
 
 def upload_reply(rule, nbytes):
@@ -331,11 +539,31 @@ def describe(value):
             parts.append("> %d MiB: %d" % (value.max_bytes // MIB, value.too_large.status))
         parts.append("else 200")
         return ", ".join(parts)
+    if isinstance(value, ProviderError):
+        status = value.status if isinstance(value.status, int) else "/".join(map(str, value.status.values()))
+        return "%s %s" % (status, "HTML page" if value.html else "in the provider's shape")
+    if isinstance(value, Fault):
+        return value.kind
     raise TypeError("not a scenario answer: %r" % (value,))
 
 
+def fault_table():
+    """The README's fault catalogue, generated from the catalogue."""
+    rows = ["| scenario | parameters (default, bounds) | routes | what a client sees |", "|---|---|---|---|"]
+    for s in _FAULTS:
+        params = "; ".join(
+            "`%s=%s` (%s)" % (p.name, ",".join(p.default) if isinstance(p.default, list) else p.default,
+                              "%s..%s" % (p.low, p.high) if p.kind in ("int", "float") else
+                              " / ".join(p.low) if p.kind == "choice" else p.doc)
+            for p in s.params) or "-"
+        routes = tuple(s.routes)
+        rows.append("| `%s` | %s | %s | %s |" % (s.name, params, ROUTE_GROUPS.get(routes, ", ".join(routes)),
+                                                s.doc))
+    return "\n".join(rows) + "\n"
+
+
 def markdown_table():
-    """The README's scenario table, generated from the catalogue."""
+    """The README's table of the Flask mock's scenarios (and dpmock's fixed ones), from the catalogue."""
     rows = ["| scenario | route | answer | what it does |", "|---|---|---|---|"]
     for s in _CATALOGUE:
         for i, (route, value) in enumerate(s.routes.items()):

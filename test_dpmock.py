@@ -42,11 +42,13 @@ class Server:
         cmd = [PY, DPMOCK, "--foreground", "--port", "0"] + list(args)
         if logfile:
             cmd += ["--logfile", logfile]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        # stderr (the access log) goes to a file: an unread pipe would fill up and block the server
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, cwd=HERE)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("DP_MOCK_SERVER="):
             self.stop()
-            raise RuntimeError("dpmock did not start: %r %r" % (line, self.proc.stderr.read()))
+            raise RuntimeError("dpmock did not start: %r %r" % (line, self.errors()))
         self.url = line.strip().split("=", 1)[1]
         self.host, port = self.url[len("http://"):].rsplit(":", 1)
         self.port = int(port)
@@ -59,10 +61,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
+        self.proc.stdout.close()
         return self.proc.returncode
+
+    def errors(self):
+        """What the server wrote to stderr so far."""
+        self.stderr.seek(0)
+        return self.stderr.read()
 
     def conn(self, timeout=10):
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -252,7 +257,7 @@ class ContractTest(unittest.TestCase):
     """Every scenario answers exactly as the Flask mock did, on every route it covers and every prefix."""
 
     def test_every_scenario_route_and_prefix(self):
-        for name in scenarios.names():
+        for name in [n for n in scenarios.names() if scenarios.get(n).group == "contract"]:
             for route, value in scenarios.get(name).routes.items():
                 method, path = ROUTE_PATHS[route]
                 for prefix in dpmock.PREFIXES:
@@ -846,6 +851,549 @@ class GeminiRoutesTest(unittest.TestCase):
                 self.assertEqual(png[:4], b"\x89PNG")
 
 
+# ----------------------------------------------------------------------------- faults (issue: every way a provider fails)
+
+def chat_body(stream=False):
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def raw_request(path, headers, body=b"", method="POST"):
+    head = "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (method, path, len(body))
+    head += "".join("%s: %s\r\n" % kv for kv in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
+def scen(spec, **extra):
+    return dict({"Authorization": "Bearer sk-test", "X-DP-Scenario": spec}, **extra)
+
+
+class FaultSelectionTest(unittest.TestCase):
+
+    def test_parameters_by_header_and_by_key(self):
+        st, hdrs, _ = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                     scen("RATE_LIMITED; retry_after=7"))
+        self.assertEqual((st, hdrs["retry-after"], hdrs["retry-after-ms"]), (429, "7", "7000"))
+        st, hdrs, _ = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                     {"Authorization": "Bearer RATE_LIMITED;retry_after=3"})
+        self.assertEqual((st, hdrs["retry-after"]), (429, "3"))
+
+    def test_bad_names_and_parameters_are_named(self):
+        for spec, needle in (("NO_SUCH_FAULT", "NO_SUCH_FAULT"), ("STREAM_SLOW; tps=fast", "tps"),
+                             ("STREAM_SLOW; speed=1", "speed"), ("STREAM_CUT; how=explode", "how"),
+                             ("FAIL_FIRST; fault=FAIL_EVERY", "fault"), ("SEQUENCE; steps=OK,NOPE", "NOPE"),
+                             ("STREAM_SLOW; tps", "tps")):
+            with self.subTest(spec=spec):
+                st, _, data = SERVER.request("POST", "/v1/chat/completions", chat_body(), scen(spec))
+                self.assertEqual(st, 400)
+                self.assertIn(needle, json.loads(data)["error"]["message"])
+        st, _, data = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                     {"Authorization": "Bearer STREAM_SLOW; tps=fast"})
+        self.assertEqual(st, 400)  # a key naming a scenario is held to the same rules
+
+    def test_parameters_are_clamped_to_their_bounds(self):
+        _, params = scenarios.resolve("STREAM_SLOW; ttft_ms=-5; tps=999999999")
+        self.assertEqual(params, {"ttft_ms": 0, "tps": 100000})
+        _, params = scenarios.resolve("HANG; ms=99999999")
+        self.assertEqual(params["ms"], scenarios.MAX_WAIT_S * 1000)
+        st, _, _ = SERVER.request("POST", "/v1/chat/completions", chat_body(True), scen("STREAM_SLOW; ttft_ms=-5"))
+        self.assertEqual(st, 200)
+
+
+class ProviderErrorFaultTest(unittest.TestCase):
+
+    def test_shapes_by_provider(self):
+        cases = [
+            ("SERVER_ERROR", 500, 500, 500), ("OVERLOADED", 503, 529, 503), ("REQUEST_TIMEOUT", 408, 408, 408),
+            ("TOO_LARGE", 413, 413, 413), ("RATE_LIMITED", 429, 429, 429)]
+        for name, s_oa, s_an, s_ge in cases:
+            with self.subTest(name=name):
+                st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", chat_body(), scen(name))
+                err = json.loads(data)["error"]
+                self.assertEqual((st, set(err)), (s_oa, {"message", "type", "param", "code"}))
+                self.assertTrue(hdrs["x-request-id"].startswith("req_"))
+                st, hdrs, data = SERVER.request("POST", "/v1/messages", json.dumps(AnthropicRoutesTest.BODY).encode(),
+                                                dict(AN, **{"X-DP-Scenario": name}))
+                body = json.loads(data)
+                self.assertEqual((st, body["type"]), (s_an, "error"))
+                self.assertEqual(body["request_id"], hdrs["request-id"])
+                st, _, data = SERVER.request("POST", GeminiRoutesTest.GEN + "?key=g",
+                                             json.dumps(GeminiRoutesTest.BODY).encode(), {"X-DP-Scenario": name})
+                self.assertEqual((st, json.loads(data)["error"]["code"]), (s_ge, s_ge))
+        st, _, data = SERVER.request("POST", "/v1/messages", json.dumps(AnthropicRoutesTest.BODY).encode(),
+                                     dict(AN, **{"X-DP-Scenario": "OVERLOADED"}))
+        self.assertEqual(json.loads(data)["error"]["type"], "overloaded_error")
+
+    def test_rate_limit_headers_per_provider(self):
+        _, hdrs, _ = SERVER.request("POST", "/v1/messages", json.dumps(AnthropicRoutesTest.BODY).encode(),
+                                    dict(AN, **{"X-DP-Scenario": "RATE_LIMITED; retry_after=5"}))
+        self.assertEqual((hdrs["retry-after"], hdrs["anthropic-ratelimit-requests-remaining"]), ("5", "0"))
+        _, _, data = SERVER.request("POST", GeminiRoutesTest.GEN + "?key=g", json.dumps(GeminiRoutesTest.BODY).encode(),
+                                    {"X-DP-Scenario": "RATE_LIMITED; retry_after=5"})
+        err = json.loads(data)["error"]
+        self.assertEqual((err["status"], err["details"][0]["retryDelay"]), ("RESOURCE_EXHAUSTED", "5s"))
+        _, hdrs, _ = SERVER.request("GET", "/v1/models", None, scen("RATE_LIMITED"))
+        self.assertTrue(hdrs["x-ratelimit-remaining-requests"] == "0")
+
+    def test_proxy_html_pages(self):
+        for name, status in (("BAD_GATEWAY", 502), ("SERVICE_UNAVAILABLE", 503)):
+            st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", chat_body(), scen(name))
+            self.assertEqual((st, hdrs["content-type"]), (status, "text/html; charset=utf-8"))
+            self.assertIn(b"<h1>%d" % status, data)
+
+
+class StreamFaultTest(unittest.TestCase):
+
+    def stream(self, spec, path="/v1/chat/completions", body=None, headers=None):
+        raw = post_raw(body or json.loads(chat_body(True)), path, dict(headers or OA, **{"X-DP-Scenario": spec}))
+        return raw
+
+    def test_openai_in_stream_error(self):
+        raw = self.stream("STREAM_ERROR; after=2")
+        hdrs, chunks = sse_chunks(raw)
+        self.assertEqual(len(chunks), 3)
+        self.assertEqual(json.loads(chunks[-1][6:])["error"]["type"], "server_error")
+        self.assertEqual(hdrs["connection"], "close")
+
+    def test_anthropic_in_stream_error(self):
+        raw = self.stream("STREAM_ERROR; after=3", "/v1/messages", dict(AnthropicRoutesTest.BODY, stream=True), AN)
+        events = [sse_events(c)[0] for c in sse_chunks(raw)[1]]
+        self.assertEqual([n for n, _ in events], ["message_start", "content_block_start", "ping", "error"])
+        self.assertEqual(json.loads(events[-1][1])["error"]["type"], "overloaded_error")
+
+    def test_gemini_in_stream_error_sse_and_array(self):
+        path = GeminiRoutesTest.STREAM + "?alt=sse&key=g"
+        chunks = sse_chunks(self.stream("STREAM_ERROR; after=1", path, GeminiRoutesTest.BODY, {}))[1]
+        self.assertEqual(list(json.loads(chunks[-1][6:])), ["error"])
+        raw = self.stream("STREAM_ERROR; after=1", GeminiRoutesTest.STREAM + "?key=g", GeminiRoutesTest.BODY, {})
+        items = json.loads(split_response(raw)[2])
+        self.assertEqual((len(items), items[-1]["error"]["status"]), (2, "INTERNAL"))
+
+    def test_stream_slow_paces_events(self):
+        t0 = time.monotonic()
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=10) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("STREAM_SLOW; ttft_ms=300; tps=20"), chat_body(True)))
+            first = s.recv(65536)
+            t_head = time.monotonic() - t0
+            rest = recv_all(s) if b"Connection: close" in first else b""
+            buf = first
+            while b"0\r\n\r\n" not in buf:
+                piece = s.recv(65536)
+                if not piece:
+                    break
+                buf += piece
+        total = time.monotonic() - t0
+        events = len(chunks_of(buf.partition(b"\r\n\r\n")[2])) + len(rest)
+        self.assertGreaterEqual(total, 0.3 + (events - 2) / 20.0 - 0.05)
+        self.assertLess(t_head, 0.3)  # headers at once, the first event after ttft
+
+    def test_stream_not_streaming_request_is_unaffected(self):
+        st, _, data = SERVER.request("POST", "/v1/chat/completions", chat_body(), scen("STREAM_CUT; events=0"))
+        self.assertEqual((st, json.loads(data)["object"]), (200, "chat.completion"))
+
+    def test_sse_split_breaks_events_inside_everything(self):
+        raw = self.stream("SSE_SPLIT; every=3")
+        hdrs, chunks = sse_chunks(raw)
+        self.assertLessEqual(max(len(c) for c in chunks), 3)
+        events = [e for e in b"".join(chunks).decode("utf-8").split("\n\n") if e]
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events
+                       if e != "data: [DONE]")
+        self.assertTrue(text.startswith("dpmock ünïcödé ✓ 😀 "), text)
+        with self.assertRaises(UnicodeDecodeError):  # some piece ends inside a multi-byte character
+            for c in chunks:
+                c.decode("utf-8")
+
+    def test_line_endings_and_comments(self):
+        for eol, sep in (("crlf", b"\r\n\r\n"), ("cr", b"\r\r"), ("lf", b"\n\n")):
+            with self.subTest(eol=eol):
+                _, chunks = sse_chunks(self.stream("SSE_LINE_ENDINGS; eol=" + eol, "/v1/messages",
+                                                   dict(AnthropicRoutesTest.BODY, stream=True), AN))
+                self.assertTrue(all(c.endswith(sep) for c in chunks))
+                self.assertEqual(chunks[0].count(b"\n"), 0 if eol == "cr" else 3)  # event, data, blank
+        _, chunks = sse_chunks(self.stream("SSE_COMMENTS"))
+        self.assertTrue(all(c.startswith(b": dpmock comment") and c.endswith(b":\n\n") for c in chunks))
+
+    def test_big_event_and_many_events(self):
+        _, chunks = sse_chunks(self.stream("SSE_BIG_EVENT"))
+        big = max(chunks, key=len)
+        self.assertGreater(len(big), 64 * 1024)
+        self.assertEqual(big.count(b"\n"), 2)  # still one event on one data line
+        _, chunks = sse_chunks(self.stream("SSE_MANY_EVENTS; n=10000"))
+        self.assertEqual(len(chunks), 10000 + 3)  # role chunk, 10,000 one-character events, finish, [DONE]
+
+    def test_stream_without_end_marker(self):
+        _, chunks = sse_chunks(self.stream("STREAM_NO_END"))
+        self.assertNotIn(b"data: [DONE]\n\n", chunks)
+        self.assertEqual(json.loads(chunks[-1][6:])["choices"][0]["finish_reason"], "stop")
+        events = [sse_events(c)[0][0] for c in sse_chunks(self.stream(
+            "STREAM_NO_END", "/v1/messages", dict(AnthropicRoutesTest.BODY, stream=True), AN))[1]]
+        self.assertEqual(events[-1], "message_delta")
+
+    def test_invalid_json_and_html_200(self):
+        st, _, data = SERVER.request("POST", "/v1/chat/completions", chat_body(), scen("INVALID_JSON_200"))
+        self.assertEqual(st, 200)
+        with self.assertRaises(ValueError):
+            json.loads(data)
+        _, chunks = sse_chunks(self.stream("INVALID_JSON_200"))
+        with self.assertRaises(ValueError):
+            json.loads(chunks[1][6:])
+        st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", chat_body(True), scen("HTML_200"))
+        self.assertEqual((st, hdrs["content-type"], data[:6]), (200, "text/html; charset=utf-8", b"<html>"))
+
+
+class ConnectionFaultTest(unittest.TestCase):
+    """Every way a connection ends, as the raw bytes show it."""
+
+    def raw(self, spec, body=None, stream=False, timeout=5):
+        return SERVER.raw(raw_request("/v1/chat/completions", scen(spec), body or chat_body(stream)), timeout)
+
+    def test_empty_reply(self):
+        self.assertEqual(self.raw("EMPTY_REPLY"), b"")
+
+    def test_reset(self):
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("RESET; after_bytes=20"), chat_body()))
+            got = b""
+            with self.assertRaises(ConnectionResetError):
+                while True:
+                    piece = s.recv(65536)
+                    if not piece:
+                        break
+                    got += piece
+        self.assertEqual(got, b"HTTP/1.1 200 OK\r\nDat")
+
+    def test_short_body_no_final_chunk_bad_chunk(self):
+        raw = self.raw("SHORT_BODY; missing=10")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        declared = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        self.assertEqual(declared, len(body) + 10)
+        raw = self.raw("NO_FINAL_CHUNK")
+        self.assertIn(b"Transfer-Encoding: chunked", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))
+        self.assertTrue(raw.endswith(b"}\r\n"))
+        raw = self.raw("BAD_CHUNK_SIZE")
+        self.assertIn(b"\r\n\r\nzz\r\n", raw)
+
+    def test_half_close_keeps_reading(self):
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("HALF_CLOSE"), chat_body()))
+            got = recv_all(s)  # EOF arrives: the server's sending side is shut
+            head, _, body = got.partition(b"\r\n\r\n")
+            declared = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            self.assertEqual(len(body), declared // 2)
+            s.sendall(b"still connected")  # the server still reads: no reset
+            time.sleep(0.1)
+            s.sendall(b"!")
+
+    def test_hang_and_headers_stall_are_bounded(self):
+        t0 = time.monotonic()
+        self.assertEqual(self.raw("HANG; ms=300"), b"")
+        self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+        t0 = time.monotonic()
+        raw = self.raw("HEADERS_STALL; ms=300")
+        self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200") and body == b"")
+
+    def test_stream_stall_and_cut(self):
+        t0 = time.monotonic()
+        raw = self.raw("STREAM_STALL; after=1; ms=300", stream=True)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+        self.assertEqual(len(chunks_of_partial(raw)), 1)
+        self.assertEqual(len(chunks_of_partial(self.raw("STREAM_CUT; events=3", stream=True))), 3)
+        raw = self.raw("STREAM_CUT; bytes=300", stream=True)
+        self.assertEqual(len(raw), 300)
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("STREAM_CUT; events=1; how=reset"), chat_body(True)))
+            with self.assertRaises(ConnectionResetError):
+                while s.recv(65536):
+                    pass
+
+    def test_slow_body_dribbles(self):
+        t0 = time.monotonic()
+        raw = self.raw("SLOW_BODY; bytes=100; interval_ms=30")
+        elapsed = time.monotonic() - t0
+        st, _, body, _ = split_response(raw)
+        self.assertEqual((st, json.loads(body)["object"]), (200, "chat.completion"))
+        self.assertGreaterEqual(elapsed, (len(raw) // 100 - 1) * 0.03 - 0.05)
+
+    def test_server_keeps_serving_and_stops_promptly_during_a_hang(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        self.addCleanup(s.close)
+        s.sendall(raw_request("/v1/chat/completions", scen("HANG; ms=60000"), chat_body()))
+        time.sleep(0.2)
+        self.assertEqual(srv.request("GET", "/_control/status")[0], 200)
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 3)
+
+
+def chunks_of_partial(raw):
+    """The chunk payloads of a chunked response that may stop anywhere."""
+    data = raw.partition(b"\r\n\r\n")[2]
+    out = []
+    while data:
+        line, sep, data = data.partition(b"\r\n")
+        if not sep or int(line, 16) == 0:
+            break
+        size = int(line, 16)
+        if len(data) < size:
+            break
+        out.append(data[:size])
+        data = data[size + 2:]
+    return out
+
+
+class ExpectFaultTest(unittest.TestCase):
+
+    def test_reject_without_reading(self):
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                      b"X-DP-Scenario: EXPECT_REJECT; status=401\r\nContent-Length: 1000000\r\n"
+                      b"Expect: 100-continue\r\n\r\n")
+            st, hdrs, body, rest = split_response(recv_all(s))
+        self.assertEqual((st, hdrs["connection"], rest), (401, "close", b""))
+        self.assertIn("EXPECT_REJECT", json.loads(body)["error"]["message"])
+
+    def test_ignore_sends_no_100(self):
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            body = chat_body()
+            head = raw_request("/v1/chat/completions", scen("EXPECT_IGNORE", Expect="100-continue"), body)
+            s.sendall(head[:-len(body)])  # headers only: the body waits for a 100 Continue
+            s.settimeout(0.4)
+            with self.assertRaises(socket.timeout):  # no 100 Continue comes
+                s.recv(100)
+            s.settimeout(5)
+            s.sendall(chat_body())
+            buf = b""
+            while not buf.endswith(b"}"):
+                buf += s.recv(65536)
+        st, _, body, _ = split_response(buf)
+        self.assertEqual((st, json.loads(body)["object"]), (200, "chat.completion"))
+
+
+class ScheduleTest(unittest.TestCase):
+
+    def statuses(self, spec, n, key="sk-sched"):
+        key = "%s-%s" % (key, os.urandom(4).hex())
+        return [SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                               {"Authorization": "Bearer " + key, "X-DP-Scenario": spec})[0] for _ in range(n)]
+
+    def test_fail_first_then_succeed_per_key(self):
+        self.assertEqual(self.statuses("FAIL_FIRST; n=2; fault=RATE_LIMITED", 4), [429, 429, 200, 200])
+
+    def test_fail_every_and_sequence(self):
+        self.assertEqual(self.statuses("FAIL_EVERY; k=3; fault=SERVER_ERROR", 6), [200, 200, 500, 200, 200, 500])
+        self.assertEqual(self.statuses("SEQUENCE; steps=SERVER_ERROR,OK,RATE_LIMITED", 5), [500, 200, 429, 200, 200])
+
+    def test_random_is_reproducible_and_echoes_its_seed(self):
+        runs = [self.statuses("FAIL_RANDOM; p=0.5; seed=42; fault=SERVER_ERROR", 20) for _ in range(2)]
+        self.assertEqual(runs[0], runs[1])
+        self.assertEqual(set(runs[0]), {200, 500})
+        _, hdrs, _ = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                    scen("FAIL_RANDOM; p=0.5; seed=42; fault=SERVER_ERROR"))
+        self.assertEqual(hdrs["x-dp-seed"], "42")
+
+    def test_counters_listed_and_reset(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        for _ in range(3):
+            srv.request("POST", "/v1/chat/completions", chat_body(),
+                        {"Authorization": "Bearer sk-listed-key", "X-DP-Scenario": "FAIL_FIRST; n=1"})
+        counters = json.loads(srv.request("GET", "/_control/schedules")[2])["counters"]
+        self.assertEqual([(c["key"], c["scenario"], c["requests"]) for c in counters],
+                         [(dpmock.mask_key("sk-listed-key"), "FAIL_FIRST; n=1", 3)])
+        r = json.loads(srv.request("POST", "/_control/reset")[2])
+        self.assertEqual(r["cleared_counters"], 1)
+        self.assertEqual(json.loads(srv.request("GET", "/_control/schedules")[2])["counters"], [])
+        st = srv.request("POST", "/v1/chat/completions", chat_body(),
+                         {"Authorization": "Bearer sk-listed-key", "X-DP-Scenario": "FAIL_FIRST; n=1"})[0]
+        self.assertEqual(st, 500)  # counting starts again
+
+
+@unittest.skipUnless(CURL, "curl is not installed")
+class CurlFaultTest(unittest.TestCase):
+    """The exit code and error curl (the C library's client) gives for each broken connection."""
+
+    def curl(self, spec, *extra):
+        r = run([CURL, "-sS", "-o", "/dev/null", "-H", "Authorization: Bearer sk-test", "-H", "X-DP-Scenario: " + spec,
+                 "-H", "Content-Type: application/json", "--data-binary", chat_body(stream="stream" in extra).decode()]
+                + [e for e in extra if e != "stream"] + [SERVER.url + "/v1/chat/completions"], timeout=30)
+        return r.returncode, r.stderr.decode()
+
+    def test_exit_codes(self):
+        cases = [("EMPTY_REPLY", (), 52, "Empty reply"), ("RESET", (), 56, "reset"),
+                 ("SHORT_BODY", (), 18, ""), ("NO_FINAL_CHUNK", (), 18, ""), ("HALF_CLOSE", (), 18, ""),
+                 ("HEADERS_STALL; ms=200", (), 18, ""), ("STREAM_CUT; events=2", ("stream",), 18, ""),
+                 ("STREAM_CUT; events=2; how=reset", ("stream",), 56, ""), ("STREAM_STALL; after=1; ms=200",
+                                                                           ("stream",), 18, ""),
+                 ("BAD_CHUNK_SIZE", (), 56, "chunk"), ("HANG; ms=60000", ("--max-time", "1"), 28, "imed out")]
+        for spec, extra, code, needle in cases:
+            with self.subTest(spec=spec):
+                rc, err = self.curl(spec, *extra)
+                self.assertEqual(rc, code, err)
+                self.assertIn(needle, err)
+
+    def test_slow_stream_completes(self):
+        rc, err = self.curl("STREAM_SLOW; ttft_ms=100; tps=100", "stream")
+        self.assertEqual(rc, 0, err)
+
+    def test_expect_reject_and_ignore(self):
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(chat_body() + b" " * (2 * MIB))
+            f.flush()
+            base = [CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-H", "Authorization: Bearer k",
+                    "-H", "Expect: 100-continue", "--data-binary", "@" + f.name]
+            r = run(base + ["-H", "X-DP-Scenario: EXPECT_REJECT; status=413", SERVER.url + "/v1/chat/completions"])
+            code, total = r.stdout.decode().split()
+            self.assertEqual((r.returncode, code), (0, "413"))
+            self.assertLess(float(total), 0.9)  # answered before curl's 1 s Expect wait
+            r = run(base + ["-H", "X-DP-Scenario: EXPECT_IGNORE", SERVER.url + "/v1/chat/completions"])
+            code, total = r.stdout.decode().split()
+            self.assertEqual((r.returncode, code), (0, "200"))
+            self.assertGreaterEqual(float(total), 0.9)  # curl waited for a 100 that never came
+
+
+# ----------------------------------------------------------------------------- request journal
+
+class JournalTest(unittest.TestCase):
+
+    def setUp(self):
+        self.srv = Server("--journal-size", "50")
+        self.addCleanup(self.srv.stop)
+
+    def requests(self, query=""):
+        return json.loads(self.srv.request("GET", "/_control/requests" + query)[2])
+
+    def test_entry_fields_and_masking(self):
+        c = self.srv.conn()
+        self.addCleanup(c.close)
+        for _ in range(2):
+            c.request("POST", "/v1/chat/completions?key=sk-query-secret", body=chat_body(),
+                      headers={"Authorization": "Bearer sk-very-secret-key", "User-Agent": "disasterparty/0.6.0"})
+            c.getresponse().read()
+        entries = self.requests()["requests"]
+        self.assertEqual(len(entries), 2)
+        e = entries[-1]
+        for k in ("seq", "time", "client", "method", "path", "query", "headers", "body", "route", "scenario",
+                  "status", "bytes_sent", "duration_ms", "reused", "ended"):
+            self.assertIn(k, e)
+        self.assertEqual((e["method"], e["path"], e["route"], e["status"], e["reused"], e["ended"]),
+                         ("POST", "/v1/chat/completions", "chat", 200, True, "ok"))
+        self.assertFalse(entries[0]["reused"])
+        headers = dict(e["headers"])
+        self.assertEqual(headers["User-Agent"], "disasterparty/0.6.0")
+        self.assertEqual(headers["Authorization"], "Bearer " + dpmock.mask_key("sk-very-secret-key"))
+        self.assertNotIn("secret", json.dumps(e))
+        self.assertEqual(json.loads(e["body"]), json.loads(chat_body()))
+        self.assertEqual(list(h for h, _ in e["headers"])[:1], ["Host"])  # headers in order
+
+    def test_body_truncated_and_how_it_ended(self):
+        self.srv.request("POST", "/v1/files:upload?key=k", b"x" * 100000, {"Content-Type": "text/plain"})
+        self.srv.raw(raw_request("/v1/chat/completions", scen("EMPTY_REPLY"), chat_body()))
+        e1, e2 = self.requests()["requests"]
+        self.assertEqual((e1["body_bytes"], len(e1["body"]), e1["body_truncated"]), (100000, dpmock.JOURNAL_BODY, True))
+        self.assertEqual((e2["ended"], e2["scenario"], e2["status"]), ("empty", "EMPTY_REPLY", None))
+
+    def test_filters(self):
+        self.srv.request("GET", "/v1/models", None, OA)
+        self.srv.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer sk-a"})
+        self.srv.request("POST", "/v1/chat/completions", chat_body(), scen("SERVER_ERROR"))
+        self.assertEqual(self.requests("?path=chat")["matched"], 2)
+        self.assertEqual(self.requests("?route=models")["matched"], 1)
+        self.assertEqual(self.requests("?scenario=SERVER_ERROR")["matched"], 1)
+        self.assertEqual(self.requests("?key=sk-a")["matched"], 1)
+        first = self.requests()["requests"][0]["seq"]
+        self.assertEqual(self.requests("?since=%d" % first)["matched"], 2)
+        self.assertEqual([e["seq"] for e in self.requests("?limit=1")["requests"]], [first + 2])
+        self.assertEqual(self.srv.request("GET", "/_control/requests?limit=0")[0], 400)
+
+    def test_wait_for_returns_as_soon_as_the_nth_lands(self):
+        result = {}
+
+        def poll():
+            t0 = time.monotonic()
+            result["r"] = self.requests("?path=/messages&wait_for=3&timeout=30")
+            result["t"] = time.monotonic() - t0
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(0.3)
+        for _ in range(3):
+            self.srv.request("POST", "/v1/messages", json.dumps(AnthropicRoutesTest.BODY).encode(), AN)
+        t.join(10)
+        self.assertEqual((result["r"]["matched"], result["r"]["timed_out"]), (3, False))
+        self.assertLess(result["t"], 5)
+        r = self.requests("?path=/nothing&wait_for=1&timeout=0.2")
+        self.assertEqual((r["matched"], r["timed_out"]), (0, True))
+
+    def test_clear_and_reset(self):
+        self.srv.request("GET", "/v1/models", None, OA)
+        self.assertEqual(json.loads(self.srv.request("DELETE", "/_control/requests")[2]), {"cleared": 1})
+        self.assertEqual(self.requests()["matched"], 0)
+
+    def test_bounded_under_10000_requests(self):
+        def rss_kb():
+            with open("/proc/%d/status" % self.srv.proc.pid) as f:
+                return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+        c = self.srv.conn()
+        self.addCleanup(c.close)
+        body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+        for i in range(10000):
+            c.request("POST", "/v1/chat/completions", body=body, headers=OA)
+            c.getresponse().read()
+            if i == 1999:
+                early = rss_kb()
+        self.assertEqual(len(self.requests("?limit=1000")["requests"]), 50)
+        self.assertEqual(self.requests()["last_seq"], 10000)
+        self.assertLess(rss_kb() - early, 2048)  # flat: no growth with the request count
+
+
+# ----------------------------------------------------------------------------- harness options
+
+class HarnessTest(unittest.TestCase):
+
+    def test_port_file_in_daemon_and_foreground(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        pidfile, portfile = os.path.join(d, "pid"), os.path.join(d, "port")
+        self.addCleanup(kill_pidfile, pidfile)
+        r = run([PY, DPMOCK, "--port", "0", "--pidfile", pidfile, "--port-file", portfile])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(portfile) as f:
+            port = int(f.read())
+        self.assertTrue(r.stdout.decode().strip().endswith(":%d" % port))
+        self.assertEqual(run([PY, DPMOCKCTL, "shutdown", "--url", "http://127.0.0.1:%d" % port]).returncode, 0)
+        self.assertTrue(wait_gone(int(open(pidfile).read())) if os.path.exists(pidfile) else True)
+        self.assertFalse(os.path.exists(portfile))
+        srv = Server("--port-file", portfile)
+        self.addCleanup(srv.stop)
+        with open(portfile) as f:
+            self.assertEqual(int(f.read()), srv.port)
+
+    def test_idle_exit(self):
+        srv = Server("--idle-exit", "0.5")
+        self.addCleanup(srv.stop)
+        for _ in range(3):
+            time.sleep(0.3)
+            self.assertEqual(srv.request("GET", "/_control/status")[0], 200)  # activity keeps it alive
+        self.assertEqual(srv.proc.wait(5), 0)
+
+    def test_parent_pid(self):
+        parent = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(parent.kill)
+        srv = Server("--parent-pid", str(parent.pid))
+        self.addCleanup(srv.stop)
+        time.sleep(0.3)
+        self.assertIsNone(srv.proc.poll())
+        parent.kill()
+        parent.wait()
+        self.assertEqual(srv.proc.wait(5), 0)
+
+
 # ----------------------------------------------------------------------------- HTTP behaviour
 
 class HTTPBehaviourTest(unittest.TestCase):
@@ -1216,12 +1764,23 @@ class DaemonTest(unittest.TestCase):
         self.assertTrue(wait_gone(pid))
         self.assertFalse(os.path.exists(pidfile))
 
+    def test_idle_keep_alive_connection_does_not_delay_a_stop(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        c = srv.conn()
+        self.addCleanup(c.close)
+        c.request("GET", "/_control/status")
+        c.getresponse().read()  # the connection now idles, kept alive
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 2)
+
     def test_foreground_sigint_stops_cleanly(self):
         srv = Server()
         self.addCleanup(srv.stop)
         srv.proc.send_signal(signal.SIGINT)
         self.assertEqual(srv.proc.wait(10), 0)
-        self.assertNotIn(b"Traceback", srv.proc.stderr.read())
+        self.assertNotIn(b"Traceback", srv.errors())
 
     def test_status_fields(self):
         st, _, data = SERVER.request("GET", "/_control/status")
@@ -1539,15 +2098,18 @@ class CatalogueTest(unittest.TestCase):
 
     def test_readme_scenario_table_is_generated(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            self.assertTrue(scenarios.markdown_table() in f.read(), "README.md's scenario table is stale: "
-                            "paste in python3 -c 'import scenarios; print(scenarios.markdown_table())'")
+            readme = f.read()
+        for table in ("markdown_table", "fault_table"):
+            self.assertTrue(getattr(scenarios, table)() in readme, "README.md's %s is stale: paste in "
+                            "python3 -c 'import scenarios; print(scenarios.%s())'" % (table, table))
 
     def test_scenario_routes_exist(self):
         names = {r.name for r in dpmock.ROUTES}
         for s in scenarios.SCENARIOS.values():
             for route, value in s.routes.items():
                 self.assertIn(route, names, s.name)
-                self.assertIsInstance(value, (Reply, Stream, Upload, scenarios.ByProvider))
+                self.assertIsInstance(value, (Reply, Stream, Upload, scenarios.ByProvider, scenarios.ProviderError,
+                                              scenarios.Fault))
         for route in ROUTE_PATHS:
             self.assertIn(route, names)
 
