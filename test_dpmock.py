@@ -6,6 +6,7 @@ Run: python3 test_dpmock.py (ends with one line "N passed, N failed, N skipped")
 """
 
 import http.client
+import importlib
 import json
 import os
 import re
@@ -1848,8 +1849,9 @@ class CtlTest(unittest.TestCase):
 # ----------------------------------------------------------------------------- official SDKs (optional)
 
 def _have(module):
+    """Whether an optional SDK is installed (loaded by name: the project itself imports none)."""
     try:
-        __import__(module)
+        importlib.import_module(module)
         return True
     except ImportError:
         return False
@@ -1863,8 +1865,7 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": 
 class OpenAISdkTest(unittest.TestCase):
 
     def setUp(self):
-        import openai
-        self.openai = openai
+        openai = self.openai = importlib.import_module("openai")
         self.client = openai.OpenAI(api_key="sk-test", base_url=SERVER.url + "/v1", max_retries=0)
         self.addCleanup(self.client.close)
 
@@ -1947,8 +1948,7 @@ class OpenAISdkTest(unittest.TestCase):
 class AnthropicSdkTest(unittest.TestCase):
 
     def setUp(self):
-        import anthropic
-        self.anthropic = anthropic
+        anthropic = self.anthropic = importlib.import_module("anthropic")
         self.client = anthropic.Anthropic(api_key="sk-ant-test", base_url=SERVER.url, max_retries=0)
         self.addCleanup(self.client.close)
 
@@ -2017,8 +2017,8 @@ class AnthropicSdkTest(unittest.TestCase):
 class GeminiSdkTest(unittest.TestCase):
 
     def setUp(self):
-        from google import genai
-        from google.genai import errors, types
+        genai, types, errors = (importlib.import_module(m) for m in (
+            "google.genai", "google.genai.types", "google.genai.errors"))
         self.genai, self.types, self.errors = genai, types, errors
         self.client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=SERVER.url))
 
