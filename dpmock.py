@@ -46,17 +46,25 @@ class Config:
     """Server settings, as parsed from the command line."""
 
     def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1,
-                 port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None):
+                 port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None, listens=None,
+                 tls_cert=None, tls_key=None):
         self.host, self.port, self.foreground = host, port, foreground
         self.pidfile, self.logfile = pidfile, logfile
         self.verbosity = verbosity  #: 0 quiet (errors only), 1 one line per request, 2 debug
         self.port_file, self.idle_exit, self.parent_pid = port_file, idle_exit, parent_pid
         self.journal_size = journal_size
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+        #: listening addresses, [(tls, host, port)]; the first plain one is DP_MOCK_SERVER
+        self.listens = listens or [(False, host, port)]
+        self.tls_cert, self.tls_key = tls_cert, tls_key
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
-        argv = ["--host", self.host, "--port", str(self.port)]
+        argv = ["--host", self.host]
+        for tls, host, port in self.listens:
+            argv += ["--listen", "%s%s:%d" % ("tls:" if tls else "", "[%s]" % host if ":" in host else host, port)]
+        if self.tls_cert:
+            argv += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key]
         if self.foreground:
             argv.append("--foreground")
         if self.pidfile:
@@ -74,7 +82,8 @@ class Config:
         return argv
 
 
-USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--foreground] [--pidfile PATH]
+USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]PORT]...
+                 [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [-q | -v] [--version]"""
 
@@ -85,6 +94,12 @@ Mock the OpenAI, Gemini and Anthropic HTTP APIs.
 options:
   --host HOST      address to bind (default 127.0.0.1)
   --port PORT      port to bind; 0 picks a free one (default 8080)
+  --listen [tls:][HOST:]PORT
+                   listen here too (repeatable; with --listen and no --port, only there);
+                   tls: serves HTTPS (HTTP/1.1, ALPN http/1.1)
+  --tls-cert PATH, --tls-key PATH
+                   certificate chain and key for tls: listeners (default: certs/server.pem
+                   and certs/server.key beside dpmock.py, the sandbox's test certificate)
   --foreground     stay attached and log to stderr (default: detach as a daemon)
   --pidfile PATH   write the pid here, held with flock
   --logfile PATH   append the log here (a daemon logs nothing without it)
@@ -101,12 +116,24 @@ options:
 #: Options that take a value, and flags, by every spelling.
 _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile",
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
-                  "--journal-size": "journal_size", "--seed": "seed"}
+                  "--journal-size": "journal_size", "--seed": "seed", "--tls-cert": "tls_cert",
+                  "--tls-key": "tls_key"}
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
 
 
 class UsageError(Exception):
     """A bad command line; the message is one line."""
+
+
+def parse_listen(spec, default_host):
+    """``[tls:][HOST:]PORT`` -> (tls, host, port)."""
+    tls = spec.startswith("tls:")
+    rest = spec[4:] if tls else spec
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]") if sep else default_host
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise UsageError("--listen takes [tls:][HOST:]PORT, not %r" % spec)
+    return tls, host, int(port)
 
 
 def parse_args(argv):
@@ -116,8 +143,10 @@ def parse_args(argv):
     gettext on every start, several milliseconds of a ~40 ms start-up.
     """
     values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None, "port_file": None,
-              "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None}
+              "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
+              "tls_key": None}
     flags = set()
+    listens, given = [], set()
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -128,12 +157,16 @@ def parse_args(argv):
             print("dpmock " + __version__)
             raise SystemExit(0)
         name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS:
+        if name in _VALUE_OPTIONS or name == "--listen":
             if not eq:
                 if not args or args[0].startswith("-") and args[0] != "-":
                     raise UsageError("%s needs a value" % name)
                 value = args.pop(0)
-            values[_VALUE_OPTIONS[name]] = value
+            given.add(name)
+            if name == "--listen":
+                listens.append(value)
+            else:
+                values[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
             flags.add(_FLAGS[arg])
         else:
@@ -153,7 +186,17 @@ def parse_args(argv):
     def path(name):
         return os.path.abspath(values[name]) if values[name] else None
     seed = number("--seed", 0, 2 ** 31 - 1) if values["seed"] is not None else None
-    return Config(host=values["host"], port=number("--port", 0, 65535), foreground="foreground" in flags,
+    port = number("--port", 0, 65535)
+    addresses = [parse_listen(spec, values["host"]) for spec in listens]
+    if not addresses or "--port" in given:
+        addresses.insert(0, (False, values["host"], port))
+    cert, key = path("tls_cert"), path("tls_key")
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if any(tls for tls, _, _ in addresses) and not cert:
+        cert, key = (os.path.join(os.path.dirname(SCRIPT), "certs", name) for name in ("server.pem", "server.key"))
+    return Config(host=values["host"], port=port, foreground="foreground" in flags, listens=addresses,
+                  tls_cert=cert, tls_key=key,
                   pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
                   idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
                   journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
@@ -348,6 +391,7 @@ PIECE = 65536  #: request bodies are read in pieces of this size
 JOURNAL_BODY = 16384  #: request body bytes kept in each journal entry
 LINGER_SECONDS = 2.0  #: how long an unread upload is drained after its answer before closing
 FRESH_GRACE = 1.0  #: at a stop, how long a just-accepted connection may take to send its request
+HANDSHAKE_TIMEOUT = 10.0  #: how long a TLS client may take to finish its handshake
 
 
 class Headers:
@@ -372,7 +416,8 @@ class Request:
     """One parsed request; attributes are filled in as the handler learns them."""
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
-                 "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0")
+                 "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
+                 "scheme")
 
     def __init__(self, method, target, version, headers):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -388,6 +433,7 @@ class Request:
         self.captured, self.body_bytes = bytearray(), 0  #: the body's first JOURNAL_BODY bytes, its size
         self.scenario = None
         self.t0 = time.monotonic()
+        self.scheme = "http"
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -398,7 +444,7 @@ class Request:
 
     def origin(self):
         """scheme://host[:port] as the client addressed this server (for URLs it will follow)."""
-        return "http://" + (self.headers.get("host") or "127.0.0.1")
+        return "%s://%s" % (self.scheme, self.headers.get("host") or "127.0.0.1")
 
 
 def _bearer(value):
@@ -525,7 +571,7 @@ def count_tokens(texts, media=0):
 
 
 def check_key(req):
-    """Refuse a missing key, or one starting with ``invalid``, as the provider does."""
+    """Refuse a missing key, or a bad one (scenarios.BAD_KEY_PREFIXES), as the provider does."""
     key = request_key(req)
     p = req.provider
     if not key:
@@ -537,7 +583,7 @@ def check_key(req):
                                  "this API.", etype="PERMISSION_DENIED")
         raise HTTPError(401, "You didn't provide an API key. You need to provide your API key in an "
                              "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-    if key.startswith("invalid"):
+    if key.startswith(scenarios.BAD_KEY_PREFIXES):
         if p == ANTHROPIC:
             raise HTTPError(401, "invalid x-api-key", etype="authentication_error")
         if p == GEMINI:
@@ -836,8 +882,12 @@ def handle_openai_chat(h, req):
     if plan.thinking:
         for piece in re.findall(_PIECES, plan.thinking):
             h.send_sse_event(chunk({"reasoning_content": piece}))
-    for piece in plan.pieces:
-        h.send_sse_event(chunk({"content": piece}))
+    for i, piece in enumerate(plan.pieces):
+        # The last content chunk carries finish_reason too (the empty-delta finish chunk follows, as
+        # OpenAI sends it): Disaster Party's detailed-stream parser stops at the first chunk with a
+        # finish_reason and crashes (NULL callback) when that chunk has no text.
+        last = i == len(plan.pieces) - 1 and not calls
+        h.send_sse_event(chunk({"content": piece}, _OPENAI_FINISH[plan.finish] if last else None))
     for i, call in enumerate(calls):
         h.send_sse_event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))
@@ -1658,6 +1708,7 @@ def handle_control_status(h, req):
         "pid": os.getpid(),
         "foreground_mode": srv.config.foreground,
         "url": srv.url,
+        "urls": srv.urls,
         "boot_id": srv.boot_id,
         "restarts": srv.restarts,
         "uptime_s": round(time.monotonic() - srv.started, 3),
@@ -1726,7 +1777,6 @@ def handle_control_restart(h, req):
 # Handler: parsing, writers, dispatch
 ################################################################################
 
-_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError, socket.timeout)
 
 
 class ClientGone(Exception):
@@ -1794,14 +1844,32 @@ class MockHandler(socketserver.StreamRequestHandler):
             while not self.close_connection and self.wait_for_request(self.served == 0):
                 self.handle_one_request()
                 self.served += 1
-        except _DISCONNECTS + (ClientGone,) as e:
+        except (OSError, ClientGone) as e:  # resets, timeouts, TLS errors: the connection ended
             self.server.log.debug("%s: connection ended: %s", self.peer, e.__class__.__name__)
 
     def setup(self):
-        super().setup()
         self.idle = False  #: blocked waiting for the next request (drain() may end that wait)
         self.served = 0  #: requests answered on this connection before the current one
-        self.server.attach(self)
+        ctx = self.server.attach(self)
+        self.tls = ctx is not None
+        if self.tls:
+            # The handshake happens here, in this connection's own thread: a slow or failing
+            # client never holds up the others. A failure is one log line, never a traceback.
+            self.request.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                self.request = ctx.wrap_socket(self.request, server_side=True)
+            except (OSError, ValueError) as e:
+                self.server.log.info("%s:%s: TLS handshake failed: %s", self.client_address[0],
+                                     self.client_address[1], getattr(e, "reason", None) or e)
+                raise ClientGone("TLS handshake failed")
+        super().setup()
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.tls and self.connection is not None:
+                self.connection.close()  # the listening loop only knows the plain socket
 
     def wait_for_request(self, fresh):
         """Wait for the next request's first byte; False when the connection should close instead.
@@ -1848,7 +1916,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         except HTTPError as e:
             self.answer_error(e)
         except Exception as e:
-            if isinstance(e, _DISCONNECTS + (ClientGone,)):
+            if isinstance(e, (OSError, ClientGone)):
                 self.ended = self.ended or "client_gone"
                 raise
             srv.log.error("error while handling %s:\n%s", self.requestline_text(), format_exc())
@@ -1912,6 +1980,8 @@ class MockHandler(socketserver.StreamRequestHandler):
                                 close=True)
             items.append((name, value.strip()))
         req = Request(method, target, version, Headers(items))
+        if self.tls:
+            req.scheme = "https"
         conn = (req.headers.get("connection") or "").lower()
         if version == "HTTP/1.0":
             self.close_connection = "keep-alive" not in conn
@@ -2639,12 +2709,16 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     block_on_close = False  # idle keep-alive threads must not hold up a stop; stop() drains instead
     request_queue_size = 128
 
-    def __init__(self, config, sock, log, restarts=0):
+    def __init__(self, config, listeners, log, restarts=0):
+        """``listeners``: [(listening socket, TLS context or None)], the first one's URL is DP_MOCK_SERVER."""
+        sock = listeners[0][0]
         socketserver.BaseServer.__init__(self, sock.getsockname(), MockHandler)
         self.socket = sock
         self.address_family = sock.family
+        self.listeners = listeners
         self.config, self.log, self.restarts = config, log, restarts
-        self.url = base_url(sock)
+        self.urls = [base_url(s, ctx is not None) for s, ctx in listeners]
+        self.url = next((u for u in self.urls if u.startswith("http:")), self.urls[0])
         self.boot_id = os.urandom(16).hex()
         self.started = time.monotonic()
         self.stop_event = threading.Event()
@@ -2663,23 +2737,40 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def stopping(self):
         return self.stop_event.is_set()
 
+    def serve_forever(self, poll_interval=0.05):
+        """Accept on every listening socket until a stop; each connection gets its own thread."""
+        import selectors
+        with selectors.DefaultSelector() as sel:
+            for sock, ctx in self.listeners:
+                sel.register(sock, selectors.EVENT_READ, ctx)
+            while not self.stopping:
+                for key, _ in sel.select(poll_interval):
+                    try:
+                        conn, addr = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    self.process_request(conn, addr, key.data)
+
     def pause(self, seconds):
         """Every deliberate wait goes through here, so a stop cuts it short."""
         self.stop_event.wait(max(0.0, min(seconds, 300.0)))
 
     # ---------------------------------------------------------------- bookkeeping
 
-    def process_request(self, request, client_address):
+    def process_request(self, request, client_address, tls=None):
         """Count the connection from the moment it is accepted, so a drain never misses it."""
         with self._lock:
-            self._conns[request] = [None, time.monotonic()]  # [handler once it runs, accepted at]
+            self._conns[request] = [None, time.monotonic(), tls]  # [handler once it runs, accepted at, TLS]
         super().process_request(request, client_address)
 
     def attach(self, handler):
+        """Register a connection's handler; returns the TLS context to handshake with, or None."""
         with self._lock:
             entry = self._conns.get(handler.request)
             if entry is not None:
                 entry[0] = handler
+                return entry[2]
+        return None
 
     def shutdown_request(self, request):
         try:
@@ -2702,7 +2793,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def handle_error(self, request, client_address):
         """Only unexpected errors reach here (handlers absorb disconnects): log one traceback."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, _DISCONNECTS + (ClientGone,)):
+        if isinstance(exc, (OSError, ClientGone)):
             self.log.debug("%s: connection ended: %s", client_address, exc.__class__.__name__)
             return
         self.log.error("unexpected error on a connection from %s:\n%s", client_address,
@@ -2716,8 +2807,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return
         self.log.info("stopping: %s", why)
         self.restart_requested = restart
-        self.stop_event.set()
-        threading.Thread(target=self.shutdown, name="dpmock-stop", daemon=True).start()
+        self.stop_event.set()  # serve_forever sees it within its poll interval
 
     def drain(self, timeout=10.0):
         """After serve_forever: wait (bounded) until every connection has finished and closed.
@@ -2731,12 +2821,13 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             now = time.monotonic()
             with self._lock:
                 conns = list(self._conns.items())
-            for sock, (handler, accepted) in conns:
+            for sock, (handler, accepted, _) in conns:
                 # An idle keep-alive connection ends now; a fresh one first gets FRESH_GRACE to send
-                # its request. Shutting the reading side wakes the handler's wait with an EOF.
+                # its request. Shutting the reading side wakes the handler's wait with an EOF (the
+                # plain socket call: a TLS socket's own shutdown() would drop its TLS state).
                 if handler is not None and handler.idle and (handler.served or now - accepted > FRESH_GRACE):
                     try:
-                        sock.shutdown(socket.SHUT_RD)
+                        socket.socket.shutdown(handler.connection, socket.SHUT_RD)
                     except OSError:
                         pass
             if not conns or now >= deadline:
@@ -2744,13 +2835,26 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             time.sleep(0.01)
 
 
-def base_url(sock):
+def base_url(sock, tls=False):
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    return "%s://%s:%d" % ("https" if tls else "http", "[%s]" % host if ":" in host else host, port)
+
+
+def tls_context(config):
+    """The server-side TLS context for tls: listeners (ssl is imported only when one is used)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise StartError("cannot load TLS certificate %s / key %s: %s"
+                         % (config.tls_cert, config.tls_key, getattr(e, "strerror", None) or e))
+    return ctx
 
 
 def bind_listener(host, port, backlog=MockServer.request_queue_size):
@@ -2870,11 +2974,12 @@ def install_signals(server):
     signal.signal(signal.SIGINT, on_signal)
 
 
-def reexec(server, sock, pidfile):
-    """Replace this process with a fresh dpmock that inherits the listening socket and pid file."""
-    sock.set_inheritable(True)
+def reexec(server, pidfile):
+    """Replace this process with a fresh dpmock that inherits the listening sockets and pid file."""
+    for sock, _ in server.listeners:
+        sock.set_inheritable(True)
     env = dict(os.environ)
-    env[ENV_LISTEN_FD] = str(sock.fileno())
+    env[ENV_LISTEN_FD] = ",".join(str(sock.fileno()) for sock, _ in server.listeners)
     env[ENV_RESTARTS] = str(server.restarts + 1)
     if pidfile is not None and pidfile.fd is not None:
         os.set_inheritable(pidfile.fd, True)
@@ -2884,6 +2989,128 @@ def reexec(server, sock, pidfile):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, SCRIPT] + server.config.to_argv(), env)
+
+
+################################################################################
+# Sandbox: the providers' real hosts, answered by dpmock, offline by construction
+################################################################################
+
+SANDBOX_HOSTS = ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com")
+#: Where distributions keep the system CA bundle (each one present is overlaid in the sandbox).
+CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem",
+              "/etc/ssl/cert.pem", "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem")
+SANDBOX_LISTENS = ["--listen", "tls:443", "--listen", "80", "--listen", "8080"]
+SANDBOX_UNAVAILABLE = 125  #: exit status when the sandbox itself cannot be made
+
+
+def sandbox_main(argv):
+    """``dpmock.py sandbox [dpmock options] -- CMD [ARGS...]``: CMD's exit status."""
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        print("dpmock.py sandbox: usage: python3 dpmock.py sandbox [dpmock options] -- CMD [ARGS...]",
+              file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    options, command = argv[:cut], argv[cut + 1:]
+    try:
+        parse_args(options + SANDBOX_LISTENS)  # refuse bad options before making anything
+    except UsageError as e:
+        print("dpmock.py sandbox: error: %s" % e, file=sys.stderr)
+        return 2
+    import shutil
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return sandbox_unavailable("the unshare command is not installed (util-linux)",
+                                   "install util-linux, or run the command without the sandbox")
+    flags = ["--mount", "--net", "--fork", "--kill-child"]
+    if os.geteuid() != 0:
+        flags += ["--user", "--map-root-user"]
+    import subprocess
+    probe = subprocess.run([unshare] + flags + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if probe.returncode != 0:
+        why = probe.stderr.decode("utf-8", "replace").strip().splitlines()
+        return sandbox_unavailable("unshare %s failed: %s" % (" ".join(flags), why[-1] if why else "?"),
+                                   "run as root, or allow unprivileged user namespaces "
+                                   "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces)")
+    inner = subprocess.run([unshare] + flags + ["--", sys.executable, SCRIPT, "_sandbox-inner"] + argv)
+    return inner.returncode if inner.returncode >= 0 else 128 - inner.returncode
+
+
+def sandbox_unavailable(cause, hint):
+    print("dpmock: sandbox unavailable: %s; %s" % (cause, hint), file=sys.stderr)
+    return SANDBOX_UNAVAILABLE
+
+
+def sandbox_inner(argv):
+    """Inside the new namespaces (as root there): set the stage, serve, run the command."""
+    cut = argv.index("--")
+    options, command = argv[:cut], argv[cut + 1:]
+    try:
+        loopback_up()
+        hosts = "127.0.0.1 localhost %s\n::1 localhost ip6-localhost ip6-loopback\n127.0.0.1 %s\n" % (
+            socket.gethostname(), " ".join(SANDBOX_HOSTS))
+        overlay(hosts.encode(), "/etc/hosts")
+        with open(os.path.join(os.path.dirname(SCRIPT), "certs", "ca.pem"), "rb") as f:
+            test_ca = f.read()
+        bundles = [p for p in CA_BUNDLES if os.path.isfile(p)]
+        for path in bundles:
+            with open(path, "rb") as f:
+                overlay(f.read().rstrip(b"\n") + b"\n" + test_ca, path)
+    except (OSError, StartError) as e:
+        return sandbox_unavailable(str(e), "the namespaces were made, but setting them up failed")
+    import subprocess
+    quiet = [] if any(o in options for o in ("-v", "--verbose", "-q", "--quiet", "--logfile")) else ["-q"]
+    server = subprocess.Popen([sys.executable, SCRIPT, "--foreground"] + SANDBOX_LISTENS + quiet + options,
+                              stdout=subprocess.PIPE)
+    line = server.stdout.readline().decode().strip()
+    if not line.startswith("DP_MOCK_SERVER="):
+        server.wait()
+        return sandbox_unavailable("dpmock did not start inside the sandbox", "see its error above")
+    env = dict(os.environ, DP_MOCK_SERVER="http://127.0.0.1:8080")
+    bundle = bundles[0] if bundles else None
+    if bundle:  # for clients that bring their own CA list (Python's certifi, requests, Node)
+        env.update(SSL_CERT_FILE=bundle, REQUESTS_CA_BUNDLE=bundle, CURL_CA_BUNDLE=bundle)
+    env["NODE_EXTRA_CA_CERTS"] = os.path.join(os.path.dirname(SCRIPT), "certs", "ca.pem")
+    try:
+        status = subprocess.call(command, env=env)
+    except OSError as e:
+        print("dpmock: cannot run %s: %s" % (command[0], e.strerror), file=sys.stderr)
+        status = 127
+    finally:
+        server.terminate()
+        server.wait()
+    return status if status >= 0 else 128 - status
+
+
+def loopback_up():
+    """Bring the new network namespace's lo interface up (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 0x1))
+    finally:
+        s.close()
+
+
+def overlay(content, target):
+    """Lay ``content`` over the file ``target`` in this mount namespace only.
+
+    The source is a temporary file, unlinked as soon as it is mounted: the mount keeps the file
+    alive as long as the namespace, and outside the namespace nothing remains.
+    """
+    import ctypes
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="dpmock-sandbox-")
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, content)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(path.encode(), target.encode(), None, 4096, None) != 0:  # MS_BIND
+            err = ctypes.get_errno()
+            raise OSError(err, "cannot bind a file over %s: %s" % (target, os.strerror(err)))
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def write_port_file(path, port):
@@ -2927,24 +3154,32 @@ def open_log(config):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sandbox"]:
+        return sandbox_main(argv[1:])
+    if argv[:1] == ["_sandbox-inner"]:
+        return sandbox_inner(argv[1:])
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        config = parse_args(argv)
     except UsageError as e:
         print("dpmock.py: error: %s (see --help)" % e, file=sys.stderr)
         return 2
     inherited = os.environ.pop(ENV_LISTEN_FD, None)
     pid_fd = os.environ.pop(ENV_PIDFILE_FD, None)
     restarts = int(os.environ.pop(ENV_RESTARTS, "0") or 0)
+    socks = []
     if inherited is not None:
-        sock = socket.socket(fileno=int(inherited))
-        sock.set_inheritable(False)
+        for fd in inherited.split(","):
+            socks.append(socket.socket(fileno=int(fd)))
+            socks[-1].set_inheritable(False)
     else:
-        try:
-            sock = bind_listener(config.host, config.port)
-        except OSError as e:
-            print("dpmock: cannot listen on %s port %d: %s" % (config.host, config.port, e.strerror or e),
-                  file=sys.stderr)
-            return 1
+        for tls, host, port in config.listens:
+            try:
+                socks.append(bind_listener(host, port))
+            except OSError as e:
+                print("dpmock: cannot listen on %s port %d%s: %s" % (host, port, " (TLS)" if tls else "",
+                                                                    e.strerror or e), file=sys.stderr)
+                return 1
     ready = None
     if inherited is None and not config.foreground:
         ready = daemonize()
@@ -2957,15 +3192,17 @@ def main(argv=None):
                 pidfile.acquire()
             else:
                 os.set_inheritable(pidfile.fd, False)
+        ctx = tls_context(config) if any(tls for tls, _, _ in config.listens) else None
+        listeners = [(s, ctx if tls else None) for s, (tls, _, _) in zip(socks, config.listens)]
         if config.port_file:
-            write_port_file(config.port_file, sock.getsockname()[1])
+            write_port_file(config.port_file, socks[0].getsockname()[1])
     except StartError as e:
         if ready is not None:
             os.write(ready, ("error %s\n" % e).encode())
             os._exit(1)
         print("dpmock: %s" % e, file=sys.stderr)
         return 1
-    server = MockServer(config, sock, log, restarts)
+    server = MockServer(config, listeners, log, restarts)
     install_signals(server)
     if config.idle_exit or config.parent_pid:
         threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()
@@ -2975,7 +3212,7 @@ def main(argv=None):
         os.close(ready)
     elif inherited is None:
         print("DP_MOCK_SERVER=%s" % server.url, flush=True)
-    log.info("serving %s (pid %d, dpmock %s%s)", server.url, os.getpid(), __version__,
+    log.info("serving %s (pid %d, dpmock %s%s)", " ".join(server.urls), os.getpid(), __version__,
              ", restart %d" % restarts if restarts else "")
     try:
         server.serve_forever(poll_interval=0.05)
@@ -2984,7 +3221,7 @@ def main(argv=None):
         if left:
             log.error("stopping with %d connection(s) still open", left)
     if server.restart_requested:
-        reexec(server, sock, pidfile)
+        reexec(server, pidfile)
     if pidfile is not None:
         pidfile.release()
     if config.port_file:
@@ -2992,7 +3229,8 @@ def main(argv=None):
             os.unlink(config.port_file)
         except OSError:
             pass
-    sock.close()
+    for s in socks:
+        s.close()
     log.info("stopped")
     return 0
 

@@ -399,6 +399,10 @@ SCENARIOS = {s.name: s for s in _CATALOGUE + _FAULTS}
 #: A model id containing this is unknown to every provider (404); every other id exists.
 MISSING_MODEL_MARK = "does-not-exist"
 
+#: Keys starting with these are refused as a real provider refuses a bad key (placeholder keys
+#: such as Disaster Party's "dummy_key" included); every other key is accepted.
+BAD_KEY_PREFIXES = ("invalid", "dummy")
+
 #: OpenAI models: (id, created, owned_by).
 OPENAI_MODELS = (
     ("gpt-4o", 1715367049, "system"), ("gpt-4o-mini", 1721172741, "system"), ("gpt-4.1", 1744316542, "system"),

@@ -511,6 +511,8 @@ class OpenAIRoutesTest(unittest.TestCase):
             ({"model": "gpt-4o", "messages": msgs, "max_tokens": 0}, OA, 400, "max_tokens", None),
             ({"model": "gpt-4o", "messages": msgs}, {"Authorization": "Bearer invalid-abc"}, 401, None,
              "invalid_api_key"),
+            ({"model": "gpt-4o", "messages": msgs}, {"Authorization": "Bearer dummy_key"}, 401, None,
+             "invalid_api_key"),
             ({"model": "gpt-4o", "messages": msgs}, {}, 401, None, None),
             ({"model": "gpt-does-not-exist", "messages": msgs}, OA, 404, None, "model_not_found"),
         ]
@@ -1393,6 +1395,136 @@ class HarnessTest(unittest.TestCase):
         parent.kill()
         parent.wait()
         self.assertEqual(srv.proc.wait(5), 0)
+
+
+# ----------------------------------------------------------------------------- TLS, listeners, sandbox
+
+CA = os.path.join(HERE, "certs", "ca.pem")
+
+
+def tls_port(srv):
+    urls = json.loads(srv.request("GET", "/_control/status")[2])["urls"]
+    return int(next(u for u in urls if u.startswith("https:")).rsplit(":", 1)[1])
+
+
+class TlsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)
+        self.log.close()
+        self.addCleanup(os.unlink, self.log.name)
+        self.srv = Server("--listen", "tls:0", "-v", logfile=self.log.name)
+        self.addCleanup(self.srv.stop)
+        self.port = tls_port(self.srv)
+
+    def tls_get(self, path, host="api.openai.com"):
+        import ssl
+        ctx = ssl.create_default_context(cafile=CA)  # full verification, against the test CA only
+        ctx.set_alpn_protocols(["http/1.1"])
+        c = http.client.HTTPSConnection(host, self.port, context=ctx, timeout=5)
+        # Connected to 127.0.0.1, verified as the provider's host name (as the sandbox's hosts file does).
+        c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=5), server_hostname=host)
+        self.assertEqual(c.sock.selected_alpn_protocol(), "http/1.1")
+        c.request("GET", path, headers={"Authorization": "Bearer sk-test"})
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body
+
+    def test_https_with_the_test_ca_for_every_provider_host(self):
+        for host in ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "localhost"):
+            with self.subTest(host=host):
+                st, body = self.tls_get("/v1/models", host)
+                self.assertEqual((st, json.loads(body)["object"]), (200, "list"))
+
+    def test_listeners_share_state(self):
+        self.tls_get("/v1/models")
+        self.srv.request("GET", "/v1/models", None, OA)
+        entries = json.loads(self.srv.request("GET", "/_control/requests?route=models")[2])["requests"]
+        self.assertEqual(len(entries), 2)
+
+    def test_failed_handshakes_are_one_line_and_block_no_one(self):
+        import ssl
+        stalled = socket.create_connection(("127.0.0.1", self.port), timeout=5)  # never says hello
+        self.addCleanup(stalled.close)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to the TLS port
+            try:
+                self.assertEqual(recv_all(s), b"")  # closed without an answer...
+            except ConnectionResetError:
+                pass  # ...or reset, since the request was left unread
+        with self.assertRaises(ssl.SSLError):  # a client that does not trust the test CA
+            ssl.create_default_context().wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=5),
+                                                     server_hostname="api.openai.com")
+        self.assertEqual(self.tls_get("/v1/models")[0], 200)  # while a handshake is still pending
+        stalled.close()
+        self.assertEqual(self.srv.stop(), 0)
+        with open(self.log.name) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(log.count("TLS handshake failed"), 3, log)  # plain HTTP, distrust, no hello
+
+    def test_bad_listen_and_tls_options(self):
+        for args in (["--listen", "tls:"], ["--listen", "x:y:z"], ["--tls-cert", CA]):
+            r = run([PY, DPMOCK, "--foreground"] + args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+        r = run([PY, DPMOCK, "--foreground", "--port", "0", "--listen", "tls:0", "--tls-cert", CA, "--tls-key", CA])
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("cannot load TLS certificate", r.stderr.decode())
+
+
+def _sandbox_available():
+    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
+        return False
+    flags = ["--mount", "--net", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+    return subprocess.run(["unshare"] + flags + ["true"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+@unittest.skipUnless(_sandbox_available(), "user/mount/network namespaces are not available here")
+class SandboxTest(unittest.TestCase):
+
+    def sandbox(self, *command, options=()):
+        return run([PY, DPMOCK, "sandbox"] + list(options) + ["--"] + list(command), timeout=60)
+
+    @unittest.skipUnless(CURL, "curl is not installed")
+    def test_real_host_answered_by_dpmock_with_full_verification(self):
+        with open("/etc/hosts", "rb") as f:
+            hosts_before = f.read()
+        r = self.sandbox(CURL, "-sS", "https://api.openai.com/v1/models", "-H", "Authorization: Bearer sk-test")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["data"][0]["id"], scenarios.OPENAI_MODELS[0][0])
+        with open("/etc/hosts", "rb") as f:
+            self.assertEqual(f.read(), hosts_before)  # nothing changed outside
+
+    @unittest.skipUnless(CURL, "curl is not installed")
+    def test_nothing_else_is_reachable(self):
+        r = self.sandbox(CURL, "-sS", "-m", "5", "https://example.com/")
+        self.assertEqual(r.returncode, 6, r.stderr)  # could not resolve: no DNS, no route, no network
+
+    def test_only_loopback_exists_inside(self):
+        r = self.sandbox(PY, "-c", "import socket; print([n for _, n in socket.if_nameindex()])")
+        self.assertEqual(r.stdout.decode().strip(), "['lo']")
+
+    def test_environment_ports_and_exit_status(self):
+        r = self.sandbox("sh", "-c", 'echo "$DP_MOCK_SERVER"; exit 7')
+        self.assertEqual((r.returncode, r.stdout.decode().strip()), (7, "http://127.0.0.1:8080"))
+        script = ("import http.client, json\n"
+                  "for port in (80, 8080, 9999):\n"
+                  "    c = http.client.HTTPConnection('localhost', port, timeout=5)\n"
+                  "    c.request('GET', '/_control/status')\n"
+                  "    print(json.loads(c.getresponse().read())['status'])\n")
+        r = self.sandbox(PY, "-c", script, options=["--listen", "9999"])
+        self.assertEqual((r.returncode, r.stdout.decode().split()), (0, ["running"] * 3), r.stderr)
+
+    def test_unavailable_is_one_line(self):
+        r = run([PY, DPMOCK, "sandbox", "--", "true"], env=dict(os.environ, PATH="/nonexistent"))
+        self.assertEqual(r.returncode, 125)
+        self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+        self.assertIn("unshare", r.stderr.decode())
+        r = run([PY, DPMOCK, "sandbox", "true"])
+        self.assertEqual(r.returncode, 2)
 
 
 # ----------------------------------------------------------------------------- HTTP behaviour
