@@ -2413,8 +2413,9 @@ class MockHandler(socketserver.StreamRequestHandler):
         raw = text.encode("utf-8")
         self.events += 1
         if kind == "SSE_SPLIT":
-            for i in range(0, len(raw), p["every"]):
-                self.send_chunk(raw[i:i + p["every"]])
+            cuts = [c for c in p["at"] if c < len(raw)] or list(range(p["every"], len(raw), p["every"]))
+            for start, end in zip([0] + cuts, cuts + [len(raw)]):
+                self.send_chunk(raw[start:end])
         else:
             self.send_chunk(raw)
 

@@ -349,9 +349,12 @@ _FAULTS = (
               _int("bytes", 0, 0, 1 << 30, "cut after this many response bytes instead (0: by events)"),
               Param("how", "choice", "fin", ("fin", "reset"), None, "how the connection ends")], "fault"),
     # framing stress, valid
-    Scenario("SSE_SPLIT", "every event written in `every`-byte pieces, each its own chunk, so events break "
-             "inside `data: `, inside line ends and inside multi-byte UTF-8 characters (the answer text has some)",
-             _on(STREAM_ROUTES, Fault("SSE_SPLIT")), [_int("every", 3, 1, 65536, "bytes per piece")], "fault"),
+    Scenario("SSE_SPLIT", "every event written in pieces, each its own chunk: at the byte offsets `at` when "
+             "given, else every `every` bytes, so events break inside `data: `, inside line ends and inside "
+             "multi-byte UTF-8 characters (the answer text has some)",
+             _on(STREAM_ROUTES, Fault("SSE_SPLIT")),
+             [_int("every", 3, 1, 65536, "bytes per piece"),
+              Param("at", "offsets", [], None, None, "byte offsets in each event, by commas (e.g. 3,7)")], "fault"),
     Scenario("SSE_LINE_ENDINGS", "events framed with `eol` line ends (the C library accepts only LF and CRLF)",
              _on(STREAM_ROUTES, Fault("SSE_LINE_ENDINGS")),
              [Param("eol", "choice", "crlf", ("crlf", "lf", "cr"), None, "line end")], "fault"),
@@ -499,6 +502,14 @@ def _param_value(scenario, p, raw):
         if value != value:  # NaN
             raise ValueError("%s: %s must be a number, not %r" % (scenario, p.name, raw))
         return min(max(value, p.low), p.high)
+    if p.kind == "offsets":
+        try:
+            offsets = sorted({int(x) for x in raw.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError("%s: %s must be whole numbers separated by commas, not %r" % (scenario, p.name, raw))
+        if any(o < 1 or o > 1 << 20 for o in offsets):
+            raise ValueError("%s: %s offsets must be from 1 to %d" % (scenario, p.name, 1 << 20))
+        return offsets
     if p.kind == "choice":
         if raw not in p.low:
             raise ValueError("%s: %s must be one of %s, not %r" % (scenario, p.name, ", ".join(p.low), raw))
@@ -556,7 +567,7 @@ def fault_table():
     rows = ["| scenario | parameters (default, bounds) | routes | what a client sees |", "|---|---|---|---|"]
     for s in _FAULTS:
         params = "; ".join(
-            "`%s=%s` (%s)" % (p.name, ",".join(p.default) if isinstance(p.default, list) else p.default,
+            "`%s=%s` (%s)" % (p.name, ",".join(map(str, p.default)) if isinstance(p.default, list) else p.default,
                               "%s..%s" % (p.low, p.high) if p.kind in ("int", "float") else
                               " / ".join(p.low) if p.kind == "choice" else p.doc)
             for p in s.params) or "-"

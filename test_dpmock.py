@@ -1007,6 +1007,11 @@ class StreamFaultTest(unittest.TestCase):
         with self.assertRaises(UnicodeDecodeError):  # some piece ends inside a multi-byte character
             for c in chunks:
                 c.decode("utf-8")
+        _, chunks = sse_chunks(self.stream("SSE_SPLIT; at=3,5"))  # inside "data: ", then the rest
+        self.assertEqual(chunks[:2], [b"dat", b"a:"])
+        self.assertTrue(all(b"".join(chunks[i:i + 3]).startswith(b"data: ") for i in range(0, len(chunks), 3)))
+        st, _, data = SERVER.request("POST", "/v1/chat/completions", chat_body(True), scen("SSE_SPLIT; at=x"))
+        self.assertEqual(st, 400)
 
     def test_line_endings_and_comments(self):
         for eol, sep in (("crlf", b"\r\n\r\n"), ("cr", b"\r\r"), ("lf", b"\n\n")):
