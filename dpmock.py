@@ -5,7 +5,7 @@ Usage:
     python3 dpmock.py [--host 127.0.0.1] [--port 8080] [--foreground]
                       [--pidfile PATH] [--logfile PATH] [--port-file PATH]
                       [--idle-exit SECONDS] [--parent-pid PID] [--journal-size N]
-                      [--seed N] [-q | -v] [--version]
+                      [--seed N] [--io-timeout SECONDS] [-q | -v] [--version]
 
 By default it detaches (double fork + setsid) and the launching process exits 0 only once
 the daemon is serving, after printing ``DP_MOCK_SERVER=http://HOST:PORT``.
@@ -47,7 +47,7 @@ class Config:
 
     def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1,
                  port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None, listens=None,
-                 tls_cert=None, tls_key=None):
+                 tls_cert=None, tls_key=None, io_timeout=120):
         self.host, self.port, self.foreground = host, port, foreground
         self.pidfile, self.logfile = pidfile, logfile
         self.verbosity = verbosity  #: 0 quiet (errors only), 1 one line per request, 2 debug
@@ -57,6 +57,7 @@ class Config:
         #: listening addresses, [(tls, host, port)]; the first plain one is DP_MOCK_SERVER
         self.listens = listens or [(False, host, port)]
         self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.io_timeout = io_timeout  #: seconds a connection may sit without reading or writing
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -77,7 +78,8 @@ class Config:
             argv += ["--idle-exit", repr(self.idle_exit)]
         if self.parent_pid:
             argv += ["--parent-pid", str(self.parent_pid)]
-        argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed)]
+        argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed),
+                 "--io-timeout", str(self.io_timeout)]
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
         return argv
 
@@ -85,7 +87,8 @@ class Config:
 USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]PORT]...
                  [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
-                 [--parent-pid PID] [--journal-size N] [--seed N] [-q | -v] [--version]"""
+                 [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
+                 [-q | -v] [--version]"""
 
 HELP = USAGE + """
 
@@ -108,6 +111,7 @@ options:
   --parent-pid PID stop when this process is gone
   --journal-size N requests kept in the journal (default 1000; 0 keeps none)
   --seed N         seed for random scenario choices (default: random, shown in status)
+  --io-timeout SECONDS  close a connection idle (or stalled) this long (default 120)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -116,7 +120,8 @@ options:
 #: Options that take a value, and flags, by every spelling.
 _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile",
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
-                  "--journal-size": "journal_size", "--seed": "seed", "--tls-cert": "tls_cert",
+                  "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
+                  "--tls-cert": "tls_cert",
                   "--tls-key": "tls_key"}
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
 
@@ -144,7 +149,7 @@ def parse_args(argv):
     """
     values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None, "port_file": None,
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
-              "tls_key": None}
+              "tls_key": None, "io_timeout": "120"}
     flags = set()
     listens, given = [], set()
     args = list(argv)
@@ -200,6 +205,7 @@ def parse_args(argv):
                   pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
                   idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
                   journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
+                  io_timeout=number("--io-timeout", 1, 86400),
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
 
 
@@ -1051,8 +1057,8 @@ def handle_anthropic_messages(h, req):
                      "message_start")
     for i, block in enumerate(blocks):
         kind = block["type"]
-        start = {"thinking": {"type": "thinking", "thinking": "", "signature": ""}, "text": {"type": "text", "text": ""},
-                 "tool_use": dict(block, input={})}[kind]
+        start = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                 "text": {"type": "text", "text": ""}, "tool_use": dict(block, input={})}[kind]
         h.send_sse_event({"type": "content_block_start", "index": i, "content_block": start}, "content_block_start")
         if i == 0:
             h.send_sse_event({"type": "ping"}, "ping")
@@ -1834,7 +1840,8 @@ class MockHandler(socketserver.StreamRequestHandler):
     server_version = "dpmock/" + __version__
     disable_nagle_algorithm = True  #: with one write per response, no 40 ms delayed-ACK stall
     wbufsize = 0  #: unbuffered: every wfile.write is one sendall
-    timeout = 120  #: idle keep-alive connections are closed after this
+    timeout = None  #: blocking sockets: a Python-level timeout would poll() before every recv and send;
+    #: the kernel enforces --io-timeout instead (SO_RCVTIMEO / SO_SNDTIMEO), set once per connection
 
     # ---------------------------------------------------------------- connection loop
 
@@ -1862,6 +1869,12 @@ class MockHandler(socketserver.StreamRequestHandler):
                 self.server.log.info("%s:%s: TLS handshake failed: %s", self.client_address[0],
                                      self.client_address[1], getattr(e, "reason", None) or e)
                 raise ClientGone("TLS handshake failed")
+            self.request.settimeout(None)
+        # A read that times out ends the input (the connection closes); a write raises OSError.
+        import struct
+        timeval = struct.pack("ll", self.server.config.io_timeout, 0)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         super().setup()
 
     def finish(self):
@@ -1876,15 +1889,12 @@ class MockHandler(socketserver.StreamRequestHandler):
 
         At a stop, drain() shuts the reading side of connections idle here (after a grace
         period for fresh ones), so the wait ends at once; peek() never loses buffered bytes.
-        The socket keeps one timeout: changing it per request costs two system calls.
         """
         if self.server.stopping and not fresh:
             return False
         self.idle = True
         try:
-            return bool(self.rfile.peek(1))
-        except socket.timeout:
-            return False
+            return bool(self.rfile.peek(1))  # b"" at EOF, at a stop's SHUT_RD and after io_timeout
         finally:
             self.idle = False
 

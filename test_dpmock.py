@@ -1382,6 +1382,19 @@ class HarnessTest(unittest.TestCase):
         with open(portfile) as f:
             self.assertEqual(int(f.read()), srv.port)
 
+    def test_io_timeout_closes_idle_and_stalled_connections(self):
+        srv = Server("--io-timeout", "1")
+        self.addCleanup(srv.stop)
+        for data in (b"", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",
+                     b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a\""):
+            with self.subTest(data=data):
+                with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+                    s.sendall(data)
+                    t0 = time.monotonic()
+                    self.assertEqual(recv_all(s), b"")  # closed, without an answer
+                    self.assertTrue(0.9 <= time.monotonic() - t0 < 5)
+        self.assertEqual(srv.request("GET", "/_control/status")[0], 200)
+
     def test_idle_exit(self):
         srv = Server("--idle-exit", "0.5")
         self.addCleanup(srv.stop)
