@@ -2102,6 +2102,9 @@ class MockHandler(socketserver.StreamRequestHandler):
     def start_fault(self, req):
         """Faults that act before any answer is made; the others act in the writers."""
         kind, p = self.fault
+        if kind in ("EMPTY_REPLY", "HANG"):
+            for _ in self.body_pieces(req):  # an unread body would turn the close into a reset
+                pass
         if kind == "EMPTY_REPLY":
             self.abort("empty")
         if kind == "HANG":
@@ -2229,12 +2232,7 @@ class MockHandler(socketserver.StreamRequestHandler):
                     if t in (b"\r\n", b"\n"):
                         return
                 raise HTTPError(431, "too many trailer fields", "headers_too_large", close=True)
-            while size:
-                piece = self.rfile.read(min(size, PIECE))
-                if not piece:
-                    raise ClientGone("chunked body cut off")
-                size -= len(piece)
-                yield piece
+            yield from self._length_pieces(size)
             if self.rfile.read(2) != b"\r\n":
                 raise HTTPError(400, "chunk data not followed by CRLF", "bad_chunk", close=True)
 

@@ -1234,6 +1234,13 @@ class CurlFaultTest(unittest.TestCase):
         return r.returncode, r.stderr.decode()
 
     def test_exit_codes(self):
+        with tempfile.NamedTemporaryFile() as f:  # an upload whose body the handler would stream
+            f.write(b"x" * (3 * MIB))
+            f.flush()
+            r = run([CURL, "-sS", "-o", "/dev/null", "-H", "Authorization: Bearer k",
+                     "-H", "X-DP-Scenario: EMPTY_REPLY", "--data-binary", "@" + f.name,
+                     SERVER.url + "/v1/files:upload"])
+            self.assertEqual(r.returncode, 52, r.stderr)
         cases = [("EMPTY_REPLY", (), 52, "Empty reply"), ("RESET", (), 56, "reset"),
                  ("SHORT_BODY", (), 18, ""), ("NO_FINAL_CHUNK", (), 18, ""), ("HALF_CLOSE", (), 18, ""),
                  ("HEADERS_STALL; ms=200", (), 18, ""), ("STREAM_CUT; events=2", ("stream",), 18, ""),
