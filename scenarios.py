@@ -300,7 +300,8 @@ _FAULTS = (
              _on(PROVIDER_ROUTES, ProviderError(503, html=_PROXY_503)), group="fault"),
     Scenario("OVERLOADED", "Anthropic 529 `overloaded_error`; Gemini 503 `UNAVAILABLE`; OpenAI 503 `server_error`",
              _on(PROVIDER_ROUTES, ProviderError(
-                 {"openai": 503, "anthropic": 529, "gemini": 503}, ("server_error", None, "The engine is currently overloaded, please try again later"),
+                 {"openai": 503, "anthropic": 529, "gemini": 503},
+                 ("server_error", None, "The engine is currently overloaded, please try again later"),
                  ("overloaded_error", "Overloaded"), ("UNAVAILABLE", "The model is overloaded. Please try again "
                                                                      "later."))), group="fault"),
     Scenario("REQUEST_TIMEOUT", "408 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(

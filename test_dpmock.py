@@ -854,7 +854,7 @@ class GeminiRoutesTest(unittest.TestCase):
                 self.assertEqual(png[:4], b"\x89PNG")
 
 
-# ----------------------------------------------------------------------------- faults (issue: every way a provider fails)
+# ----------------------------------------------------------------------------- faults: every way a provider fails
 
 def chat_body(stream=False):
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
