@@ -1917,6 +1917,7 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.extra_headers = ()
         self.fault = NO_FAULT  #: (kind, params) of the fault this answer carries out
         self.events = 0  #: stream items sent
+        self.chunked_out = True  #: the streamed body is chunked (not for HTTP/1.0 clients)
         self.ended = None  #: how the answer ended, when not simply
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
@@ -2367,9 +2368,14 @@ class MockHandler(socketserver.StreamRequestHandler):
         if kind == "HTML_200":  # an HTML page where a stream was expected
             self.send_bytes(200, _HTML_PAGE, scenarios.HTML, close=True)
             raise _Answered("ok")
-        hdrs = [("Content-Type", content_type), ("Transfer-Encoding", "chunked"), ("Cache-Control", "no-cache")]
+        # HTTP/1.0 has no chunked encoding: there the body is raw and ends when the connection closes.
+        self.chunked_out = self.req is None or self.req.version != "HTTP/1.0"
+        hdrs = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
+        if self.chunked_out:
+            hdrs.insert(1, ("Transfer-Encoding", "chunked"))
         hdrs.extend(headers)
-        head = self.head_bytes(status, hdrs, close or kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"))
+        head = self.head_bytes(status, hdrs, close or not self.chunked_out or
+                               kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"))
         self.headers_sent = True
         self.status = status
         self.write(head)
@@ -2380,6 +2386,9 @@ class MockHandler(socketserver.StreamRequestHandler):
     def send_chunk(self, data):
         """Write one chunk (size line, data, CRLF) in one write, so each event leaves at once."""
         if data:
+            if not self.chunked_out:
+                self.write(data)
+                return
             if self.fault[0] == "BAD_CHUNK_SIZE":  # a size line that is not hex
                 self.write(b"zz\r\n%s\r\n" % data)
                 self.abort("fin")
@@ -2388,7 +2397,8 @@ class MockHandler(socketserver.StreamRequestHandler):
     def end_chunked(self):
         if self.fault[0] in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"):
             self.abort("fin")
-        self.write(b"0\r\n\r\n")
+        if self.chunked_out:
+            self.write(b"0\r\n\r\n")
 
     def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
         """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
@@ -2449,7 +2459,8 @@ class MockHandler(socketserver.StreamRequestHandler):
             text = ("data: %s%s" % (payload, sep)) if index is None else \
                 "%s%s]" % ("[" if index == 0 else ",\r\n", payload)
         self.close_connection = True
-        self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(text.encode()), text.encode()))
+        raw = text.encode("utf-8")
+        self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked_out else raw)
         self.ended = "stream_error"
         raise _Answered("stream_error")
 

@@ -1722,6 +1722,14 @@ class HTTPBehaviourTest(unittest.TestCase):
         self.assertEqual(st, 413)
         self.assertEqual(json.loads(body), scenarios.FILE_TOO_LARGE)
 
+    def test_http10_stream_is_raw_and_ends_with_the_connection(self):
+        raw = SERVER.raw(b"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer k\r\nContent-Length: %d\r\n"
+                         b"\r\n%s" % (len(chat_body(True)), chat_body(True)))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertIn(b"Connection: close", head)
+        self.assertTrue(body.startswith(b"data: {") and body.endswith(b"data: [DONE]\n\n"), body[-40:])
+
     def test_http10_closes_by_default(self):
         raw = SERVER.raw(b"GET /v1/models HTTP/1.0\r\nAuthorization: Bearer EMPTY_LIST\r\n\r\n")
         st, hdrs, _, rest = split_response(raw)
