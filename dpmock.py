@@ -142,7 +142,7 @@ def parse_listen(spec, default_host):
     rest = spec[4:] if tls else spec
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]") if sep else default_host
-    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+    if not is_digits(port) or not 0 <= int(port) <= 65535 or (sep and not host):
         raise UsageError("--listen takes [tls:][HOST:]PORT, not %r" % spec)
     return tls, host, int(port)
 
@@ -749,11 +749,14 @@ def example_value(schema, depth=0):
         return {k: example_value(v, depth + 1) for k, v in props.items()} if isinstance(props, dict) else {}
     if kind == "array":
         n = schema.get("minItems", schema.get("min_items", 1))
-        n = min(max(int(n) if isinstance(n, (int, float, str)) and str(n).isdigit() else 1, 1), 3)
+        n = min(max(int(n) if isinstance(n, int) and not isinstance(n, bool) else
+                    int(n) if isinstance(n, str) and is_digits(n) else 1, 1), 3)
         return [example_value(schema.get("items"), depth + 1) for _ in range(n)]
     if kind in ("integer", "number"):
         low = _get(schema, "minimum", "exclusiveMinimum")
         high = _get(schema, "maximum", "exclusiveMaximum")
+        low = low if isinstance(low, (int, float)) and not isinstance(low, bool) and abs(low) < 1e15 else None
+        high = high if isinstance(high, (int, float)) and not isinstance(high, bool) and abs(high) < 1e15 else None
         value = 1
         if isinstance(low, (int, float)):
             value = low + (1 if "exclusiveMinimum" in schema else 0)
@@ -766,6 +769,7 @@ def example_value(schema, depth=0):
         return None
     text = _FORMATS.get(schema.get("format"), "example")
     low, high = schema.get("minLength"), schema.get("maxLength")
+    low = low if isinstance(low, int) and 0 <= low <= 100000 else None
     if isinstance(low, int) and len(text) < low:
         text += "x" * (low - len(text))
     if isinstance(high, int) and len(text) > high:
@@ -1279,7 +1283,7 @@ def handle_models_list(h, req):
         models = [gemini_model(m) for m in scenarios.GEMINI_MODELS]
         size = _int_arg(req, "pageSize", 50, 1, 1000)
         token = req.arg("pageToken") or "0"
-        if not token.isdigit() or int(token) > len(models):
+        if not is_digits(token) or int(token) > len(models):
             raise invalid("Invalid page token %r." % token)
         start = int(token)
         answer = {"models": models[start:start + size]}
@@ -1288,11 +1292,16 @@ def handle_models_list(h, req):
         h.send_json(200, answer)
 
 
+def is_digits(text):
+    """ASCII digits only: str.isdigit() also admits characters int() refuses (such as "²")."""
+    return text.isascii() and text.isdigit()
+
+
 def _int_arg(req, name, default, low, high):
     raw = req.arg(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not is_digits(raw) or not low <= int(raw) <= high:
         raise invalid("%s: expected an integer from %d to %d, got %r" % (name, low, high, raw), name)
     return int(raw)
 
@@ -1420,7 +1429,7 @@ def handle_files_list(h, req):
     if req.provider == GEMINI:
         size = _int_arg(req, "pageSize", 10, 1, 100)
         token = req.arg("pageToken") or "0"
-        if not token.isdigit():
+        if not is_digits(token):
             raise invalid("Invalid page token %r." % token)
         start = int(token)
         answer = {"files": [gemini_file(r, req.origin()) for r in records[start:start + size]]}
@@ -1566,13 +1575,13 @@ def resumable_chunk(h, req, upload_id):
     command = [c.strip() for c in (req.headers.get("x-goog-upload-command") or "").lower().split(",")]
     offset = req.headers.get("x-goog-upload-offset")
     if "upload" in command:
-        if offset is None or not offset.isdigit() or int(offset) != session["received"]:
+        if offset is None or not is_digits(offset) or int(offset) != session["received"]:
             raise invalid("X-Goog-Upload-Offset %r does not match the %d bytes received"
                           % (offset, session["received"]))
         for piece in h.body_pieces(req):
             session["received"] += len(piece)
             session["hash"].update(piece)
-    elif "query" in command or "cancel" in command:
+    elif "query" in command or "cancel" in command or "finalize" in command:
         small_body(h, req)
     else:
         raise invalid("X-Goog-Upload-Command must be upload, finalize, query or cancel")
@@ -1870,12 +1879,18 @@ class MockHandler(socketserver.StreamRequestHandler):
             # The handshake happens here, in this connection's own thread: a slow or failing
             # client never holds up the others. A failure is one log line, never a traceback.
             self.request.settimeout(HANDSHAKE_TIMEOUT)
+            self.idle = True  # a stop may end a handshake that is taking its time
             try:
-                self.request = ctx.wrap_socket(self.request, server_side=True)
+                # Wrap first, handshake after: wrapping moves the descriptor to the TLS socket, which
+                # drain() must be able to reach while the handshake waits.
+                self.request = ctx.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+                self.request.do_handshake()
             except (OSError, ValueError) as e:
                 self.server.log.info("%s:%s: TLS handshake failed: %s", self.client_address[0],
                                      self.client_address[1], getattr(e, "reason", None) or e)
                 raise ClientGone("TLS handshake failed")
+            finally:
+                self.idle = False
             self.request.settimeout(None)
         # A read that times out ends the input (the connection closes); a write raises OSError.
         import struct
@@ -1918,24 +1933,36 @@ class MockHandler(socketserver.StreamRequestHandler):
         self.fault = NO_FAULT  #: (kind, params) of the fault this answer carries out
         self.events = 0  #: stream items sent
         self.chunked_out = True  #: the streamed body is chunked (not for HTTP/1.0 clients)
+        self.recorded = False  #: already in the journal
+        self.pending = 0  #: bytes about to be written when the journal entry is made
         self.ended = None  #: how the answer ended, when not simply
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # a stray empty line before a request line is ignored (RFC 9112)
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
             self.close_connection = True
             return
         srv = self.server
         srv.begin_request(self)
         try:
-            req = self.parse_head(line)
+            self.idle = True  # until the head is whole, a stop may end the wait for the rest of it
+            try:
+                req = self.parse_head(line)
+            finally:
+                self.idle = False
             if req is None:
                 return
             self.req = req
             self.dispatch(req)
+            self.close_unread()
         except HTTPError as e:
+            if self.req is not None:
+                self.refuse_body(self.req, e)
             self.answer_error(e)
+            self.close_unread()
         except Exception as e:
             if isinstance(e, (OSError, ClientGone)):
-                self.ended = self.ended or "client_gone"
+                self.ended = self.ended or ("closed" if isinstance(e, _Answered) else "client_gone")
                 raise
             srv.log.error("error while handling %s:\n%s", self.requestline_text(), format_exc())
             if not self.headers_sent:
@@ -1947,12 +1974,24 @@ class MockHandler(socketserver.StreamRequestHandler):
             srv.end_request(self)
             if srv.stopping:
                 self.close_connection = True
-            if self.req is not None and not (self.req.route and self.req.route.name.startswith("control_")):
-                srv.journal.add(self.journal_entry)
+            self.record()
             self.log_request_line()
 
     def journal_entry(self, seq):
         return journal_entry(self, seq)
+
+    def record(self, ended=None, pending=0):
+        """Put this request in the journal, once: called just before the answer's last bytes
+        leave (a client holding its answer always finds it there), else when handling ends."""
+        if ended:
+            self.ended = ended
+        req = self.req
+        if self.recorded or req is None or (req.route and req.route.name.startswith("control_")):
+            return
+        self.recorded = True
+        self.pending = pending
+        self.server.journal.add(self.journal_entry)
+        self.pending = 0
 
     def requestline_text(self):
         req = self.req
@@ -2013,7 +2052,8 @@ class MockHandler(socketserver.StreamRequestHandler):
         h = req.headers
         te = h.get("transfer-encoding")
         if te is not None:
-            if te.lower() != "chunked":
+            te = ",".join(v for k, v in h.items if k.lower() == "transfer-encoding")
+            if te.lower().replace(" ", "") != "chunked":
                 raise HTTPError(501, "Transfer-Encoding %r is not supported; use chunked" % te,
                                 "unsupported_transfer_encoding", close=True)
             if "content-length" in h:
@@ -2074,7 +2114,7 @@ class MockHandler(socketserver.StreamRequestHandler):
             raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, MAX_JSON_BODY),
                             "request_too_large", close=True)
         if expect is not None and req.version == "HTTP/1.1" and req.has_body() and kind != "EXPECT_IGNORE":
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # interim: not part of the answer's bytes
         if route.body == BODY_JSON:
             req.json = parse_json_body(self.read_json_body(req))
         elif route.body == BODY_NONE:
@@ -2087,7 +2127,16 @@ class MockHandler(socketserver.StreamRequestHandler):
         elif value is not None:
             self.answer_scenario(req, value, params)
             return
-        _HANDLERS[route.handler](self, req)
+        try:
+            _HANDLERS[route.handler](self, req)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+            if self.headers_sent or isinstance(e, (HTTPError, UnicodeDecodeError)):
+                raise
+            # A field of the wrong type or value deep in a request body (a list where an id goes,
+            # a number where a list goes): the provider answers 400, so does dpmock.
+            self.server.log.debug("%s: bad field in %s: %r", self.peer, req.path, e)
+            raise invalid("invalid request body: a field has the wrong type or value (%s: %s)"
+                          % (e.__class__.__name__, e))
         if req.has_body() and not req.body_done:
             self.close_connection = True  # the handler answered without reading the body
 
@@ -2173,6 +2222,13 @@ class MockHandler(socketserver.StreamRequestHandler):
         else:
             err = HTTPError(status, pe.openai[2], pe.openai[1], etype=pe.openai[0], headers=headers)
         return self.error_reply(err)
+
+    def close_unread(self):
+        """After the answer: a body left unread must neither be parsed as the next request nor
+        turn the close into a reset that destroys the answer, so linger-close."""
+        req = self.req
+        if req is not None and req.has_body() and not req.body_done and self.ended is None:
+            self.linger()
 
     def refuse_body(self, req, err):
         """Before answering without the body: drain a small one so the connection stays usable, else close."""
@@ -2307,7 +2363,7 @@ class MockHandler(socketserver.StreamRequestHandler):
 
     def abort(self, how):
         """End the connection now, by FIN or by TCP reset, and stop handling this request."""
-        self.ended = how
+        self.record(how)
         self.close_connection = True
         if how == "reset":
             import struct
@@ -2318,17 +2374,19 @@ class MockHandler(socketserver.StreamRequestHandler):
     def half_close(self):
         """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
         self.close_connection = True
+        self.record("half_close")
         try:
             self.connection.shutdown(socket.SHUT_WR)
             self.drain_until_eof(scenarios.MAX_WAIT_S)
         except OSError:
             pass
-        self.ended = "half_close"
         raise _Answered("half_close")
 
     def send_bytes(self, status, body, content_type, headers=(), close=False):
         """Send a whole response in one write (headers and body together)."""
         kind, p = self.fault
+        if self.req is not None and self.req.method == "HEAD" and kind in _BODY_FAULTS:
+            kind = None  # a HEAD answer has no body to break
         if kind == "HTML_200":
             status, body, content_type = 200, _HTML_PAGE, scenarios.HTML
         elif kind == "INVALID_JSON_200" and status == 200 and content_type == scenarios.JSON:
@@ -2352,6 +2410,8 @@ class MockHandler(socketserver.StreamRequestHandler):
         if kind == "HALF_CLOSE":
             self.write(head + body[:len(body) // 2])
             self.half_close()
+        if kind not in ("SHORT_BODY", "RESET", "SLOW_BODY"):
+            self.record(pending=len(head) + len(body))
         self.write(head + body)
         if kind == "SHORT_BODY":
             self.abort("fin")
@@ -2395,9 +2455,20 @@ class MockHandler(socketserver.StreamRequestHandler):
             self.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     def end_chunked(self):
-        if self.fault[0] in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"):
+        kind, p = self.fault
+        if kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"):
             self.abort("fin")
+        # A stream fault whose threshold the stream never reached fires at its end.
+        if kind == "STREAM_ERROR":
+            self.send_stream_error("\r\n\r\n" if self.req.provider == GEMINI else "\n\n", None)
+        if kind == "STREAM_STALL":
+            self.server.pause(p["ms"] / 1000.0)
+            self.abort("fin")
+        if kind == "STREAM_CUT":
+            self.abort(p["how"])
         if self.chunked_out:
+            if kind not in ("RESET", "SLOW_BODY"):
+                self.record(pending=5)
             self.write(b"0\r\n\r\n")
 
     def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
@@ -2460,8 +2531,9 @@ class MockHandler(socketserver.StreamRequestHandler):
                 "%s%s]" % ("[" if index == 0 else ",\r\n", payload)
         self.close_connection = True
         raw = text.encode("utf-8")
-        self.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked_out else raw)
-        self.ended = "stream_error"
+        data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked_out else raw
+        self.record("stream_error", len(data))
+        self.write(data)
         raise _Answered("stream_error")
 
     def send_stream(self, stream):
@@ -2503,6 +2575,7 @@ class _Answered(ClientGone):
 
 
 NO_FAULT = (None, None)
+_BODY_FAULTS = {"NO_FINAL_CHUNK", "BAD_CHUNK_SIZE", "SHORT_BODY", "HALF_CLOSE", "INVALID_JSON_200", "SLOW_BODY"}
 #: Faults that shape a stream; other answers are left alone by them.
 _STREAM_FAULTS = {"STREAM_ERROR", "STREAM_SLOW", "STREAM_STALL", "STREAM_CUT", "STREAM_NO_END", "SSE_SPLIT",
                   "SSE_LINE_ENDINGS", "SSE_COMMENTS", "SSE_BIG_EVENT", "SSE_MANY_EVENTS"}
@@ -2520,6 +2593,10 @@ def format_exc():
     return traceback.format_exc().rstrip()
 
 
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
 def parse_json_body(body):
     """Decode a JSON object body or raise HTTPError 400 naming the problem."""
     if not body:
@@ -2530,9 +2607,15 @@ def parse_json_body(body):
         raise HTTPError(400, "request body is not valid JSON: not UTF-8 (byte 0x%02x at offset %d)"
                         % (body[e.start], e.start), "invalid_json")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except ValueError as e:
         raise HTTPError(400, "request body is not valid JSON: %s" % e, "invalid_json")
+    if "\\u" in text:  # escaped lone surrogates parse, but no answer could carry them as UTF-8
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, "request body is not valid JSON: it holds a lone UTF-16 surrogate",
+                            "invalid_json")
     if not isinstance(value, dict):
         raise HTTPError(400, "request body must be a JSON object, not %s" % type(value).__name__, "invalid_json")
     return value
@@ -2591,8 +2674,9 @@ class Journal:
     def add(self, make_entry):
         """Record ``make_entry(seq)``. Lock-free (deque.append and next() are atomic): a lock taken by
         every request would make the handler threads queue for it."""
-        self.seq = seq = next(self._seq)
+        seq = next(self._seq)
         self.entries.append(make_entry(seq))
+        self.seq = seq
         if self.waiters:
             with self.cond:
                 self.cond.notify_all()
@@ -2653,7 +2737,7 @@ def journal_entry(h, seq):
     return JournalEntry(seq, time.time(), h.client_address, req.method, req.path, req.query_string,
                         tuple(req.headers.items),
                         bytes(req.captured), req.body_bytes, req.route, req.scenario, h.status or None,
-                        h.sent, (time.monotonic() - req.t0) * 1000, h.served > 0,
+                        h.sent + h.pending, (time.monotonic() - req.t0) * 1000, h.served > 0,
                         h.ended or ("closed" if h.close_connection else "ok"))
 
 
@@ -2854,7 +2938,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 # plain socket call: a TLS socket's own shutdown() would drop its TLS state).
                 if handler is not None and handler.idle and (handler.served or now - accepted > FRESH_GRACE):
                     try:
-                        socket.socket.shutdown(handler.connection, socket.SHUT_RD)
+                        socket.socket.shutdown(handler.request, socket.SHUT_RD)
                     except OSError:
                         pass
             if not conns or now >= deadline:

@@ -1552,6 +1552,86 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
 
 
+class ReviewRegressionTest(unittest.TestCase):
+    """Bugs an independent review found, each as a client sees it."""
+
+    def test_error_before_an_unread_upload_does_not_desync_the_connection(self):
+        body = b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX--\r\n'
+        raw = SERVER.raw(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +  # no key: 401 before the body
+                         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\n\r\n")
+        s1, _, _, rest = split_response(raw)
+        s2, _, b2, _ = split_response(rest)
+        self.assertEqual((s1, s2, json.loads(b2)["object"]), (401, 200, "list"))
+
+    def test_big_unread_body_gets_its_answer_not_a_reset(self):
+        big = b"{" + b" " * (40 * MIB) + b"}"
+        c = SERVER.conn(timeout=20)
+        self.addCleanup(c.close)
+        c.request("POST", "/v1/chat/completions", body=big, headers=OA)
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("Connection")), (413, "close"))
+
+    def test_wrongly_typed_fields_are_400_not_500(self):
+        bodies = [{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": [1]}]},
+                                              {"role": "user", "content": "x"}]},
+                  {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": {
+                      "name": [1]}}, "tools": [{"type": "function", "function": {"name": "f"}}]}]
+        for body in bodies:
+            st, _, r = jpost("/v1/chat/completions", body, OA)
+            self.assertEqual(st, 400, r)
+        for raw in (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
+                    b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":NaN}'):
+            st, _, r = jpost("/v1/chat/completions", raw, OA)
+            self.assertEqual((st, r["error"]["code"]), (400, "invalid_json"))
+        st, _, r = jpost("/v1/images/generations", {"model": 5, "prompt": "x"}, OA)
+        self.assertEqual(st, 400)
+        for path in ("/v1/models?limit=%C2%B2", "/_control/requests?limit=%C2%B2"):
+            self.assertEqual(SERVER.request("GET", path, None, AN)[0], 400, path)
+
+    def test_answered_requests_are_already_in_the_journal(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        a, b = srv.conn(), srv.conn()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        for i in range(200):
+            a.request("GET", "/v1/models?n=%d" % i, headers=OA)
+            a.getresponse().read()
+            b.request("GET", "/_control/requests?limit=1")
+            last = json.loads(b.getresponse().read())["requests"][-1]
+            self.assertEqual(last["query"], "n=%d" % i)
+
+    def test_stray_crlf_head_chunk_faults_and_bare_finalize(self):
+        raw = SERVER.raw(b"\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                         b"Connection: close\r\n\r\n")
+        self.assertEqual(split_response(raw)[0], 200)
+        raw = SERVER.raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                         b"X-DP-Scenario: BAD_CHUNK_SIZE\r\nConnection: close\r\n\r\n")
+        self.assertTrue(raw.endswith(b"\r\n\r\n") and b"zz" not in raw)
+        st, hdrs, _ = SERVER.request("POST", "/upload/v1beta/files", b"{}", dict(
+            GE, **{"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"}))
+        path = hdrs["x-goog-upload-url"].split(str(SERVER.port), 1)[1]
+        SERVER.request("POST", path, b"abc", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"})
+        st, hdrs, data = SERVER.request("POST", path, b"", {"X-Goog-Upload-Command": "finalize"})
+        self.assertEqual((st, hdrs["x-goog-upload-status"], json.loads(data)["file"]["sizeBytes"]), (200, "final", "3"))
+
+    def test_stream_fault_beyond_the_stream_fires_at_its_end(self):
+        raw = post_raw(json.loads(chat_body(True)), "/v1/chat/completions",
+                       dict(OA, **{"X-DP-Scenario": "STREAM_CUT; events=100"}))
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # cut: no final chunk
+
+    def test_stop_ends_a_pending_tls_handshake(self):
+        srv = Server("--listen", "tls:0")
+        self.addCleanup(srv.stop)
+        s = socket.create_connection(("127.0.0.1", tls_port(srv)), timeout=10)  # never says hello
+        self.addCleanup(s.close)
+        time.sleep(1.3)  # past the fresh-connection grace
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 3)
+
+
 # ----------------------------------------------------------------------------- HTTP behaviour
 
 class HTTPBehaviourTest(unittest.TestCase):
