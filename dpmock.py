@@ -21,10 +21,12 @@ returns CMD's status, or 125 when the sandbox cannot be made.
 import binascii
 import errno
 import fcntl
+import http.server
 import itertools
 import json
 import os
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -221,91 +223,127 @@ def parse_args(argv):
 ################################################################################
 
 BODY_NONE, BODY_JSON, BODY_STREAM = "none", "json", "stream"
+STREAM_NEVER, STREAM_FLAG, STREAM_ALWAYS = "", "flag", "always"
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+SHARED, DPMOCK = None, ""  #: route.provider of paths the providers share, and of dpmock's own
 
 
-class Route(namedtuple("Route", "method pattern name body handler provider versioned")):
-    """One row of the route table.
+class Route(namedtuple("Route", "method pattern name handler provider body stream versioned")):
+    """One row of the route table: what a path is, and the one function that answers it.
 
     ``pattern`` is the path after any version prefix, with ``{name}`` placeholders; ``name``
-    is the key scenarios.py uses; ``body`` is BODY_NONE, BODY_JSON (read and parsed) or
-    BODY_STREAM (the handler reads it in pieces: counted or parsed, never held whole);
-    ``handler`` names a module-level function; ``provider`` is OPENAI, ANTHROPIC, GEMINI,
-    None for paths the providers share (told apart per request) or "" for dpmock's own;
-    ``versioned`` routes are also served under /v1, /v1beta, /v1alpha and /v1beta1.
+    is the key scenarios.py uses; ``handler(w, req)`` answers through the writer ``w``;
+    ``provider`` is OPENAI, ANTHROPIC, GEMINI, SHARED (told apart per request) or DPMOCK;
+    ``body`` is BODY_NONE, BODY_JSON (read and parsed before the handler runs) or BODY_STREAM
+    (the handler reads it in pieces, never held whole); ``stream`` is STREAM_NEVER,
+    STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS.
+    Provider routes are also served under /v1, /v1beta, /v1alpha and /v1beta1, and every
+    fault of their kind applies to them (see ``applies``): no second list names them.
     """
 
     __slots__ = ()
 
-    def __new__(cls, method, pattern, name, body, handler, provider, versioned=True):
-        return super().__new__(cls, method, pattern, name, body, handler, provider, versioned)
+    def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER):
+        return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK)
+
+    def applies(self, scenario):
+        """Whether a fault scenario (``applies`` provider / body / stream) covers this route."""
+        kind = scenario.applies
+        if kind is None or self.provider == DPMOCK:
+            return False
+        if scenario.providers and self.provider not in scenario.providers:
+            return False
+        return (kind == scenarios.ANY_PROVIDER_ROUTE or (kind == scenarios.BODY and self.body != BODY_NONE)
+                or (kind == scenarios.STREAMED and self.stream != STREAM_NEVER))
+
+    def streaming(self, req):
+        """Whether this request's answer is a stream."""
+        return self.stream == STREAM_ALWAYS or (self.stream == STREAM_FLAG and isinstance(req.json, dict)
+                                                and req.json.get("stream") is True)
 
 
-_GEMINI_MODEL = "/models/{model}"
-_VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
-_EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
-
-ROUTES = (
-    Route("POST", "/chat/completions", "chat", BODY_JSON, "handle_openai_chat", OPENAI),
-    Route("POST", "/images/generations", "images", BODY_JSON, "handle_openai_images", OPENAI),
-    Route("POST", "/files", "files", BODY_STREAM, "handle_openai_file_upload", OPENAI),
-    Route("POST", "/messages", "messages", BODY_JSON, "handle_anthropic_messages", ANTHROPIC),
-    Route("POST", "/messages/count_tokens", "messages_count_tokens", BODY_JSON, "handle_anthropic_count_tokens",
-          ANTHROPIC),
-    Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", BODY_JSON, "handle_gemini_generate", GEMINI),
-    Route("POST", _GEMINI_MODEL + ":streamGenerateContent", "gemini_stream", BODY_JSON, "handle_gemini_generate",
-          GEMINI),
-    Route("POST", _GEMINI_MODEL + ":countTokens", "gemini_count_tokens", BODY_JSON, "handle_gemini_count_tokens",
-          GEMINI),
-    Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
-    Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
-    Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", BODY_JSON, "handle_gemini_predict", GEMINI),
-    Route("POST", _EXPRESS_MODEL + ":generateContent", "gemini_generate", BODY_JSON, "handle_gemini_generate", GEMINI),
-    Route("POST", _EXPRESS_MODEL + ":streamGenerateContent", "gemini_stream", BODY_JSON, "handle_gemini_generate",
-          GEMINI),
-    Route("POST", "/files:upload", "gemini_upload", BODY_STREAM, "handle_gemini_upload_raw", GEMINI),
-    Route("POST", "/upload/files", "gemini_upload_media", BODY_STREAM, "handle_gemini_upload", GEMINI),
-    Route("GET", "/models", "models", BODY_NONE, "handle_models_list", None),
-    Route("GET", "/models/{model}", "models_get", BODY_NONE, "handle_model_get", None),
-    Route("GET", "/files", "files_list", BODY_NONE, "handle_files_list", None),
-    Route("GET", "/files/{file_id}", "files_get", BODY_NONE, "handle_file_get", None),
-    Route("DELETE", "/files/{file_id}", "files_delete", BODY_NONE, "handle_file_delete", None),
-    Route("GET", "/_images/{image}", "image_png", BODY_NONE, "handle_image_png", "", versioned=False),
-    Route("GET", "/_control/status", "control_status", BODY_NONE, "handle_control_status", "", versioned=False),
-    Route("GET", "/_control/requests", "control_requests", BODY_NONE, "handle_control_requests", "",
-          versioned=False),
-    Route("DELETE", "/_control/requests", "control_requests_clear", BODY_NONE, "handle_control_requests_clear", "",
-          versioned=False),
-    Route("GET", "/_control/schedules", "control_schedules", BODY_NONE, "handle_control_schedules", "",
-          versioned=False),
-    Route("POST", "/_control/reset", "control_reset", BODY_NONE, "handle_control_reset", "", versioned=False),
-    Route("POST", "/_control/shutdown", "control_shutdown", BODY_NONE, "handle_control_shutdown", "",
-          versioned=False),
-    Route("POST", "/_control/restart", "control_restart", BODY_NONE, "handle_control_restart", "",
-          versioned=False),
-)
-
-#: Version prefixes the tests exercise (the C library sends bare paths; SDKs /v1 or /v1beta).
-PREFIXES = ("", "/v1", "/v1beta")
 #: Version segments; google-genai also uses /v1alpha and, in Vertex express mode, /v1beta1.
 _VERSIONS = ("v1", "v1beta", "v1alpha", "v1beta1")
+#: Version prefixes the tests exercise (the C library sends bare paths; SDKs /v1 or /v1beta).
+PREFIXES = ("", "/v1", "/v1beta")
 
-# Routes are matched by path segments, not regexes: compiling a regex per route would cost
-# milliseconds at every start. A pattern segment is a literal, "{name}" or "{name}:action".
-_EXACT = {}  # path -> {method: route}
-_PATTERNS = {}  # segment count -> [(segments, {method: route})]
-for _r in ROUTES:
-    if "{" not in _r.pattern:
-        _EXACT.setdefault(_r.pattern, {})[_r.method] = _r
-        continue
-    _segs = tuple(_r.pattern.split("/"))
-    _same = _PATTERNS.setdefault(len(_segs), [])
-    for _known, _methods in _same:
-        if _known == _segs:
-            _methods[_r.method] = _r
-            break
-    else:
-        _same.append((_segs, {_r.method: _r}))
+
+class Router:
+    """Matches a method and path to a route; 404, or 405 with ``Allow``.
+
+    Routes are matched by path segments, not regexes: compiling a regex per route would cost
+    milliseconds at every start. A pattern segment is a literal, ``{name}`` or ``{name}:action``.
+    """
+
+    def __init__(self, routes):
+        self.routes = tuple(routes)
+        self._exact = {}  # path -> {method: route}
+        self._patterns = {}  # segment count -> [(segments, {method: route})]
+        for r in self.routes:
+            if "{" not in r.pattern:
+                self._exact.setdefault(r.pattern, {})[r.method] = r
+                continue
+            segs = tuple(r.pattern.split("/"))
+            same = self._patterns.setdefault(len(segs), [])
+            for known, methods in same:
+                if known == segs:
+                    methods[r.method] = r
+                    break
+            else:
+                same.append((segs, {r.method: r}))
+
+    def match(self, method, path):
+        """Return (route, params) for a request, or raise HTTPError 404 / 405 (with Allow)."""
+        upload = path.startswith("/upload/")  # Gemini media uploads: /upload/v1beta/files
+        segments = path.split("/")[2 if upload else 1:]
+        versioned = False
+        for _ in range(2):  # the C library may send /v1beta/v1/files:upload
+            if len(segments) > 1 and segments[0] in _VERSIONS:
+                segments = segments[1:]
+                versioned = True
+        stripped = ("/upload/" if upload else "/") + "/".join(segments)
+        found = None
+        methods = self._exact.get(stripped)
+        if methods is not None:
+            found = (methods, {})
+        else:
+            for pattern, methods in self._patterns.get(stripped.count("/") + 1, ()):
+                params = _match_segments(pattern, stripped.split("/"))
+                if params is not None:
+                    found = (methods, params)
+                    break
+        if found is not None:
+            methods, params = found
+            route = methods.get("GET" if method == "HEAD" else method)
+            if route is not None and (route.versioned or not versioned):
+                return route, params
+            allowed = sorted({m for m, r in methods.items() if r.versioned or not versioned})
+            if allowed:
+                if "GET" in allowed:
+                    allowed.append("HEAD")
+                raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
+                                "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
+        raise HTTPError(404, "no route for %s %s" % (method, path), "not_found")
+
+    def scenario_routes(self, scenario):
+        """Names of the routes a scenario answers on: its own rows, or every route of its kind."""
+        names = [r.name for r in self.routes if r.applies(scenario)]
+        return list(dict.fromkeys(list(scenario.routes) + names))
+
+    def markdown_table(self):
+        """The README's route table, generated from the routes."""
+        rows = ["| route name | method and path | provider | request body | streams |", "|---|---|---|---|---|"]
+        by_name = {}
+        for r in self.routes:
+            by_name.setdefault(r.name, []).append(r)
+        for name, group in by_name.items():
+            r = group[0]
+            paths = ", ".join("`%s %s`" % (g.method, g.pattern) for g in group)
+            provider = {SHARED: "shared", DPMOCK: "dpmock"}.get(r.provider, r.provider)
+            body = {BODY_NONE: "none", BODY_JSON: "JSON", BODY_STREAM: "streamed in pieces"}[r.body]
+            stream = {STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`', STREAM_ALWAYS: "always"}[r.stream]
+            rows.append("| %s | %s | %s | %s | %s |" % (name, paths, provider, body, stream))
+        return "\n".join(rows) + "\n"
 
 
 def _match_segments(pattern, segments):
@@ -356,42 +394,8 @@ def parse_query(query):
     return out
 
 
-def match(method, path):
-    """Return (route, params) for a request, or raise HTTPError 404 / 405 (with Allow)."""
-    upload = path.startswith("/upload/")  # Gemini media uploads: /upload/v1beta/files
-    segments = path.split("/")[2 if upload else 1:]
-    versioned = False
-    for _ in range(2):  # the C library may send /v1beta/v1/files:upload
-        if len(segments) > 1 and segments[0] in _VERSIONS:
-            segments = segments[1:]
-            versioned = True
-    stripped = ("/upload/" if upload else "/") + "/".join(segments)
-    candidates = []
-    methods = _EXACT.get(stripped)
-    if methods is not None:
-        candidates.append((methods, {}))
-    else:
-        for pattern, methods in _PATTERNS.get(stripped.count("/") + 1, ()):
-            params = _match_segments(pattern, stripped.split("/"))
-            if params is not None:
-                candidates.append((methods, params))
-                break
-    for methods, params in candidates:
-        lookup = "GET" if method == "HEAD" else method
-        route = methods.get(lookup)
-        if route is not None and (route.versioned or not versioned):
-            return route, params
-        allowed = sorted({m for m, r in methods.items() if r.versioned or not versioned})
-        if allowed:
-            if "GET" in allowed:
-                allowed.append("HEAD")
-            raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
-                            "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
-    raise HTTPError(404, "no route for %s %s" % (method, path), "not_found")
-
-
 ################################################################################
-# Requests
+# Requests: the request line, the header section, body framing and body pieces
 ################################################################################
 
 MAX_REQUEST_LINE = 8192
@@ -402,9 +406,10 @@ MAX_DISCARD = 64 * 1024  #: unwanted bodies up to this are drained; larger ones 
 MAX_FIELD = 64 * 1024  #: a non-file multipart field or upload metadata body kept in memory
 PIECE = 65536  #: request bodies are read in pieces of this size
 JOURNAL_BODY = 16384  #: request body bytes kept in each journal entry
-LINGER_SECONDS = 2.0  #: how long an unread upload is drained after its answer before closing
-FRESH_GRACE = 1.0  #: at a stop, how long a just-accepted connection may take to send its request
-HANDSHAKE_TIMEOUT = 10.0  #: how long a TLS client may take to finish its handshake
+
+
+class ClientGone(Exception):
+    """The client closed the connection before sending what it announced."""
 
 
 class Headers:
@@ -421,18 +426,22 @@ class Headers:
     def get(self, name, default=None):
         return self._map.get(name, default)
 
+    def all(self, name):
+        """Every value of a header (lower-case ``name``), in order."""
+        return [v for k, v in self.items if k.lower() == name]
+
     def __contains__(self, name):
         return name in self._map
 
 
 class Request:
-    """One parsed request; attributes are filled in as the handler learns them."""
+    """One parsed request; attributes are filled in as dispatch learns them."""
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme")
+                 "scheme", "reader", "close_after")
 
-    def __init__(self, method, target, version, headers):
+    def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
         if target.startswith(("http://", "https://")):  # absolute form, as sent to a proxy
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
@@ -447,6 +456,8 @@ class Request:
         self.scenario = None
         self.t0 = time.monotonic()
         self.scheme = "http"
+        self.reader = reader
+        self.close_after = False  #: the connection must close after this answer (its framing said so)
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -455,73 +466,193 @@ class Request:
     def has_body(self):
         return self.chunked or (self.length or 0) > 0
 
+    def body_pieces(self, limit=None):
+        """The body in pieces of at most PIECE bytes; ``limit``: 413 once more would arrive."""
+        return self.reader.pieces(self, limit)
+
+    def drain(self):
+        for _ in self.body_pieces():
+            pass
+
     def origin(self):
         """scheme://host[:port] as the client addressed this server (for URLs it will follow)."""
         return "%s://%s" % (self.scheme, self.headers.get("host") or "127.0.0.1")
 
 
-def _bearer(value):
-    return value[7:] if value[:7].lower() == "bearer " else value
+#: Bytes that may not appear in a header value (RFC 9110 5.5: CTLs other than HTAB, and DEL).
+_CTL = bytes(c for c in range(32) if c != 9) + b"\x7f"
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
-def request_key(req):
-    """The API key, looked up where the Flask mock looked (Anthropic routes: x-api-key first)."""
-    return find_key(req.headers, req.route, req.query)
+class RequestReader:
+    """Reads requests from a binary file object (a socket's, or a BytesIO in tests)."""
 
+    def __init__(self, rfile):
+        self.rfile = rfile
 
-def find_key(h, route, query):
-    if route is not None and route.provider == ANTHROPIC:
-        sources = (h.get("x-api-key"), h.get("authorization"))
-    else:
-        sources = (h.get("authorization"), h.get("x-api-key"), h.get("x-goog-api-key"), (query.get("key") or [None])[0])
-    for value in sources:
-        if value is not None:
-            return _bearer(value.strip())
-    return None
+    def request_line(self):
+        """The next request line (b"" at EOF); one stray empty line before it is skipped (RFC 9112 2.2)."""
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if line in (b"\r\n", b"\n"):
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        return line
 
+    def head(self, line):
+        """Parse a request line and the header section into a Request; HTTPError when malformed."""
+        method, target, version = self._parse_line(line)
+        items = self._header_lines()
+        req = Request(method, target, version, Headers(items), self)
+        self._check_host(req)
+        self._framing(req)
+        return req
 
-def select_scenario(req):
-    """(spec, scenario, params) chosen by X-DP-Scenario, else by a key naming a scenario; else Nones.
+    @staticmethod
+    def _parse_line(line):
+        if len(line) > MAX_REQUEST_LINE:
+            raise HTTPError(414, "request line longer than %d bytes" % MAX_REQUEST_LINE, "uri_too_long", close=True)
+        if not line.endswith(b"\n"):
+            raise ClientGone("request line cut off")
+        text = line.decode("latin-1").rstrip("\r\n")
+        parts = text.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/") or any(c in text for c in "\r\t\x00"):
+            raise HTTPError(400, "malformed request line (%d bytes); expected METHOD TARGET HTTP/1.1" % len(text),
+                            "bad_request_line", close=True)
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if len(version) == 8 and version[5].isdigit() and version[6] == "." and version[7].isdigit():
+                raise HTTPError(505, "HTTP version %s is not supported; use HTTP/1.1" % version,
+                                "http_version_not_supported", close=True)
+            raise HTTPError(400, "malformed HTTP version; use HTTP/1.1", "bad_request_line", close=True)
+        if not method.isalpha() or not method.isupper() or not method.isascii():
+            raise HTTPError(400, "malformed method %r" % method[:20], "bad_request_line", close=True)
+        if not target or any(ord(c) <= 32 or ord(c) >= 127 for c in target):
+            raise HTTPError(400, "malformed request target: it must be printable ASCII without spaces",
+                            "bad_request_line", close=True)
+        return method, target, version
 
-    Both may carry parameters: ``STREAM_SLOW; ttft_ms=200; tps=20``. A bad one is a 400 naming it.
-    """
-    explicit = req.headers.get("x-dp-scenario")
-    spec = explicit.strip() if explicit is not None else (request_key(req) or "")
-    if explicit is None and scenarios.get(spec.split(";")[0].strip()) is None:
-        return None, None, {}
-    try:
-        scenario, params = scenarios.resolve(spec)
-    except KeyError as e:
-        raise HTTPError(400, "unknown scenario %r in X-DP-Scenario; known: %s"
-                        % (e.args[0], ", ".join(scenarios.names())), "unknown_scenario")
-    except ValueError as e:
-        raise HTTPError(400, "bad scenario parameter: %s" % e, "bad_scenario_parameter")
-    return spec, scenario, params
+    def _header_lines(self):
+        items, total = [], 0
+        while True:
+            hline = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            total += len(hline)
+            if total > MAX_HEADER_BYTES or len(items) >= MAX_HEADERS:
+                raise HTTPError(431, "request header section over %d bytes or %d fields"
+                                % (MAX_HEADER_BYTES, MAX_HEADERS), "headers_too_large", close=True)
+            if not hline.endswith(b"\n"):
+                raise ClientGone("header section cut off")
+            if hline in (b"\r\n", b"\n"):
+                return items
+            if hline[:1] in (b" ", b"\t"):
+                raise HTTPError(400, "obsolete header line folding is not accepted", "bad_header", close=True)
+            name, sep, value = hline.partition(b":")
+            if not sep or not name or not _TOKEN_CHARS.issuperset(name):
+                # The line itself is never quoted: it may hold a key.
+                raise HTTPError(400, "malformed header line %d: expected NAME: VALUE with a token name"
+                                % (len(items) + 1), "bad_header", close=True)
+            value = value.rstrip(b"\r\n").strip(b" \t")
+            if value.translate(None, _CTL) != value:
+                raise HTTPError(400, "header %s holds a control character (CR, LF, NUL...)"
+                                % name.decode("latin-1"), "bad_header", close=True)
+            items.append((name.decode("latin-1"), value.decode("latin-1")))
 
+    @staticmethod
+    def _check_host(req):
+        hosts = req.headers.all("host")
+        if req.version == "HTTP/1.1" and len(hosts) != 1:
+            raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header, not %d" % len(hosts),
+                            "bad_host", close=True)
+        if hosts and not all(c.isalnum() or c in "-._~:[]%!$&'()*+,;=" for c in hosts[0]):
+            raise HTTPError(400, "malformed Host header", "bad_host", close=True)
 
-def detect_provider(req):
-    """Which provider a request on a shared path (GET /models, /files/...) is meant for."""
-    h = req.headers
-    if "anthropic-version" in h or "x-api-key" in h:
-        return ANTHROPIC
-    if "x-goog-api-key" in h or req.arg("key") is not None or req.path.startswith(("/v1beta/", "/v1alpha/")):
-        return GEMINI
-    return OPENAI
+    @staticmethod
+    def _framing(req):
+        """Work out how the body is framed; bad framing closes the connection."""
+        h = req.headers
+        conn = (h.get("connection") or "").lower()
+        if req.version == "HTTP/1.0":
+            req.close_after = "keep-alive" not in conn
+        elif "close" in conn:
+            req.close_after = True
+        te = h.all("transfer-encoding")
+        if te:
+            te = ",".join(te)
+            if te.lower().replace(" ", "").replace("\t", "") != "chunked":
+                raise HTTPError(501, "Transfer-Encoding %r is not supported; use chunked" % te[:40],
+                                "unsupported_transfer_encoding", close=True)
+            if "content-length" in h:
+                raise HTTPError(400, "both Content-Length and Transfer-Encoding were sent", "bad_framing",
+                                close=True)
+            req.chunked = True
+            if req.version == "HTTP/1.0":  # RFC 9112 6.1: faulty framing; answer, then close
+                req.close_after = True
+            return
+        values = h.all("content-length")
+        if values:
+            vals = {v.strip() for v in ",".join(values).split(",")}
+            one = next(iter(vals))
+            if len(vals) != 1 or not one.isascii() or not one.isdigit() or len(one) > 18:
+                raise HTTPError(400, "invalid Content-Length %r" % ", ".join(values)[:50], "bad_content_length",
+                                close=True)
+            req.length = int(one)
+
+    def pieces(self, req, limit=None):
+        """Yield the request body in pieces (Content-Length or chunked); the first JOURNAL_BODY
+        bytes are kept for the journal, the rest never are. Past ``limit`` bytes: 413."""
+        if req.body_done:
+            return
+        if limit is not None and req.length is not None and req.length > limit:
+            raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, limit),
+                            "request_too_large", close=True)
+        source = self._chunked(limit) if req.chunked else self._exact(req.length or 0)
+        for piece in source:
+            req.body_bytes += len(piece)
+            room = JOURNAL_BODY - len(req.captured)
+            if room > 0:
+                req.captured += piece[:room]
+            yield piece
+        req.body_done = True
+
+    def _exact(self, left):
+        while left:
+            piece = self.rfile.read(min(left, PIECE))
+            if not piece:
+                raise ClientGone("body cut off")
+            left -= len(piece)
+            yield piece
+
+    def _chunked(self, limit):
+        total = 0
+        while True:
+            line = self.rfile.readline(1026)
+            if not line.endswith(b"\n"):
+                if not line:
+                    raise ClientGone("chunked body cut off")
+                raise HTTPError(400, "chunk size line too long", "bad_chunk", close=True)
+            size_text = line.split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > 15 or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise HTTPError(400, "invalid chunk size %r" % size_text[:20].decode("latin-1"), "bad_chunk",
+                                close=True)
+            size = int(size_text, 16)
+            total += size
+            if limit is not None and total > limit:
+                raise HTTPError(413, "chunked request body over the %d byte limit" % limit, "request_too_large",
+                                close=True)
+            if size == 0:
+                for _ in range(MAX_HEADERS + 1):  # trailers, ignored
+                    t = self.rfile.readline(8194)
+                    if not t:
+                        raise ClientGone("chunked trailer cut off")
+                    if t in (b"\r\n", b"\n"):
+                        return
+                raise HTTPError(431, "too many trailer fields", "headers_too_large", close=True)
+            yield from self._exact(size)
+            if self.rfile.read(2) != b"\r\n":
+                raise HTTPError(400, "chunk data not followed by CRLF", "bad_chunk", close=True)
 
 
 ################################################################################
-# Provider conventions: ids, times, tokens, errors, keys, models
+# Providers: one row each (error shape, keys, models, request ids, rate limits, stream errors)
 ################################################################################
-
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-                          403: "permission_error", 404: "not_found_error", 408: "timeout_error",
-                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 504: "timeout_error",
-                          529: "overloaded_error"}
-_GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                    408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
-                    499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
-                    504: "DEADLINE_EXCEEDED"}
-
 
 class HTTPError(Exception):
     """Raised anywhere in request handling; rendered in the provider's own error shape."""
@@ -533,30 +664,147 @@ class HTTPError(Exception):
         self.etype, self.param, self.details = etype, param, details
 
     def body(self, provider, request_id=None):
-        if provider == ANTHROPIC:
-            body = {"type": "error", "error": {
-                "type": self.etype or _ANTHROPIC_ERROR_TYPES.get(self.status,
-                                                                 "api_error" if self.status >= 500 else
-                                                                 "invalid_request_error"),
-                "message": self.message}}
-            if request_id:
-                body["request_id"] = request_id
-            return body
-        if provider == GEMINI:
-            err = {"code": self.status, "message": self.message,
-                   "status": self.etype or _GEMINI_STATUSES.get(self.status,
-                                                                "INTERNAL" if self.status >= 500 else
-                                                                "FAILED_PRECONDITION")}
-            if self.details:
-                err["details"] = self.details
-            return {"error": err}
-        etype = self.etype or ("invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": etype, "param": self.param, "code": self.code}}
+        return PROVIDERS[provider].error_body(self, request_id)
 
 
 def invalid(message, param=None, code=None):
     """A 400 for a request the provider would refuse; the message names the field."""
     return HTTPError(400, message, code, param=param)
+
+
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                          403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                          504: "timeout_error", 529: "overloaded_error"}
+_GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                    408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                    499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+                    504: "DEADLINE_EXCEEDED"}
+
+
+def _openai_error(e, request_id):
+    etype = e.etype or ("invalid_request_error" if e.status < 500 else "server_error")
+    return {"error": {"message": e.message, "type": etype, "param": e.param, "code": e.code}}
+
+
+def _anthropic_error(e, request_id):
+    etype = e.etype or _ANTHROPIC_ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else
+                                                  "invalid_request_error")
+    body = {"type": "error", "error": {"type": etype, "message": e.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def _gemini_error(e, request_id):
+    err = {"code": e.status, "message": e.message,
+           "status": e.etype or _GEMINI_STATUSES.get(e.status, "INTERNAL" if e.status >= 500 else "FAILED_PRECONDITION")}
+    if e.details:
+        err["details"] = e.details
+    return {"error": err}
+
+
+def _openai_headers(rid):
+    return [("x-request-id", rid), ("openai-version", "2020-10-01"), ("openai-processing-ms", "1")]
+
+
+def _anthropic_headers(rid):
+    return [("request-id", rid), ("anthropic-organization-id", "d9f4a1c2-7e3b-4c5d-9a8f-0b1c2d3e4f50")]
+
+
+def _openai_rate_limit(wait):
+    return [("retry-after", str(wait)), ("retry-after-ms", str(wait * 1000)), ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "%ds" % wait),
+            ("x-ratelimit-limit-tokens", "30000"), ("x-ratelimit-remaining-tokens", "30000"),
+            ("x-ratelimit-reset-tokens", "0s")], None
+
+
+def _anthropic_rate_limit(wait):
+    return [("retry-after", str(wait)), ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", rfc3339(time.time() + wait, False))], None
+
+
+def _gemini_rate_limit(wait):
+    return [], [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "%ds" % wait}]
+
+
+def _gemini_bad_key(key):
+    text = "API key not valid. Please pass a valid API key."
+    return HTTPError(400, text, etype="INVALID_ARGUMENT", details=[
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+         "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": text}])
+
+
+def _compact(obj):
+    return json.dumps(obj, separators=(",", ":"))
+
+
+class Provider(namedtuple("Provider", "name error_body answer_headers key_headers missing_key bad_key "
+                                      "missing_model rate_limit stream_error scenario_error field_path")):
+    """How one provider says things: every ``if provider == ...`` of the server lives in these rows.
+
+    ``error_body(HTTPError, request id)`` -> JSON body; ``answer_headers(request id)`` -> headers
+    on every answer; ``key_headers``: where its clients put the key, in lookup order;
+    ``missing_key()``/``bad_key(key)``/``missing_model(model, action)`` -> HTTPError;
+    ``rate_limit(seconds)`` -> (headers, error details); ``stream_error`` -> the in-stream error's
+    SSE text; ``scenario_error(ProviderError, status, headers, details)`` -> HTTPError;
+    ``field_path(parts)`` -> how its error messages name a field.
+    """
+
+    __slots__ = ()
+
+
+PROVIDERS = {
+    OPENAI: Provider(
+        OPENAI, _openai_error, _openai_headers,
+        ("authorization", "x-api-key", "x-goog-api-key"),
+        lambda: HTTPError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
+                               "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."),
+        lambda key: HTTPError(401, "Incorrect API key provided: %s. You can find your API key at "
+                                   "https://platform.openai.com/account/api-keys." % mask_key(key), "invalid_api_key"),
+        lambda model, action: HTTPError(404, "The model `%s` does not exist or you do not have access to it."
+                                        % model, "model_not_found"),
+        _openai_rate_limit,
+        lambda: "data: %s\n\n" % _compact({"error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error", "param": None, "code": None}}),
+        lambda pe, status, headers, details: HTTPError(status, pe.openai[2], pe.openai[1], etype=pe.openai[0],
+                                                       headers=headers),
+        lambda parts: "".join("[%d]" % p if isinstance(p, int) else ("." if i else "") + p
+                              for i, p in enumerate(parts))),
+    ANTHROPIC: Provider(
+        ANTHROPIC, _anthropic_error, _anthropic_headers,
+        ("x-api-key", "authorization"),
+        lambda: HTTPError(401, "x-api-key header is required", etype="authentication_error"),
+        lambda key: HTTPError(401, "invalid x-api-key", etype="authentication_error"),
+        lambda model, action: HTTPError(404, "model: %s" % model, etype="not_found_error"),
+        _anthropic_rate_limit,
+        lambda: "event: error\ndata: %s\n\n" % _compact({"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}}),
+        lambda pe, status, headers, details: HTTPError(status, pe.anthropic[1], etype=pe.anthropic[0],
+                                                       headers=headers),
+        lambda parts: ".".join(str(p) for p in parts)),
+    GEMINI: Provider(
+        GEMINI, _gemini_error, lambda rid: [],
+        ("authorization", "x-api-key", "x-goog-api-key"),
+        lambda: HTTPError(403, "Method doesn't allow unregistered callers (callers without established identity). "
+                               "Please use API Key or other form of API consumer identity to call this API.",
+                          etype="PERMISSION_DENIED"),
+        _gemini_bad_key,
+        lambda model, action: HTTPError(404, "models/%s is not found for API version v1beta, or is not supported for "
+                                             "%s. Call ListModels to see the list of available models and their "
+                                             "supported methods." % (model, action), etype="NOT_FOUND"),
+        _gemini_rate_limit,
+        lambda: _compact({"error": {"code": 500, "message": "An internal error has occurred. Please retry.",
+                                    "status": "INTERNAL"}}),
+        lambda pe, status, headers, details: HTTPError(status, pe.gemini[1], etype=pe.gemini[0], headers=headers,
+                                                       details=details),
+        lambda parts: "".join("[%d]" % p if isinstance(p, int) else ("." if i else "") + p
+                              for i, p in enumerate(parts))),
+}
+PROVIDERS[DPMOCK] = PROVIDERS[SHARED] = PROVIDERS[OPENAI]._replace(name=DPMOCK, answer_headers=lambda rid: [])
 
 
 _ID_PREFIX = os.urandom(4).hex()  #: differs per process, so ids stay unique across restarts
@@ -583,30 +831,42 @@ def count_tokens(texts, media=0):
     return max(1, sum(len(re.findall(_WORDS, t)) for t in texts) + MEDIA_TOKENS * media)
 
 
+def _bearer(value):
+    return value[7:] if value[:7].lower() == "bearer " else value
+
+
+def request_key(req):
+    """The API key, looked up where the provider's clients put it (Anthropic routes: x-api-key first)."""
+    return find_key(req.headers, req.route, req.query)
+
+
+def find_key(h, route, query):
+    order = PROVIDERS[route.provider if route is not None and route.provider == ANTHROPIC else OPENAI].key_headers
+    for name in order:
+        value = h.get(name)
+        if value is not None:
+            return _bearer(value.strip())
+    values = query.get("key")  # names are percent-decoded: ?%6Bey= is ?key=
+    return values[0].strip() if values else None
+
+
+def detect_provider(req):
+    """Which provider a request on a shared path (GET /models, /files/...) is meant for."""
+    h = req.headers
+    if "anthropic-version" in h or "x-api-key" in h:
+        return ANTHROPIC
+    if "x-goog-api-key" in h or req.arg("key") is not None or req.path.startswith(("/v1beta/", "/v1alpha/")):
+        return GEMINI
+    return OPENAI
+
+
 def check_key(req):
     """Refuse a missing key, or a bad one (scenarios.BAD_KEY_PREFIXES), as the provider does."""
     key = request_key(req)
-    p = req.provider
     if not key:
-        if p == ANTHROPIC:
-            raise HTTPError(401, "x-api-key header is required", etype="authentication_error")
-        if p == GEMINI:
-            raise HTTPError(403, "Method doesn't allow unregistered callers (callers without established "
-                                 "identity). Please use API Key or other form of API consumer identity to call "
-                                 "this API.", etype="PERMISSION_DENIED")
-        raise HTTPError(401, "You didn't provide an API key. You need to provide your API key in an "
-                             "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+        raise PROVIDERS[req.provider].missing_key()
     if key.startswith(scenarios.BAD_KEY_PREFIXES):
-        if p == ANTHROPIC:
-            raise HTTPError(401, "invalid x-api-key", etype="authentication_error")
-        if p == GEMINI:
-            text = "API key not valid. Please pass a valid API key."
-            raise HTTPError(400, text, etype="INVALID_ARGUMENT", details=[
-                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
-                {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": text}])
-        raise HTTPError(401, "Incorrect API key provided: %s. You can find your API key at "
-                             "https://platform.openai.com/account/api-keys." % mask_key(key), "invalid_api_key")
+        raise PROVIDERS[req.provider].bad_key(key)
 
 
 def mask_key(key):
@@ -615,26 +875,8 @@ def mask_key(key):
 
 def check_model(req, model, action="generateContent"):
     """Refuse a model id containing ``does-not-exist``, in the provider's words."""
-    if scenarios.MISSING_MODEL_MARK not in model:
-        return
-    p = req.provider
-    if p == ANTHROPIC:
-        raise HTTPError(404, "model: %s" % model, etype="not_found_error")
-    if p == GEMINI:
-        raise HTTPError(404, "models/%s is not found for API version v1beta, or is not supported for %s. Call "
-                             "ListModels to see the list of available models and their supported methods."
-                        % (model, action), etype="NOT_FOUND")
-    raise HTTPError(404, "The model `%s` does not exist or you do not have access to it." % model,
-                    "model_not_found")
-
-
-def provider_headers(provider, request_id):
-    """Headers the real provider puts on every answer (the SDKs read the request id)."""
-    if provider == OPENAI:
-        return [("x-request-id", request_id), ("openai-version", "2020-10-01"), ("openai-processing-ms", "1")]
-    if provider == ANTHROPIC:
-        return [("request-id", request_id), ("anthropic-organization-id", "d9f4a1c2-7e3b-4c5d-9a8f-0b1c2d3e4f50")]
-    return []
+    if scenarios.MISSING_MODEL_MARK in model:
+        raise PROVIDERS[req.provider].missing_model(model, action)
 
 
 def _get(obj, *names):
@@ -673,7 +915,7 @@ class Turn:
 class Plan:
     """dpmock's answer to a Turn: optional thinking, then text pieces or tool calls."""
 
-    def __init__(self, turn, fault=(None, None)):
+    def __init__(self, turn, fault):
         self.thinking = thinking_text(turn) if turn.thinking else None
         self.calls = []  #: (call id suffix, tool name, arguments dict)
         self.pieces = []
@@ -684,7 +926,7 @@ class Plan:
             self.calls.append((os.urandom(12).hex(), name, example_value(schema)))
             self.finish = "tool"
         else:
-            self.pieces = shaped_pieces(turn, *fault) or re.findall(_PIECES, answer_text(turn))
+            self.pieces = fault[0].pieces(turn, fault[1]) or re.findall(_PIECES, answer_text(turn))
             if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
                 self.pieces = self.pieces[:turn.max_tokens]
                 self.finish = "length"
@@ -693,19 +935,6 @@ class Plan:
         self.thinking_tokens = count_tokens([self.thinking]) if self.thinking else 0
         self.output_tokens = (len(self.pieces) if not self.calls else
                               sum(count_tokens([json.dumps(args)]) for _, _, args in self.calls))
-
-
-def shaped_pieces(turn, kind, params):
-    """The answer's pieces (one per stream event) as a framing-stress fault wants them, else None."""
-    if kind == "SSE_SPLIT":  # multi-byte characters, so pieces of a few bytes split them
-        return re.findall(_PIECES, "dpmock ünïcödé ✓ 😀 " + answer_text(turn))
-    if kind == "SSE_BIG_EVENT":
-        unit = "dpmock big event ünïcödé ✓ "
-        return [unit * (params["kib"] * 1024 // len(unit.encode("utf-8")) + 1)]
-    if kind == "SSE_MANY_EVENTS":
-        text = answer_text(turn)
-        return [text[i % len(text)] for i in range(params["n"])]
-    return None
 
 
 def answer_text(turn):
@@ -792,12 +1021,134 @@ def _max_tokens(value, name):
     return value
 
 
+
+
+# ---------------------------------------------------------------- request bodies, typed as the SDKs type them
+
+class Shape:
+    """What a request field must be: ``validate(value, spec, path)`` checks a body against a spec.
+
+    A spec is a type or a tuple of types (``int`` excludes ``bool``), ``[spec]`` (a list of
+    such), ``{name: spec}`` (an object whose given fields are such; others are not checked),
+    ``Shape.any`` (anything), or ``Shape.of(spec, ...)`` (any one of several specs).
+    """
+
+    any = object()
+
+    def __init__(self, *options):
+        self.options = options
+
+    @classmethod
+    def of(cls, *options):
+        return cls(*options)
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
+               list: "an array", type(None): "null"}
+
+
+def _describe(spec):
+    if isinstance(spec, list):
+        return "an array"
+    if isinstance(spec, dict):
+        return "an object"
+    if isinstance(spec, Shape):
+        return " or ".join(_describe(o) for o in spec.options)
+    if isinstance(spec, tuple):
+        return " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in spec)
+    return _TYPE_WORDS.get(spec, getattr(spec, "__name__", "?"))
+
+
+def _is(value, types):
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def shape_error(value, spec, path):
+    """The first place where ``value`` does not fit ``spec``: (path parts, expected words), else None."""
+    if spec is Shape.any:
+        return None
+    if isinstance(spec, Shape):
+        errors = [shape_error(value, option, path) for option in spec.options]
+        if all(errors):
+            deeper = [e for e in errors if len(e[0]) > len(path)]
+            return deeper[0] if len(deeper) == 1 else (path, _describe(spec))
+        return None
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return path, "an array"
+        for i, item in enumerate(value):
+            err = shape_error(item, spec[0], path + [i])
+            if err:
+                return err
+        return None
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return path, "an object"
+        for name, sub in spec.items():
+            if name in value:
+                err = shape_error(value[name], sub, path + [name])
+                if err:
+                    return err
+        return None
+    return None if _is(value, spec) else (path, _describe(spec))
+
+
+def _type_name(value):
+    return {True: "a boolean", False: "a boolean"}.get(value, None) if isinstance(value, bool) else \
+        _TYPE_WORDS.get(type(value), type(value).__name__)
+
+
+def validate(provider, body, spec):
+    """Raise the provider's 400 naming the first field of ``body`` that does not fit ``spec``."""
+    err = shape_error(body, spec, [])
+    if err is None:
+        return
+    parts, expected = err
+    value = body
+    for p in parts:
+        value = value[p]
+    field = PROVIDERS[provider].field_path(parts) or "body"
+    if provider == ANTHROPIC:
+        raise invalid("%s: Input should be %s, not %s" % (field, expected, _type_name(value)))
+    if provider == GEMINI:
+        raise invalid("Invalid value at '%s': expected %s, got %s" % (field, expected, _type_name(value)))
+    raise invalid("Invalid type for '%s': expected %s, but got %s instead." % (field, expected, _type_name(value)),
+                  field, "invalid_type")
+
+
 ################################################################################
 # OpenAI
 ################################################################################
 
+_NULL = type(None)
+_OPENAI_PART = {"type": str, "text": str, "image_url": Shape.of(str, {"url": str, "detail": str}),
+                "input_audio": dict, "file": dict}
+_OPENAI_TOOL_CALL = {"id": str, "type": str, "function": {"name": str, "arguments": str}}
+#: chat/completions fields typed as the SDKs type them (the real API refuses other types).
+OPENAI_CHAT_SHAPE = {
+    "model": str,
+    "messages": [{"role": str, "name": str, "tool_call_id": str, "content": Shape.of(str, _NULL, [_OPENAI_PART]),
+                  "tool_calls": Shape.of(_NULL, [_OPENAI_TOOL_CALL]), "refusal": (str, _NULL)}],
+    "tools": [{"type": str, "function": {"name": str, "description": str, "parameters": dict,
+                                         "strict": (bool, _NULL)}}],
+    "tool_choice": Shape.of(str, {"type": str, "function": {"name": str}}),
+    "stream": (bool, _NULL), "stream_options": Shape.of(_NULL, {"include_usage": bool}),
+    "max_tokens": (int, _NULL), "max_completion_tokens": (int, _NULL), "n": (int, _NULL),
+    "temperature": (float, _NULL), "top_p": (float, _NULL), "presence_penalty": (float, _NULL),
+    "frequency_penalty": (float, _NULL), "seed": (int, _NULL), "user": str, "logprobs": (bool, _NULL),
+    "stop": Shape.of(str, _NULL, [str]), "reasoning_effort": (str, _NULL), "parallel_tool_calls": bool,
+    "response_format": {"type": str, "json_schema": dict}, "metadata": (dict, _NULL), "store": (bool, _NULL),
+}
+
+
 def openai_turn(body):
     """Read a chat/completions body into a Turn, refusing what OpenAI refuses."""
+    validate(OPENAI, body, OPENAI_CHAT_SHAPE)
     turn = Turn(_require_model(body))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -865,23 +1216,23 @@ def openai_usage(plan):
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
-def handle_openai_chat(h, req):
+def handle_openai_chat(w, req):
     check_key(req)
     body = req.json
     turn = openai_turn(body)
     check_model(req, turn.model)
-    plan = Plan(turn, h.fault)
+    plan = Plan(turn, w.fault)
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": turn.model}
     calls = [{"id": "call_" + cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
              for cid, name, args in plan.calls]
-    if not body.get("stream"):
+    if not req.route.streaming(req):
         message = {"role": "assistant", "content": plan.text if not calls else None, "refusal": None,
                    "annotations": []}
         if calls:
             message["tool_calls"] = calls
         if plan.thinking:
             message["reasoning_content"] = plan.thinking
-        h.send_json(200, dict(head, choices=[{"index": 0, "message": message, "logprobs": None,
+        w.send_json(200, dict(head, choices=[{"index": 0, "message": message, "logprobs": None,
                                               "finish_reason": _OPENAI_FINISH[plan.finish]}],
                               usage=openai_usage(plan), service_tier="default", system_fingerprint="fp_dpmock"))
         return
@@ -894,27 +1245,27 @@ def handle_openai_chat(h, req):
         if usage:
             c["usage"] = None
         return c
-    h.start_chunked(200, scenarios.SSE)
-    h.send_sse_event(chunk({"role": "assistant", "content": "" if not calls else None, "refusal": None}))
+    w.start_stream(200, scenarios.SSE)
+    w.send_sse_event(chunk({"role": "assistant", "content": "" if not calls else None, "refusal": None}))
     if plan.thinking:
         for piece in re.findall(_PIECES, plan.thinking):
-            h.send_sse_event(chunk({"reasoning_content": piece}))
+            w.send_sse_event(chunk({"reasoning_content": piece}))
     for i, piece in enumerate(plan.pieces):
         # The last content chunk carries finish_reason too (the empty-delta finish chunk follows, as
         # OpenAI sends it): Disaster Party's detailed-stream parser stops at the first chunk with a
         # finish_reason and crashes (NULL callback) when that chunk has no text.
         last = i == len(plan.pieces) - 1 and not calls
-        h.send_sse_event(chunk({"content": piece}, _OPENAI_FINISH[plan.finish] if last else None))
+        w.send_sse_event(chunk({"content": piece}, _OPENAI_FINISH[plan.finish] if last else None))
     for i, call in enumerate(calls):
-        h.send_sse_event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+        w.send_sse_event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))
         for fragment in json_fragments(call["function"]["arguments"]):
-            h.send_sse_event(chunk({"tool_calls": [{"index": i, "function": {"arguments": fragment}}]}))
-    h.send_sse_event(chunk({}, _OPENAI_FINISH[plan.finish]))
+            w.send_sse_event(chunk({"tool_calls": [{"index": i, "function": {"arguments": fragment}}]}))
+    w.send_sse_event(chunk({}, _OPENAI_FINISH[plan.finish]))
     if usage:
-        h.send_sse_event(dict(head, choices=[], usage=openai_usage(plan)))
-    h.send_sse_event("[DONE]")
-    h.end_chunked()
+        w.send_sse_event(dict(head, choices=[], usage=openai_usage(plan)))
+    w.send_sse_event("[DONE]")
+    w.end_stream()
 
 
 def json_fragments(text, size=8):
@@ -922,9 +1273,11 @@ def json_fragments(text, size=8):
     return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
-def handle_openai_images(h, req):
+def handle_openai_images(w, req):
     check_key(req)
     body = req.json
+    validate(OPENAI, body, {"model": (str, _NULL), "prompt": str, "n": (int, _NULL), "size": (str, _NULL),
+                            "response_format": (str, _NULL), "quality": (str, _NULL), "style": (str, _NULL)})
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
@@ -949,15 +1302,32 @@ def handle_openai_images(h, req):
         words = count_tokens([prompt])
         answer["usage"] = {"input_tokens": words, "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
                            "output_tokens": 272 * n, "total_tokens": words + 272 * n}
-    h.send_json(200, answer)
+    w.send_json(200, answer)
 
 
 ################################################################################
 # Anthropic
 ################################################################################
 
+_ANTHROPIC_BLOCK = {"type": str, "text": str, "id": str, "name": str, "input": dict, "tool_use_id": str,
+                    "content": Shape.of(str, [dict]), "is_error": bool, "source": dict, "thinking": str,
+                    "signature": str, "cache_control": (dict, type(None))}
+#: messages fields typed as the SDKs type them (the real API refuses other types).
+ANTHROPIC_MESSAGES_SHAPE = {
+    "model": str, "max_tokens": int,
+    "messages": [{"role": str, "content": Shape.of(str, [_ANTHROPIC_BLOCK])}],
+    "system": Shape.of(str, [{"type": str, "text": str}]),
+    "tools": [{"name": str, "description": str, "input_schema": dict, "type": str}],
+    "tool_choice": {"type": str, "name": str, "disable_parallel_tool_use": bool},
+    "stream": bool, "temperature": float, "top_p": float, "top_k": int, "stop_sequences": [str],
+    "thinking": {"type": str, "budget_tokens": int}, "metadata": dict, "service_tier": str,
+    "output_config": dict,
+}
+
+
 def anthropic_turn(body, need_max_tokens=True):
     """Read a messages body into a Turn, refusing what Anthropic refuses."""
+    validate(ANTHROPIC, body, ANTHROPIC_MESSAGES_SHAPE)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("model: Field required")
@@ -1050,29 +1420,29 @@ def anthropic_usage(plan, output_tokens):
             "output_tokens": output_tokens, "service_tier": "standard"}
 
 
-def handle_anthropic_messages(h, req):
+def handle_anthropic_messages(w, req):
     check_key(req)
     turn = anthropic_turn(req.json)
     check_model(req, turn.model)
-    plan = Plan(turn, h.fault)
+    plan = Plan(turn, w.fault)
     blocks = anthropic_blocks(plan)
     out = plan.output_tokens + plan.thinking_tokens
     message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
-    if not req.json.get("stream"):
-        h.send_json(200, dict(message, content=blocks, stop_reason=_ANTHROPIC_STOP[plan.finish], stop_sequence=None,
+    if not req.route.streaming(req):
+        w.send_json(200, dict(message, content=blocks, stop_reason=_ANTHROPIC_STOP[plan.finish], stop_sequence=None,
                               usage=anthropic_usage(plan, out)))
         return
-    h.start_chunked(200, scenarios.SSE)
-    h.send_sse_event(dict(type="message_start", message=dict(message, content=[], stop_reason=None,
+    w.start_stream(200, scenarios.SSE)
+    w.send_sse_event(dict(type="message_start", message=dict(message, content=[], stop_reason=None,
                                                              stop_sequence=None, usage=anthropic_usage(plan, 1))),
                      "message_start")
     for i, block in enumerate(blocks):
         kind = block["type"]
         start = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
                  "text": {"type": "text", "text": ""}, "tool_use": dict(block, input={})}[kind]
-        h.send_sse_event({"type": "content_block_start", "index": i, "content_block": start}, "content_block_start")
+        w.send_sse_event({"type": "content_block_start", "index": i, "content_block": start}, "content_block_start")
         if i == 0:
-            h.send_sse_event({"type": "ping"}, "ping")
+            w.send_sse_event({"type": "ping"}, "ping")
         if kind == "thinking":
             deltas = [{"type": "thinking_delta", "thinking": p} for p in re.findall(_PIECES, block["thinking"])]
             deltas.append({"type": "signature_delta", "signature": block["signature"]})
@@ -1082,30 +1452,56 @@ def handle_anthropic_messages(h, req):
             deltas = [{"type": "input_json_delta", "partial_json": f}
                       for f in [""] + json_fragments(json.dumps(block["input"]))]
         for delta in deltas:
-            h.send_sse_event({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta")
-        h.send_sse_event({"type": "content_block_stop", "index": i}, "content_block_stop")
-    h.send_sse_event({"type": "message_delta", "delta": {"stop_reason": _ANTHROPIC_STOP[plan.finish],
+            w.send_sse_event({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta")
+        w.send_sse_event({"type": "content_block_stop", "index": i}, "content_block_stop")
+    w.send_sse_event({"type": "message_delta", "delta": {"stop_reason": _ANTHROPIC_STOP[plan.finish],
                                                           "stop_sequence": None},
                       "usage": {"output_tokens": out}}, "message_delta")
-    h.send_sse_event({"type": "message_stop"}, "message_stop")
-    h.end_chunked()
+    w.send_sse_event({"type": "message_stop"}, "message_stop")
+    w.end_stream()
 
 
-def handle_anthropic_count_tokens(h, req):
+def handle_anthropic_count_tokens(w, req):
     check_key(req)
     turn = anthropic_turn(req.json, need_max_tokens=False)
     check_model(req, turn.model)
     for name, schema in turn.tools:
         turn.add_text(name + " " + json.dumps(schema))
-    h.send_json(200, {"input_tokens": count_tokens(turn.texts, turn.media)})
+    w.send_json(200, {"input_tokens": count_tokens(turn.texts, turn.media)})
 
 
 ################################################################################
 # Gemini
 ################################################################################
 
+_GEMINI_CALL = {"name": str, "args": (dict, type(None)), "id": str}
+_GEMINI_PART = {"text": str, "thought": bool, "thoughtSignature": str, "thought_signature": str,
+                "inlineData": {"mimeType": str, "data": str}, "inline_data": {"mime_type": str, "data": str},
+                "fileData": {"mimeType": str, "fileUri": str}, "file_data": {"mime_type": str, "file_uri": str},
+                "functionCall": _GEMINI_CALL, "function_call": _GEMINI_CALL,
+                "functionResponse": {"name": str, "response": dict, "id": str},
+                "function_response": {"name": str, "response": dict, "id": str}}
+_GEMINI_CONTENT = {"role": str, "parts": [_GEMINI_PART]}
+_GEMINI_DECLARATION = {"name": str, "description": str, "parameters": dict, "parametersJsonSchema": dict,
+                       "parameters_json_schema": dict}
+_GEMINI_GEN = {"maxOutputTokens": int, "max_output_tokens": int, "temperature": float, "topP": float,
+               "top_p": float, "topK": float, "top_k": float, "candidateCount": int, "stopSequences": [str],
+               "responseMimeType": str, "response_mime_type": str,
+               "thinkingConfig": {"includeThoughts": bool, "thinkingBudget": int},
+               "thinking_config": {"include_thoughts": bool, "thinking_budget": int}}
+#: generateContent fields typed as the SDKs type them (camelCase and snake_case alike).
+GEMINI_GENERATE_SHAPE = {
+    "contents": [_GEMINI_CONTENT], "systemInstruction": _GEMINI_CONTENT, "system_instruction": _GEMINI_CONTENT,
+    "tools": [{"functionDeclarations": [_GEMINI_DECLARATION], "function_declarations": [_GEMINI_DECLARATION]}],
+    "toolConfig": {"functionCallingConfig": {"mode": str, "allowedFunctionNames": [str]}},
+    "tool_config": {"function_calling_config": {"mode": str, "allowed_function_names": [str]}},
+    "generationConfig": _GEMINI_GEN, "generation_config": _GEMINI_GEN,
+}
+
+
 def gemini_turn(body, model):
     """Read a generateContent body (camelCase or snake_case) into a Turn."""
+    validate(GEMINI, body, GEMINI_GENERATE_SHAPE)
     turn = Turn(model)
     contents = body.get("contents")
     if not isinstance(contents, list) or not contents:
@@ -1188,12 +1584,12 @@ def gemini_chunks(plan):
     return out
 
 
-def handle_gemini_generate(h, req):
+def handle_gemini_generate(w, req):
     check_key(req)
     model = req.params["model"]
-    stream = req.route.name == "gemini_stream"
+    stream = req.route.streaming(req)
     check_model(req, model, "streamGenerateContent" if stream else "generateContent")
-    plan = Plan(gemini_turn(req.json, model), h.fault)
+    plan = Plan(gemini_turn(req.json, model), w.fault)
     head = {"modelVersion": model, "responseId": new_id("", 11)}
     finish = _GEMINI_FINISH[plan.finish]
 
@@ -1207,22 +1603,22 @@ def handle_gemini_generate(h, req):
         text = [p for p in parts if "text" in p and not p.get("thought")]
         if len(text) > 1:  # one text part for the whole answer, as the real API sends it
             parts = [p for p in parts if p not in text] + [{"text": "".join(p["text"] for p in text)}]
-        h.send_json(200, response(parts, True, plan.output_tokens))
+        w.send_json(200, response(parts, True, plan.output_tokens))
         return
     chunks = [response(*c) for c in gemini_chunks(plan)]
     if req.arg("alt") == "sse":
-        h.start_chunked(200, "text/event-stream")
+        w.start_stream(200, "text/event-stream")
         for c in chunks:
-            h.send_sse_event(c, sep="\r\n\r\n")
+            w.send_sse_event(c, sep="\r\n\r\n")
     else:  # alt=json: one JSON array, written element by element
-        h.start_chunked(200, "application/json; charset=UTF-8")
+        w.start_stream(200, "application/json; charset=UTF-8")
         for i, c in enumerate(chunks):
-            h.stream_item(json.dumps(c, indent=2), index=i)
-        h.send_chunk(b"]")
-    h.end_chunked()
+            w.stream_item(json.dumps(c, indent=2), index=i)
+        w.send_chunk(b"]")
+    w.end_stream()
 
 
-def handle_gemini_count_tokens(h, req):
+def handle_gemini_count_tokens(w, req):
     check_key(req)
     model = req.params["model"]
     check_model(req, model, "countTokens")
@@ -1231,10 +1627,10 @@ def handle_gemini_count_tokens(h, req):
     # The C library sends a top-level system_instruction (the real API has none here): counted too.
     turn = gemini_turn(inner if isinstance(inner, dict) else body, model)
     total = count_tokens(turn.texts, turn.media)
-    h.send_json(200, {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]})
+    w.send_json(200, {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]})
 
 
-def handle_gemini_predict(h, req):
+def handle_gemini_predict(w, req):
     check_key(req)
     model = req.params["model"]
     check_model(req, model, "predict")
@@ -1249,18 +1645,18 @@ def handle_gemini_predict(h, req):
         raise invalid("parameters.sampleCount: expected an integer from 1 to 8")
     predictions = [{"mimeType": "image/png", "bytesBase64Encoded": b64(png_for(image_name(inst["prompt"])))}
                    for inst in instances for _ in range(n)]
-    h.send_json(200, {"predictions": predictions})
+    w.send_json(200, {"predictions": predictions})
 
 
 ################################################################################
 # Shared paths: model lists, files, images
 ################################################################################
 
-def handle_models_list(h, req):
+def handle_models_list(w, req):
     check_key(req)
     p = req.provider
     if p == OPENAI:
-        h.send_json(200, {"object": "list", "data": [openai_model(m) for m in scenarios.OPENAI_MODELS]})
+        w.send_json(200, {"object": "list", "data": [openai_model(m) for m in scenarios.OPENAI_MODELS]})
     elif p == ANTHROPIC:
         models = [anthropic_model(m) for m in scenarios.ANTHROPIC_MODELS]
         limit = _int_arg(req, "limit", 20, 1, 1000)
@@ -1277,7 +1673,7 @@ def handle_models_list(h, req):
             start = ids.index(after) + 1 if after is not None else 0
             page = models[start:start + limit]
             more = start + limit < len(models)
-        h.send_json(200, {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
+        w.send_json(200, {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
                           "last_id": page[-1]["id"] if page else None})
     else:
         models = [gemini_model(m) for m in scenarios.GEMINI_MODELS]
@@ -1289,7 +1685,7 @@ def handle_models_list(h, req):
         answer = {"models": models[start:start + size]}
         if start + size < len(models):
             answer["nextPageToken"] = str(start + size)
-        h.send_json(200, answer)
+        w.send_json(200, answer)
 
 
 def is_digits(text):
@@ -1306,20 +1702,20 @@ def _int_arg(req, name, default, low, high):
     return int(raw)
 
 
-def handle_model_get(h, req):
+def handle_model_get(w, req):
     check_key(req)
     model = req.params["model"]
     check_model(req, model, "get")
     p = req.provider
     if p == OPENAI:
         known = {m[0]: m for m in scenarios.OPENAI_MODELS}
-        h.send_json(200, openai_model(known.get(model, (model, 1700000000, "system"))))
+        w.send_json(200, openai_model(known.get(model, (model, 1700000000, "system"))))
     elif p == ANTHROPIC:
         known = {m[0]: m for m in scenarios.ANTHROPIC_MODELS}
-        h.send_json(200, anthropic_model(known.get(model, (model, model, "2025-01-01T00:00:00Z"))))
+        w.send_json(200, anthropic_model(known.get(model, (model, model, "2025-01-01T00:00:00Z"))))
     else:
         known = {m[0]: m for m in scenarios.GEMINI_MODELS}
-        h.send_json(200, gemini_model(known.get(model, (model, model, 1048576, 65536, False))))
+        w.send_json(200, gemini_model(known.get(model, (model, model, 1048576, 65536, False))))
 
 
 def openai_model(m):
@@ -1344,50 +1740,6 @@ def gemini_model(m):
 
 
 # ---------------------------------------------------------------- files
-
-class FileStore:
-    """Uploaded files' metadata (never their bytes), bounded, shared by every connection."""
-
-    LIMIT = 1000
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.files = {}  # (provider, id) -> record dict
-        self.uploads = {}  # upload_id -> resumable session dict
-
-    def add(self, provider, record):
-        with self.lock:
-            self.files[(provider, record["id"])] = record
-            while len(self.files) > self.LIMIT:
-                self.files.pop(next(iter(self.files)))
-        return record
-
-    def get(self, provider, file_id):
-        with self.lock:
-            return self.files.get((provider, file_id))
-
-    def remove(self, provider, file_id):
-        with self.lock:
-            return self.files.pop((provider, file_id), None)
-
-    def list(self, provider):
-        with self.lock:
-            return [r for (p, _), r in self.files.items() if p == provider]
-
-    def start_upload(self, session):
-        with self.lock:
-            self.uploads[session["id"]] = session
-            while len(self.uploads) > self.LIMIT:
-                self.uploads.pop(next(iter(self.uploads)))
-
-    def upload(self, upload_id):
-        with self.lock:
-            return self.uploads.get(upload_id)
-
-    def end_upload(self, upload_id):
-        with self.lock:
-            self.uploads.pop(upload_id, None)
-
 
 def file_record(name, mime, nbytes, digest, **extra):
     record = {"id": new_id("", 8), "filename": name, "mime": mime, "bytes": nbytes, "created": time.time(),
@@ -1423,9 +1775,9 @@ def _missing_file(req):
     return HTTPError(404, "No such File object: %s" % req.params["file_id"], param="id")
 
 
-def handle_files_list(h, req):
+def handle_files_list(w, req):
     check_key(req)
-    records = h.server.files.list(req.provider)
+    records = w.server.files.list(req.provider)
     if req.provider == GEMINI:
         size = _int_arg(req, "pageSize", 10, 1, 100)
         token = req.arg("pageToken") or "0"
@@ -1435,27 +1787,27 @@ def handle_files_list(h, req):
         answer = {"files": [gemini_file(r, req.origin()) for r in records[start:start + size]]}
         if start + size < len(records):
             answer["nextPageToken"] = str(start + size)
-        h.send_json(200, answer)
+        w.send_json(200, answer)
         return
     data = [openai_file(r) for r in reversed(records)]
-    h.send_json(200, {"object": "list", "data": data, "has_more": False,
+    w.send_json(200, {"object": "list", "data": data, "has_more": False,
                       "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
 
-def handle_file_get(h, req):
+def handle_file_get(w, req):
     check_key(req)
-    record = h.server.files.get(req.provider, _file_id(req))
+    record = w.server.files.get(req.provider, _file_id(req))
     if record is None:
         raise _missing_file(req)
-    h.send_json(200, gemini_file(record, req.origin()) if req.provider == GEMINI else openai_file(record))
+    w.send_json(200, gemini_file(record, req.origin()) if req.provider == GEMINI else openai_file(record))
 
 
-def handle_file_delete(h, req):
+def handle_file_delete(w, req):
     check_key(req)
-    record = h.server.files.remove(req.provider, _file_id(req))
+    record = w.server.files.remove(req.provider, _file_id(req))
     if record is None:
         raise _missing_file(req)
-    h.send_json(200, {} if req.provider == GEMINI else {"id": "file-" + record["id"], "object": "file",
+    w.send_json(200, {} if req.provider == GEMINI else {"id": "file-" + record["id"], "object": "file",
                                                          "deleted": True})
 
 
@@ -1464,86 +1816,86 @@ def _hasher():
     return hashlib.sha256()
 
 
-def count_body(h, req):
+def count_body(req):
     """Consume the body, returning (byte count, sha256 digest); nothing is kept."""
     digest = _hasher()
     n = 0
-    for piece in h.body_pieces(req):
+    for piece in req.body_pieces():
         n += len(piece)
         digest.update(piece)
     return n, digest.digest()
 
 
-def small_body(h, req):
+def small_body(req):
     """The whole body when it is small metadata; 413 past MAX_FIELD."""
     data = bytearray()
-    for piece in h.body_pieces(req):
+    for piece in req.body_pieces():
         data += piece
         if len(data) > MAX_FIELD:
             raise HTTPError(413, "metadata body over %d bytes" % MAX_FIELD, close=True)
     return bytes(data)
 
 
-def handle_openai_file_upload(h, req):
+def handle_openai_file_upload(w, req):
     """POST /files: multipart/form-data parsed as it streams in; the file part is only counted."""
     check_key(req)
     boundary = multipart_boundary(req, "multipart/form-data")
-    fields, files = read_multipart(h, req, boundary)
+    fields, files = read_multipart(req, boundary)
     if not files:
         raise invalid("Missing required parameter: 'file'.", "file", "missing_required_parameter")
     purpose = fields.get("purpose")
     if not purpose:
         raise invalid("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
     name, mime, nbytes, digest = files[0]
-    record = h.server.files.add(OPENAI, file_record(name, mime, nbytes, digest, purpose=purpose))
-    h.send_json(200, openai_file(record))
+    record = w.server.files.add(OPENAI, file_record(name, mime, nbytes, digest, purpose=purpose))
+    w.send_json(200, openai_file(record))
 
 
-def handle_gemini_upload_raw(h, req):
+def handle_gemini_upload_raw(w, req):
     """POST /files:upload?key=: the C library's raw upload (body = the file's bytes)."""
     check_key(req)
-    nbytes, digest = count_body(h, req)
+    nbytes, digest = count_body(req)
     if nbytes == 0:
         raise invalid("File is empty.")
     mime = (req.headers.get("content-type") or "application/octet-stream").split(";")[0].strip()
-    record = h.server.files.add(GEMINI, file_record(req.arg("name") or "upload", mime, nbytes, digest))
-    h.send_json(200, {"file": gemini_file(record, req.origin())})
+    record = w.server.files.add(GEMINI, file_record(req.arg("name") or "upload", mime, nbytes, digest))
+    w.send_json(200, {"file": gemini_file(record, req.origin())})
 
 
-def handle_gemini_upload(h, req):
+def handle_gemini_upload(w, req):
     """POST /upload/v1beta/files: the resumable protocol (start, upload, finalize), media or multipart."""
     hdr = req.headers
     protocol = (hdr.get("x-goog-upload-protocol") or req.arg("uploadType") or "").lower()
     upload_id = req.arg("upload_id")
     if upload_id is not None:  # the upload URL: authorised by its session, the SDK sends no key there
-        return resumable_chunk(h, req, upload_id)
+        return resumable_chunk(w, req, upload_id)
     check_key(req)
     if protocol == "resumable":
         command = (hdr.get("x-goog-upload-command") or "").lower()
         if command != "start":
             raise invalid("X-Goog-Upload-Command must be 'start' to begin a resumable upload, not %r" % command)
-        meta = _upload_meta(small_body(h, req))
+        meta = _upload_meta(small_body(req))
         session = {"id": new_id("", 16), "received": 0, "hash": _hasher(),
                    "name": meta.get("name") or hdr.get("x-goog-upload-file-name") or "upload",
                    "mime": meta.get("mime") or hdr.get("x-goog-upload-header-content-type") or
                    "application/octet-stream"}
-        h.server.files.start_upload(session)
+        w.server.files.start_upload(session)
         url = "%s/upload/v1beta/files?upload_id=%s&upload_protocol=resumable" % (req.origin(), session["id"])
-        h.send_bytes(200, b"", "text/plain; charset=utf-8", [
+        w.send_bytes(200, b"", "text/plain; charset=utf-8", [
             ("X-Goog-Upload-URL", url), ("X-Goog-Upload-Control-URL", url), ("X-Goog-Upload-Status", "active"),
             ("X-Goog-Upload-Chunk-Granularity", "8388608")])
     elif protocol == "multipart":
         boundary = multipart_boundary(req, "multipart/related")
-        fields, files = read_multipart(h, req, boundary, keep_first=True)
+        fields, files = read_multipart(req, boundary, keep_first=True)
         if not files:
             raise invalid("multipart upload has no media part")
         meta = _upload_meta(fields.get(""))
         _, mime, nbytes, digest = files[0]
-        gemini_store(h, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
+        gemini_store(w, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
     elif protocol in ("media", "raw", ""):
-        nbytes, digest = count_body(h, req)
+        nbytes, digest = count_body(req)
         mime = (hdr.get("content-type") or "application/octet-stream").split(";")[0].strip()
-        gemini_store(h, req, hdr.get("x-goog-upload-file-name") or "upload", mime, nbytes, digest)
+        gemini_store(w, req, hdr.get("x-goog-upload-file-name") or "upload", mime, nbytes, digest)
     else:
         raise invalid("unsupported upload protocol %r; use resumable, multipart or media" % protocol)
 
@@ -1561,15 +1913,15 @@ def _upload_meta(raw):
     return {"name": _get(f, "displayName", "display_name"), "mime": _get(f, "mimeType", "mime_type")}
 
 
-def gemini_store(h, req, name, mime, nbytes, digest, headers=()):
+def gemini_store(w, req, name, mime, nbytes, digest, headers=()):
     if nbytes == 0:
         raise invalid("File is empty.")
-    record = h.server.files.add(GEMINI, file_record(name, mime, nbytes, digest))
-    h.send_json(200, {"file": gemini_file(record, req.origin())}, headers)
+    record = w.server.files.add(GEMINI, file_record(name, mime, nbytes, digest))
+    w.send_json(200, {"file": gemini_file(record, req.origin())}, headers)
 
 
-def resumable_chunk(h, req, upload_id):
-    session = h.server.files.upload(upload_id)
+def resumable_chunk(w, req, upload_id):
+    session = w.server.files.upload(upload_id)
     if session is None:
         raise HTTPError(404, "upload session %r is unknown or finished" % upload_id, etype="NOT_FOUND")
     command = [c.strip() for c in (req.headers.get("x-goog-upload-command") or "").lower().split(",")]
@@ -1578,22 +1930,22 @@ def resumable_chunk(h, req, upload_id):
         if offset is None or not is_digits(offset) or int(offset) != session["received"]:
             raise invalid("X-Goog-Upload-Offset %r does not match the %d bytes received"
                           % (offset, session["received"]))
-        for piece in h.body_pieces(req):
+        for piece in req.body_pieces():
             session["received"] += len(piece)
             session["hash"].update(piece)
     elif "query" in command or "cancel" in command or "finalize" in command:
-        small_body(h, req)
+        small_body(req)
     else:
         raise invalid("X-Goog-Upload-Command must be upload, finalize, query or cancel")
     if "cancel" in command:
-        h.server.files.end_upload(upload_id)
-        h.send_bytes(200, b"", "text/plain; charset=utf-8", [("X-Goog-Upload-Status", "cancelled")])
+        w.server.files.end_upload(upload_id)
+        w.send_bytes(200, b"", "text/plain; charset=utf-8", [("X-Goog-Upload-Status", "cancelled")])
     elif "finalize" in command:
-        h.server.files.end_upload(upload_id)
-        gemini_store(h, req, session["name"], session["mime"], session["received"], session["hash"].digest(),
+        w.server.files.end_upload(upload_id)
+        gemini_store(w, req, session["name"], session["mime"], session["received"], session["hash"].digest(),
                      [("X-Goog-Upload-Status", "final")])
     else:
-        h.send_bytes(200, b"", "text/plain; charset=utf-8", [
+        w.send_bytes(200, b"", "text/plain; charset=utf-8", [
             ("X-Goog-Upload-Status", "active"), ("X-Goog-Upload-Size-Received", str(session["received"]))])
 
 
@@ -1616,7 +1968,7 @@ def multipart_boundary(req, kind):
     return params["boundary"].encode("latin-1")
 
 
-def read_multipart(h, req, boundary, keep_first=False):
+def read_multipart(req, boundary, keep_first=False):
     """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
 
     Returns ({field name: text}, [(filename, mime, byte count, sha256 digest)]). With
@@ -1624,7 +1976,7 @@ def read_multipart(h, req, boundary, keep_first=False):
     """
     delim = b"\r\n--" + boundary
     buf = b"\r\n"  # so the first delimiter looks like every later one
-    pieces = h.body_pieces(req)
+    pieces = req.body_pieces()
     fields, files = {}, []
 
     def more():
@@ -1714,17 +2066,17 @@ def b64(data):
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
-def handle_image_png(h, req):
-    h.send_bytes(200, png_for(req.params["image"]), "image/png")
+def handle_image_png(w, req):
+    w.send_bytes(200, png_for(req.params["image"]), "image/png")
 
 
 ################################################################################
 # Control endpoints
 ################################################################################
 
-def handle_control_status(h, req):
-    srv = h.server
-    h.send_json(200, {
+def handle_control_status(w, req):
+    srv = w.server
+    w.send_json(200, {
         "status": "running",
         "version": __version__,
         "pid": os.getpid(),
@@ -1739,35 +2091,35 @@ def handle_control_status(h, req):
         "scenarios": scenarios.names(),
         "seed": srv.config.seed,
         "journal": {"size": srv.config.journal_size, "held": len(srv.journal.entries), "last_seq": srv.journal.seq},
-        "endpoints": ["%s %s" % (r.method, r.pattern) for r in ROUTES],
+        "endpoints": ["%s %s" % (r.method, r.pattern) for r in ROUTER.routes],
     })
 
 
-def handle_control_requests(h, req):
+def handle_control_requests(w, req):
     """The journal, filtered; with wait_for=N, held until N matching requests have arrived (or timeout)."""
-    journal = h.server.journal
+    journal = w.server.journal
     filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key") if req.arg(name) is not None}
     since = _int_arg(req, "since", 0, 0, 2 ** 62)
     limit = _int_arg(req, "limit", 100, 1, 10 ** 6)
     want = _int_arg(req, "wait_for", 0, 0, 10 ** 6)
     timeout = _float_arg(req, "timeout", 10.0, 0.0, 60.0)
-    found, timed_out = journal.wait(filters, since, want, timeout, h.server.stop_event)
-    h.send_json(200, {"requests": [public_entry(e) for e in found[-limit:]], "count": min(len(found), limit),
-                      "matched": len(found), "last_seq": journal.seq, "timed_out": timed_out})
+    found, last_seq, timed_out = journal.wait(filters, since, want, timeout, w.server.stop_event)
+    w.send_json(200, {"requests": [public_entry(e) for e in found[-limit:]], "count": min(len(found), limit),
+                      "matched": len(found), "last_seq": last_seq, "timed_out": timed_out})
 
 
-def handle_control_requests_clear(h, req):
-    h.send_json(200, {"cleared": h.server.journal.clear()})
+def handle_control_requests_clear(w, req):
+    w.send_json(200, {"cleared": w.server.journal.clear()})
 
 
-def handle_control_schedules(h, req):
-    h.send_json(200, {"counters": h.server.schedules.listing()})
+def handle_control_schedules(w, req):
+    w.send_json(200, {"counters": w.server.schedules.listing()})
 
 
-def handle_control_reset(h, req):
-    counters = len(h.server.schedules.listing())
-    h.server.schedules.reset()
-    h.send_json(200, {"cleared_requests": h.server.journal.clear(), "cleared_counters": counters})
+def handle_control_reset(w, req):
+    counters = len(w.server.schedules.listing())
+    w.server.schedules.reset()
+    w.send_json(200, {"cleared_requests": w.server.journal.clear(), "cleared_counters": counters})
 
 
 def _float_arg(req, name, default, low, high):
@@ -1783,57 +2135,480 @@ def _float_arg(req, name, default, low, high):
     return value
 
 
-def handle_control_shutdown(h, req):
-    h.send_json(200, {"status": "shutting_down", "pid": os.getpid(),
+def handle_control_shutdown(w, req):
+    w.send_json(200, {"status": "shutting_down", "pid": os.getpid(),
                       "message": "dpmock stops once in-flight requests finish"}, close=True)
-    h.server.request_stop("shutdown requested over HTTP")
+    w.server.request_stop("shutdown requested over HTTP")
 
 
-def handle_control_restart(h, req):
-    h.send_json(200, {"status": "restarting", "pid": os.getpid(), "boot_id": h.server.boot_id,
+def handle_control_restart(w, req):
+    w.send_json(200, {"status": "restarting", "pid": os.getpid(), "boot_id": w.server.boot_id,
                       "message": "dpmock re-executes itself keeping its listening socket"}, close=True)
-    h.server.request_stop("restart requested over HTTP", restart=True)
+    w.server.request_stop("restart requested over HTTP", restart=True)
 
 
 ################################################################################
-# Handler: parsing, writers, dispatch
+# Route table: one row per route, bound to the one function that answers it
 ################################################################################
 
+_GEMINI_MODEL = "/models/{model}"
+_VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
+_EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
+
+ROUTES = (
+    Route("POST", "/chat/completions", "chat", handle_openai_chat, OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/images/generations", "images", handle_openai_images, OPENAI, BODY_JSON),
+    Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
+    Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/messages/count_tokens", "messages_count_tokens", handle_anthropic_count_tokens, ANTHROPIC,
+          BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON),
+    Route("POST", _EXPRESS_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":streamGenerateContent", "gemini_stream", handle_gemini_generate, GEMINI,
+          BODY_JSON, STREAM_ALWAYS),
+    Route("POST", _EXPRESS_MODEL + ":streamGenerateContent", "gemini_stream", handle_gemini_generate, GEMINI,
+          BODY_JSON, STREAM_ALWAYS),
+    Route("POST", _GEMINI_MODEL + ":countTokens", "gemini_count_tokens", handle_gemini_count_tokens, GEMINI,
+          BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
+    Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
+    Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
+    Route("POST", "/files:upload", "gemini_upload", handle_gemini_upload_raw, GEMINI, BODY_STREAM),
+    Route("POST", "/upload/files", "gemini_upload_media", handle_gemini_upload, GEMINI, BODY_STREAM),
+    Route("GET", "/models", "models", handle_models_list, SHARED),
+    Route("GET", "/models/{model}", "models_get", handle_model_get, SHARED),
+    Route("GET", "/files", "files_list", handle_files_list, SHARED),
+    Route("GET", "/files/{file_id}", "files_get", handle_file_get, SHARED),
+    Route("DELETE", "/files/{file_id}", "files_delete", handle_file_delete, SHARED),
+    Route("GET", "/_images/{image}", "image_png", handle_image_png, DPMOCK),
+    Route("GET", "/_control/status", "control_status", handle_control_status, DPMOCK),
+    Route("GET", "/_control/requests", "control_requests", handle_control_requests, DPMOCK),
+    Route("DELETE", "/_control/requests", "control_requests_clear", handle_control_requests_clear, DPMOCK),
+    Route("GET", "/_control/schedules", "control_schedules", handle_control_schedules, DPMOCK),
+    Route("POST", "/_control/reset", "control_reset", handle_control_reset, DPMOCK),
+    Route("POST", "/_control/shutdown", "control_shutdown", handle_control_shutdown, DPMOCK),
+    Route("POST", "/_control/restart", "control_restart", handle_control_restart, DPMOCK),
+)
+
+ROUTER = Router(ROUTES)
 
 
-class ClientGone(Exception):
-    """The client closed the connection before sending what it announced."""
+################################################################################
+# Scenarios and faults: what a request asked for, and one implementation per fault kind
+################################################################################
+
+def select_scenario(req):
+    """(spec, scenario, params) chosen by X-DP-Scenario, else by a key naming a scenario; else Nones.
+
+    Both may carry parameters: ``STREAM_SLOW; ttft_ms=200; tps=20``. A bad one is a 400 naming it.
+    """
+    explicit = req.headers.get("x-dp-scenario")
+    spec = explicit.strip() if explicit is not None else (request_key(req) or "")
+    if explicit is None and scenarios.get(spec.split(";")[0].strip()) is None:
+        return None, None, {}
+    try:
+        scenario, params = scenarios.resolve(spec)
+    except KeyError as e:
+        raise HTTPError(400, "unknown scenario %r in X-DP-Scenario; known: %s"
+                        % (e.args[0][:60], ", ".join(scenarios.names())), "unknown_scenario")
+    except ValueError as e:
+        raise HTTPError(400, "bad scenario parameter: %s" % e, "bad_scenario_parameter")
+    return spec, scenario, params
 
 
-#: Reason phrases (http.HTTPStatus's, written out: building that enum costs every start).
-_REASONS = {100: 'Continue', 101: 'Switching Protocols', 102: 'Processing', 103: 'Early Hints', 200: 'OK',
-            201: 'Created', 202: 'Accepted', 203: 'Non-Authoritative Information', 204: 'No Content',
-            205: 'Reset Content', 206: 'Partial Content', 207: 'Multi-Status', 208: 'Already Reported',
-            226: 'IM Used', 300: 'Multiple Choices', 301: 'Moved Permanently', 302: 'Found', 303: 'See Other',
-            304: 'Not Modified', 305: 'Use Proxy', 307: 'Temporary Redirect', 308: 'Permanent Redirect',
-            400: 'Bad Request', 401: 'Unauthorized', 402: 'Payment Required', 403: 'Forbidden', 404: 'Not Found',
-            405: 'Method Not Allowed', 406: 'Not Acceptable', 407: 'Proxy Authentication Required',
-            408: 'Request Timeout', 409: 'Conflict', 410: 'Gone', 411: 'Length Required',
-            412: 'Precondition Failed', 413: 'Request Entity Too Large', 414: 'Request-URI Too Long',
-            415: 'Unsupported Media Type', 416: 'Requested Range Not Satisfiable', 417: 'Expectation Failed',
-            418: "I'm a Teapot", 421: 'Misdirected Request', 422: 'Unprocessable Entity', 423: 'Locked',
-            424: 'Failed Dependency', 425: 'Too Early', 426: 'Upgrade Required', 428: 'Precondition Required',
-            429: 'Too Many Requests', 431: 'Request Header Fields Too Large', 451: 'Unavailable For Legal Reasons',
-            500: 'Internal Server Error', 501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
-            504: 'Gateway Timeout', 505: 'HTTP Version Not Supported', 506: 'Variant Also Negotiates',
-            507: 'Insufficient Storage', 508: 'Loop Detected', 510: 'Not Extended',
-            511: 'Network Authentication Required', 529: 'Site is overloaded'}
-_STATUS_LINES = {code: ("HTTP/1.1 %d %s\r\n" % (code, phrase)).encode("latin-1") for code, phrase in _REASONS.items()}
-
-_date_cache = [0, ""]
+def scenario_answer(scenario, route, provider):
+    """What a scenario answers on a route: its own row for it, else its answer if the route is of its kind."""
+    value = scenario.routes.get(route.name)
+    if value is None and route.applies(scenario):
+        value = scenario.answer
+    return value.get(provider) if isinstance(value, ByProvider) else value
 
 
-def http_date():
-    """The Date header value, formatted once per second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
-    return _date_cache[1]
+class FaultKind:
+    """The hooks a fault may use, called by dispatch and the writer; each does nothing here.
+
+    A fault kind subclasses this and overrides the hooks it needs; FAULTS holds one instance
+    per kind, and every kind in scenarios.py must have one (checked at import).
+    """
+
+    kind = None  #: the scenarios.Fault kind this implements
+    breaks_body = False  #: acts on a body: a HEAD answer (which has none) is left alone
+    streams_only = False  #: acts on streamed answers only; other answers are given normally
+    sends_100 = True  #: ``Expect: 100-continue`` gets its interim answer
+
+    def early(self, w, req, p):
+        """Before the body is read: return True when the request has been answered here."""
+        return False
+
+    def before(self, w, req, p):
+        """The request is read, no answer made yet."""
+
+    def pieces(self, turn, p):
+        """The answer text's pieces (one per stream event), reshaped; None keeps them."""
+        return None
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        """A whole (non-streamed) answer: return True when this sent it (or broke it) itself."""
+        return False
+
+    def stream_head(self, w, p):
+        """Called when a stream starts: return True to close the connection after it."""
+        return False
+
+    def after_head(self, w, p):
+        """The head of a stream is written."""
+
+    def write(self, w, data, p):
+        """Bytes about to leave: return True when this wrote (or withheld) them itself."""
+        return False
+
+    def item(self, w, n, text, payload, event, p):
+        """The text of stream item number ``n``; None drops the item."""
+        return text
+
+    def chunk(self, w, data, p):
+        """One chunk about to be framed: return True when this sent it itself."""
+        return False
+
+    def end(self, w, p):
+        """The stream's last chunk is next."""
+
+
+class NoFault(FaultKind):
+    """An ordinary answer."""
+
+
+NO_FAULT = (NoFault(), None)
+_HTML_PAGE = b"<html><body><h1>200 OK</h1><p>A page, not the JSON or event stream you asked for.</p></body></html>"
+_EOL = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
+
+
+class EmptyReply(FaultKind):
+    kind = "EMPTY_REPLY"
+
+    def before(self, w, req, p):
+        req.drain()  # an unread body would turn the close into a reset
+        w.abort("empty")
+
+
+class Hang(FaultKind):
+    kind = "HANG"
+
+    def before(self, w, req, p):
+        req.drain()
+        w.pause(p["ms"] / 1000.0)
+        w.abort("hang")
+
+
+class Reset(FaultKind):
+    kind = "RESET"
+
+    def before(self, w, req, p):
+        if p["after_bytes"] == 0:
+            w.abort("reset")
+
+    def write(self, w, data, p):
+        if w.sent + len(data) < p["after_bytes"]:
+            return False
+        w.put(data[:max(0, p["after_bytes"] - w.sent)])
+        w.abort("reset")
+
+
+class SlowBody(FaultKind):
+    kind = "SLOW_BODY"
+    breaks_body = True
+
+    def write(self, w, data, p):
+        for i in range(0, len(data), p["bytes"]):
+            if w.sent:
+                w.pause(p["interval_ms"] / 1000.0)
+            w.put(data[i:i + p["bytes"]])
+        return True
+
+
+class HeadersStall(FaultKind):
+    kind = "HEADERS_STALL"
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        w.put(w.head(status, w.whole_headers(ctype, len(body), headers), close))
+        self.after_head(w, p)
+
+    def after_head(self, w, p):
+        w.pause(p["ms"] / 1000.0)
+        w.abort("fin")
+
+
+class HalfClose(FaultKind):
+    kind = "HALF_CLOSE"
+    breaks_body = True
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        w.put(w.head(status, w.whole_headers(ctype, len(body), headers), close) + body[:len(body) // 2])
+        w.half_close()
+
+    def item(self, w, n, text, payload, event, p):
+        if n == 1:
+            w.half_close()
+        return text
+
+
+class ShortBody(FaultKind):
+    kind = "SHORT_BODY"
+    breaks_body = True
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        w.put(w.head(status, w.whole_headers(ctype, len(body) + p["missing"], headers), True) + body)
+        w.abort("fin")
+
+    def stream_head(self, w, p):
+        return True
+
+    def end(self, w, p):
+        w.abort("fin")
+
+
+class NoFinalChunk(FaultKind):
+    kind = "NO_FINAL_CHUNK"
+    breaks_body = True
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        w.start_stream(status, ctype, headers, close=True)
+        w.send_chunk(body)
+        w.end_stream()
+
+    def stream_head(self, w, p):
+        return True
+
+    def end(self, w, p):
+        w.abort("fin")
+
+
+class BadChunkSize(NoFinalChunk):
+    kind = "BAD_CHUNK_SIZE"
+
+    def chunk(self, w, data, p):
+        w.write(b"zz\r\n%s\r\n" % data)  # a size line that is not hex
+        w.abort("fin")
+
+
+class InvalidJson200(FaultKind):
+    kind = "INVALID_JSON_200"
+    breaks_body = True
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        if status == 200 and ctype == scenarios.JSON:
+            w.send_whole(status, body[:len(body) // 2], ctype, headers, close)
+            return True
+        return False
+
+    def item(self, w, n, text, payload, event, p):
+        return text.replace(payload, payload[:len(payload) // 2], 1) if n == 1 else text
+
+
+class Html200(FaultKind):
+    kind = "HTML_200"
+
+    def reply(self, w, status, body, ctype, headers, close, p):
+        w.send_whole(200, _HTML_PAGE, scenarios.HTML, (), close)
+        return True
+
+    def stream_head(self, w, p):  # an HTML page where a stream was expected
+        w.send_whole(200, _HTML_PAGE, scenarios.HTML, (), True)
+        raise Answered("ok")
+
+
+class StreamError(FaultKind):
+    kind = "STREAM_ERROR"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        if n == p["after"]:
+            w.send_stream_error()
+        return text
+
+    def end(self, w, p):  # a stream shorter than ``after`` gets it at its end
+        w.send_stream_error()
+
+
+class StreamSlow(FaultKind):
+    kind = "STREAM_SLOW"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        w.pause(p["ttft_ms"] / 1000.0 if n == 0 else 1.0 / p["tps"])
+        return text
+
+
+class StreamStall(FaultKind):
+    kind = "STREAM_STALL"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        if n == p["after"]:
+            self.end(w, p)
+        return text
+
+    def end(self, w, p):
+        w.pause(p["ms"] / 1000.0)
+        w.abort("fin")
+
+
+class StreamCut(FaultKind):
+    kind = "STREAM_CUT"
+    streams_only = True
+
+    def write(self, w, data, p):
+        if not p["bytes"] or w.sent + len(data) < p["bytes"]:
+            return False
+        w.put(data[:max(0, p["bytes"] - w.sent)])
+        w.abort("reset" if p["how"] == "reset" else "fin")
+
+    def item(self, w, n, text, payload, event, p):
+        if not p["bytes"] and n == p["events"]:
+            w.abort(p["how"])
+        return text
+
+    def end(self, w, p):
+        w.abort(p["how"])
+
+
+class StreamNoEnd(FaultKind):
+    kind = "STREAM_NO_END"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        return None if payload == "[DONE]" or event == "message_stop" else text
+
+
+class SseSplit(FaultKind):
+    kind = "SSE_SPLIT"
+    streams_only = True
+
+    def pieces(self, turn, p):  # multi-byte characters, so pieces of a few bytes split them
+        return re.findall(_PIECES, "dpmock ünïcödé ✓ 😀 " + answer_text(turn))
+
+    def chunk(self, w, data, p):
+        cuts = [c for c in p["at"] if c < len(data)] or list(range(p["every"], len(data), p["every"]))
+        for start, end in zip([0] + cuts, cuts + [len(data)]):
+            w.frame_chunk(data[start:end])
+        return True
+
+
+class SseLineEndings(FaultKind):
+    kind = "SSE_LINE_ENDINGS"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        return text if w.json_array else text.replace("\r\n", "\n").replace("\n", _EOL[p["eol"]])
+
+
+class SseComments(FaultKind):
+    kind = "SSE_COMMENTS"
+    streams_only = True
+
+    def item(self, w, n, text, payload, event, p):
+        return text if w.json_array else ": dpmock comment before event %d\n%s:\n\n" % (n, text)
+
+
+class SseBigEvent(FaultKind):
+    kind = "SSE_BIG_EVENT"
+    streams_only = True
+
+    def pieces(self, turn, p):
+        unit = "dpmock big event ünïcödé ✓ "
+        return [unit * (p["kib"] * 1024 // len(unit.encode("utf-8")) + 1)]
+
+
+class SseManyEvents(FaultKind):
+    kind = "SSE_MANY_EVENTS"
+    streams_only = True
+
+    def pieces(self, turn, p):
+        text = answer_text(turn)
+        return [text[i % len(text)] for i in range(p["n"])]
+
+
+class ExpectReject(FaultKind):
+    kind = "EXPECT_REJECT"
+
+    def early(self, w, req, p):
+        if not req.has_body():
+            return False
+        # Answered from the headers: the body is never read, so the connection can't be reused.
+        w.send_error_reply(HTTPError(int(p["status"]), "refused before the body was read (scenario EXPECT_REJECT)"),
+                           close=True)
+        if req.headers.get("expect") is None:
+            w.linger()
+        return True
+
+
+class ExpectIgnore(FaultKind):
+    kind = "EXPECT_IGNORE"
+    sends_100 = False
+
+
+#: One implementation per fault kind of scenarios.py.
+def _kinds(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _kinds(sub)
+
+
+FAULTS = {k.kind: k() for k in _kinds(FaultKind) if k.kind}
+
+
+def _fail_first(count, params, seed):
+    return count < params["n"]
+
+
+def _fail_every(count, params, seed):
+    return (count + 1) % params["k"] == 0
+
+
+def _sequence(count, params, seed):
+    steps = params["steps"]
+    step = steps[count] if count < len(steps) else "OK"
+    return None if step == "OK" else step
+
+
+def _fail_random(count, params, rng):
+    return rng.random() < params["p"]
+
+
+#: Schedule kinds: ``step(count before this request, params, rng)`` -> True (apply ``fault``),
+#: False (answer normally) or the name of the scenario to apply.
+SCHEDULES = {"FAIL_FIRST": _fail_first, "FAIL_EVERY": _fail_every, "SEQUENCE": _sequence,
+             "FAIL_RANDOM": _fail_random}
+
+
+def check_catalogue(routes):
+    """Refuse to start on a catalogue the server cannot carry out: each fault kind needs exactly one
+    implementation (and each implementation a scenario), each route a scenario names must exist."""
+    kinds = {}
+    names = {r.name for r in routes}
+    for s in scenarios.SCENARIOS.values():
+        for value in list(s.routes.values()) + [s.answer]:
+            if isinstance(value, scenarios.Fault):
+                kinds.setdefault(value.kind, s.name)
+        for route in s.routes:
+            if route not in names:
+                raise StartError("scenario %s names route %r, which is not in ROUTES" % (s.name, route))
+        if s.applies not in (None, scenarios.ANY_PROVIDER_ROUTE, scenarios.BODY, scenarios.STREAMED):
+            raise StartError("scenario %s applies to %r, which is not a kind of route" % (s.name, s.applies))
+    known = set(FAULTS) | set(SCHEDULES)
+    for kind, name in kinds.items():
+        if kind not in known:
+            raise StartError("scenario %s uses fault kind %r, which has no implementation" % (name, kind))
+    for kind in known - set(kinds):
+        raise StartError("fault kind %r is implemented but no scenario uses it" % kind)
+
+
+################################################################################
+# Writers: every byte of an answer leaves through a ResponseWriter
+################################################################################
+
+class Answered(ClientGone):
+    """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
 
 
 def encode_body(body, compact=False):
@@ -1846,20 +2621,797 @@ def encode_body(body, compact=False):
     return json.dumps(body, separators=seps, ensure_ascii=False).encode("utf-8")
 
 
-class MockHandler(socketserver.StreamRequestHandler):
-    """One connection: parses requests itself so limits, Expect and bodies are under control.
+class ResponseWriter:
+    """One request's answer on one connection: its head, its body or stream, and its fault.
 
-    Like http.server.BaseHTTPRequestHandler, but that module is not imported: its import
-    (http.client, email, ssl) would add ~15 ms to every start, and its parser is not used.
+    A whole answer is one write (head and body together; TCP_NODELAY is on), a stream item is
+    one write (one chunk), so nothing waits on Nagle or a delayed ACK. Faults act through the
+    hooks this calls (FaultKind); handlers only say what to send.
     """
 
+    __slots__ = ("conn", "server", "req", "fault", "sent", "status", "events", "headers_sent", "chunked",
+                 "extra_headers", "json_array", "entry", "ended", "request_id")
+
+    def __init__(self, conn, req):
+        self.conn = conn  #: the MockHandler: the socket, its files, and the connection's state
+        self.server = conn.server
+        self.req = req
+        self.fault = NO_FAULT  #: (FaultKind, params) this answer carries out
+        self.sent = 0  #: response bytes written
+        self.status = 0
+        self.events = 0  #: stream items sent
+        self.headers_sent = False
+        self.chunked = True  #: a stream's body is chunked (not for HTTP/1.0 clients)
+        self.extra_headers = ()  #: the provider's headers on every answer (request id...)
+        self.json_array = False  #: the stream is a JSON array (Gemini without alt=sse), not SSE
+        self.entry = None  #: this request's journal entry, once it has one
+        self.ended = None  #: how the answer ended, when not simply
+        self.request_id = None
+
+    # ---------------------------------------------------------------- the lowest level
+
+    def put(self, data):
+        """Write bytes as they are (no fault applies)."""
+        if data:
+            self.conn.wfile.write(data)
+            self.sent += len(data)
+
+    def write(self, data):
+        """The one place answer bytes leave; faults counted in bytes act here."""
+        if not self.fault[0].write(self, data, self.fault[1]):
+            self.put(data)
+
+    def pause(self, seconds):
+        """A deliberate wait: cut short by a stop, or when the client leaves."""
+        self.conn.pause(seconds)
+
+    def abort(self, how):
+        """End the connection now, by FIN or by TCP reset, and stop handling this request."""
+        self.ended = how
+        self.conn.close_connection = True
+        if how == "reset":
+            self.conn.reset()
+        raise Answered(how)
+
+    def half_close(self):
+        """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
+        self.ended = "half_close"
+        self.conn.close_connection = True
+        self.conn.shutdown_write(scenarios.MAX_WAIT_S)
+        raise Answered("half_close")
+
+    def linger(self):
+        """After answering an unread upload: stop writing, drain for a bounded time, then close.
+
+        Closing with unread data queued makes the kernel send a reset, which can destroy the
+        answer before the client reads it; a lingering close lets the client see it.
+        """
+        self.conn.close_connection = True
+        self.conn.shutdown_write(LINGER_SECONDS)
+
+    # ---------------------------------------------------------------- heads
+
+    def head(self, status, headers, close):
+        """The status line and headers, through http.server's buffering (send_response_only,
+        send_header, end_headers), returned as bytes so they leave with the body."""
+        conn = self.conn
+        self.status = status
+        self.headers_sent = True
+        if self.entry is not None:
+            self.entry.status = status  # a client holding its answer finds it in the journal
+        conn.send_response_only(status)
+        conn.send_header("Date", conn.date_time_string())
+        conn.send_header("Server", conn.server_version)
+        for k, v in headers:
+            conn.send_header(k, v)
+        for k, v in self.extra_headers:
+            conn.send_header(k, v)
+        if close or conn.close_connection or self.server.stopping or self.req is None or self.req.close_after:
+            conn.send_header("Connection", "close")
+        elif self.req.version == "HTTP/1.0":
+            conn.send_header("Connection", "keep-alive")
+        conn.end_headers()
+        return conn.take_head()
+
+    @staticmethod
+    def whole_headers(ctype, length, headers):
+        return [("Content-Type", ctype), ("Content-Length", str(length))] + list(headers)
+
+    # ---------------------------------------------------------------- whole answers
+
+    def send_bytes(self, status, body, ctype, headers=(), close=False):
+        """Send a whole answer in one write (head and body together), unless its fault breaks it."""
+        fault, p = self.fault
+        if not fault.reply(self, status, body, ctype, headers, close, p):
+            self.send_whole(status, body, ctype, headers, close)
+
+    def send_whole(self, status, body, ctype, headers=(), close=False):
+        head = self.head(status, self.whole_headers(ctype, len(body), headers), close)
+        data = head if self.req is not None and self.req.method == "HEAD" else head + body
+        self.note_end(len(data))
+        self.write(data)
+
+    def note_end(self, pending):
+        """The answer's last bytes are next: the journal says so before the client can read them."""
+        if self.entry is not None:
+            self.entry.bytes_sent = self.sent + pending
+            self.entry.ended = self.ended or "ok"
+
+    def send_json(self, status, obj, headers=(), close=False):
+        """A JSON answer, compact as the providers send it."""
+        self.send_bytes(status, encode_body(obj, compact=True), scenarios.JSON, headers, close)
+
+    def send_reply(self, reply, close=False):
+        self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
+
+    def error_reply(self, err):
+        """An HTTPError as a Reply in the request's provider shape (with its request id)."""
+        provider = self.req.provider if self.req is not None else DPMOCK
+        return Reply(err.status, err.body(provider, self.request_id), scenarios.JSON, tuple(err.headers))
+
+    def send_error_reply(self, err, close=False):
+        self.send_reply(self.error_reply(err), close=close or err.close)
+
+    # ---------------------------------------------------------------- streams
+
+    def start_stream(self, status, ctype, headers=(), close=False):
+        """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0."""
+        fault, p = self.fault
+        close = fault.stream_head(self, p) or close
+        self.chunked = self.req is None or self.req.version != "HTTP/1.0"
+        hdrs = [("Content-Type", ctype), ("Cache-Control", "no-cache")]
+        if self.chunked:
+            hdrs.insert(1, ("Transfer-Encoding", "chunked"))
+        hdrs.extend(headers)
+        self.write(self.head(status, hdrs, close or not self.chunked))
+        fault.after_head(self, p)
+
+    def send_chunk(self, data):
+        """One piece of a streamed body (a chunk when chunked), in one write: each event leaves at once."""
+        if data and not self.fault[0].chunk(self, data, self.fault[1]):
+            self.frame_chunk(data)
+
+    def frame_chunk(self, data):
+        if data:
+            self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end_stream(self):
+        fault, p = self.fault
+        fault.end(self, p)
+        if self.chunked:
+            self.note_end(5)
+            self.write(b"0\r\n\r\n")
+
+    def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
+        """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
+        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
+        self.stream_item(payload, event, sep)
+
+    def stream_item(self, payload, event=None, sep="\n\n", index=None):
+        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array."""
+        if index is not None:
+            self.json_array = True
+            text = ("[" if index == 0 else ",\r\n") + payload
+        elif event:
+            text = "event: %s\ndata: %s%s" % (event, payload, sep)
+        else:
+            text = "data: %s%s" % (payload, sep)
+        fault, p = self.fault
+        text = fault.item(self, self.events, text, payload, event, p)
+        if text is None:
+            return
+        self.events += 1
+        self.send_chunk(text.encode("utf-8"))
+
+    def send_stream_error(self):
+        """The provider's own in-stream error, then the end of the stream (the connection closes)."""
+        provider = PROVIDERS[self.req.provider]
+        text = provider.stream_error()
+        if self.json_array:
+            text = "%s%s]" % ("[" if self.events == 0 else ",\r\n", text)
+        elif not text.startswith(("data:", "event:")):
+            text = "data: %s\r\n\r\n" % text
+        self.conn.close_connection = True
+        raw = text.encode("utf-8")
+        self.ended = "stream_error"
+        self.note_end(len(raw))
+        self.put(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked else raw)
+        raise Answered("stream_error")
+
+    def send_stream(self, stream):
+        """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
+        self.start_stream(200, stream.content_type, close=stream.close)
+        for ev in stream.events:
+            self.send_sse_event(ev.data, ev.event, compact=False)  # the Flask mock's spacing
+        if stream.pause_ms:
+            self.pause(stream.pause_ms / 1000.0)
+        if stream.tail:
+            self.send_chunk(stream.tail.encode("utf-8"))
+        self.end_stream()
+
+
+################################################################################
+# Dispatch: from a parsed request to its answer, in numbered steps
+################################################################################
+
+def dispatch(w, req):
+    """Answer one request whose head has been read, through its writer ``w``."""
+    conn = w.conn
+    # 1. Route: the one function that answers this path (404, or 405 with Allow).
+    try:
+        req.route, req.params = ROUTER.match(req.method, req.path)
+    except HTTPError as e:
+        refuse_body(w, req, e)
+        raise
+    route = req.route
+    # 2. Provider: from the route, or told from the request on shared paths; its headers go on every answer.
+    req.provider = route.provider if route.provider != SHARED else detect_provider(req)
+    if route.provider != DPMOCK:
+        w.request_id = new_id("req_", 12)
+        w.extra_headers = PROVIDERS[req.provider].answer_headers(w.request_id)
+    # 3. Framing: a route with a body needs to know where the body ends.
+    if route.body != BODY_NONE and req.length is None and not req.chunked:
+        conn.close_connection = True  # whatever follows can't be told apart from a body
+        raise HTTPError(411, "%s %s needs a request body with Content-Length or chunked encoding"
+                        % (req.method, req.path), "length_required")
+    # 4. Scenario: a fault, a fixed answer, or nothing (the provider's ordinary answer).
+    value, params = None, {}
+    if route.provider != DPMOCK:
+        try:
+            value, params = choose_scenario(w, req)
+        except HTTPError as e:
+            refuse_body(w, req, e)
+            raise
+    fault = FAULTS[value.kind] if isinstance(value, scenarios.Fault) else None
+    # 5. Answers from the head alone (the body is never read), and Expect: 100-continue.
+    expect = req.headers.get("expect")
+    if expect is not None and expect.lower() != "100-continue":
+        refuse_body(w, req, None)
+        raise HTTPError(417, "unsupported Expect %r" % expect[:40], "expectation_failed")
+    if fault is not None and fault.early(w, req, params):
+        return
+    if isinstance(value, Upload) and value.max_bytes is not None and (req.length or 0) > value.max_bytes:
+        w.send_reply(value.too_large, close=True)
+        if expect is None:
+            w.linger()
+        return
+    if route.body == BODY_JSON and req.length is not None and req.length > MAX_JSON_BODY:
+        refuse_body(w, req, None)
+        raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, MAX_JSON_BODY),
+                        "request_too_large", close=True)
+    if expect is not None and req.version == "HTTP/1.1" and req.has_body() and (fault is None or fault.sends_100):
+        conn.handle_expect_100()
+    # 6. Body: JSON is read and parsed here; BODY_STREAM bodies are the handler's to read.
+    if route.body == BODY_JSON:
+        req.json = parse_json_body(read_json_body(req))
+    elif route.body == BODY_NONE:
+        refuse_body(w, req, None)
+    conn.journal_entry(w)  # the request is in the journal from here on, even while a fault holds it
+    # 7. A fault shapes the ordinary answer; a fixed scenario answer replaces it.
+    if fault is not None:
+        if (fault.streams_only and not route.streaming(req)) or (req.method == "HEAD" and fault.breaks_body):
+            fault = None  # this fault leaves this answer alone
+        else:
+            w.fault = (fault, params)
+            fault.before(w, req, params)
+    elif value is not None:
+        return answer_scenario(w, req, value, params)
+    # 8. The route's handler.
+    route.handler(w, req)
+    if req.has_body() and not req.body_done:
+        conn.close_connection = True  # the handler answered without reading the body
+
+
+def choose_scenario(w, req):
+    """(answer, params) of the scenario selected for this route (schedules stepped), or (None, {})."""
+    spec, scenario, params = select_scenario(req)
+    if scenario is None:
+        return None, {}
+    req.scenario = spec
+    if scenario.group == "schedule":
+        name, seed = w.server.schedules.step(request_key(req) or "", spec, scenario.answer.kind, params)
+        if seed is not None:
+            w.extra_headers = list(w.extra_headers) + [("x-dp-seed", str(seed))]
+        if name is None:
+            return None, {}
+        scenario, params = scenarios.resolve(name)
+    return scenario_answer(scenario, req.route, req.provider), params
+
+
+def answer_scenario(w, req, value, params):
+    """Send a fixed scenario answer: a Reply, a Stream, an Upload rule or a provider-shaped error."""
+    if isinstance(value, Upload):
+        n = 0
+        for piece in req.body_pieces():
+            n += len(piece)
+            if value.max_bytes is not None and n > value.max_bytes:
+                w.send_reply(value.too_large, close=True)
+                w.linger()
+                raise Answered("ok")
+        value = scenarios.upload_reply(value, n)
+    elif req.route.body == BODY_STREAM:
+        req.drain()
+    if isinstance(value, scenarios.ProviderError):
+        value = provider_error(w, value, params)
+    if isinstance(value, Stream):
+        w.send_stream(value)
+    else:
+        w.send_reply(value)
+
+
+def provider_error(w, pe, params):
+    """A ProviderError scenario as this provider's Reply (a proxy page when it has one)."""
+    provider = PROVIDERS[w.req.provider]
+    status = pe.status if isinstance(pe.status, int) else pe.status[w.req.provider]
+    if pe.html:
+        return Reply(status, pe.html, scenarios.HTML)
+    headers, details = provider.rate_limit(params["retry_after"]) if "retry_after" in params else ([], None)
+    return w.error_reply(provider.scenario_error(pe, status, headers, details))
+
+
+def refuse_body(w, req, err):
+    """Before answering without the body: drain a small one so the connection stays usable, else close."""
+    if not req.has_body() or req.body_done:
+        return
+    if req.headers.get("expect") is None and not req.chunked and req.length <= MAX_DISCARD:
+        req.drain()
+    else:
+        w.conn.close_connection = True
+        if err is not None:
+            err.close = True
+
+
+def read_json_body(req):
+    data = bytearray()
+    for piece in req.body_pieces(MAX_JSON_BODY):
+        data += piece
+    return bytes(data)
+
+
+MAX_JSON_VALUES = 2000000  #: values (arrays, objects, scalars) one JSON body may hold: bounds its memory
+_JSON_STRINGS = r'"(?:[^"\\]|\\.)*"'
+
+
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def json_values(text):
+    """An upper bound on the number of values in a JSON text: commas and brackets outside strings."""
+    bare = re.sub(_JSON_STRINGS, "", text) if '"' in text else text
+    return bare.count(",") + bare.count("[") + bare.count("{") + 1
+
+
+def parse_json_body(body):
+    """Decode a JSON object body or raise HTTPError 400 naming the problem."""
+    if not body:
+        raise HTTPError(400, "request body is empty; expected a JSON object", "invalid_json")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HTTPError(400, "request body is not valid JSON: not UTF-8 (byte 0x%02x at offset %d)"
+                        % (body[e.start], e.start), "invalid_json")
+    if len(text) > MAX_JSON_VALUES and json_values(text) > MAX_JSON_VALUES:  # shorter texts can't hold more
+        raise HTTPError(413, "request body holds more than %d JSON values" % MAX_JSON_VALUES, "request_too_large")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
+        raise HTTPError(400, "request body is not valid JSON: %s" % e, "invalid_json")
+    except RecursionError:
+        raise HTTPError(400, "request body is not valid JSON: nested too deeply", "invalid_json")
+    if "\\u" in text:  # escaped lone surrogates parse, but no answer could carry them as UTF-8
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, "request body is not valid JSON: it holds a lone UTF-16 surrogate",
+                            "invalid_json")
+    if not isinstance(value, dict):
+        raise HTTPError(400, "request body must be a JSON object, not %s" % type(value).__name__, "invalid_json")
+    return value
+
+
+################################################################################
+# Log
+################################################################################
+
+class Log:
+    """A thread-safe line logger writing to one stream (or nowhere).
+
+    Access lines are queued and written by one flusher thread a moment later (a request
+    never waits on a log write, nor on a lock); errors are written at once.
+    """
+
+    FLUSH_DELAY = 0.05  #: seconds a queued line may wait before it is written
+
+    def __init__(self, stream, verbosity):
+        self.stream, self.verbosity = stream, verbosity
+        self.lock = threading.Lock()
+        self.queue = []  #: lines not yet written (list.append is atomic)
+        self.kick = threading.Event()
+        self.flusher = None
+        self._stamp = (0, "")
+
+    def enabled(self, level):
+        return self.stream is not None and self.verbosity >= level
+
+    def _line(self, fmt, args):
+        now = int(time.time())
+        if self._stamp[0] != now:
+            self._stamp = (now, "%s dpmock[%d] " % (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+                                                    os.getpid()))
+        return self._stamp[1] + (fmt % args if args else fmt) + "\n"
+
+    def _queue(self, line):
+        self.queue.append(line)
+        if not self.kick.is_set():
+            if self.flusher is None:
+                self._start_flusher()
+            self.kick.set()
+
+    def _start_flusher(self):
+        with self.lock:
+            if self.flusher is None:
+                self.flusher = threading.Thread(target=self._flush_loop, name="dpmock-log", daemon=True)
+                self.flusher.start()
+
+    def _flush_loop(self):
+        while True:
+            self.kick.wait()
+            time.sleep(self.FLUSH_DELAY)
+            self.kick.clear()
+            self.flush()
+
+    def flush(self):
+        """Write every queued line now."""
+        with self.lock:
+            n = len(self.queue)
+            lines = self.queue[:n]
+            del self.queue[:n]  # lines queued meanwhile stay for the next flush
+            if lines:
+                self._emit("".join(lines))
+
+    def _emit(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def error(self, fmt, *args):
+        if self.enabled(0):
+            line = self._line(fmt, args)
+            self.flush()
+            with self.lock:
+                self._emit(line)
+
+    def info(self, fmt, *args):
+        if self.enabled(1):
+            self._queue(self._line(fmt, args))
+
+    def debug(self, fmt, *args):
+        if self.enabled(2):
+            self._queue(self._line(fmt, args))
+
+
+################################################################################
+# State: the journal, schedule counters and files, shared by every connection
+################################################################################
+
+class JournalEntry:
+    """One request as the journal keeps it, raw: formatting waits until someone reads it."""
+
+    __slots__ = ("seq", "time", "client", "method", "path", "query", "headers", "body", "body_bytes", "route",
+                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended")
+
+    def __init__(self, client, req, reused):
+        self.seq = 0
+        self.time = time.time()
+        self.client = client
+        self.method, self.path, self.query = req.method, req.path, req.query_string
+        self.headers = tuple(req.headers.items)
+        self.body, self.body_bytes = bytes(req.captured), req.body_bytes
+        self.route, self.scenario = req.route, req.scenario
+        self.status, self.bytes_sent, self.duration_ms = None, 0, 0.0
+        self.reused = reused
+        self.ended = "pending"  #: until the answer is over
+
+
+class _Waiter:
+    """A long-poll on the journal: it sees each new entry once, and wakes when it has enough."""
+
+    __slots__ = ("filters", "want", "found", "event")
+
+    def __init__(self, filters, want):
+        self.filters, self.want, self.found = filters, want, []
+        self.event = threading.Event()
+
+    def offer(self, entry):
+        if entry_matches(entry, self.filters):
+            self.found.append(entry)
+            if len(self.found) >= self.want:
+                self.event.set()
+
+
+class Journal:
+    """The last N requests (a ring), for tests to assert on what a client sent.
+
+    Entries get their ``seq`` and join the ring under one lock, in order, so an answer's
+    ``last_seq`` never names an entry that a later ``since`` query could miss. A long-poll
+    scans the ring once, then is offered each new entry (O(1) per waiter per request) and
+    sleeps on its own event in between: idle waiters cost nothing.
+    """
+
+    def __init__(self, size):
+        import collections
+        self.entries = collections.deque(maxlen=size)
+        self.size = size
+        self.lock = threading.Lock()
+        self.seq = 0  #: the last sequence number given out
+        self.waiters = []
+
+    def add(self, entry):
+        with self.lock:
+            self.seq += 1
+            entry.seq = self.seq
+            if self.size:
+                self.entries.append(entry)
+            for waiter in self.waiters:
+                waiter.offer(entry)
+        return entry
+
+    def clear(self):
+        with self.lock:
+            n = len(self.entries)
+            self.entries.clear()
+        return n
+
+    def wait(self, filters, since, want, timeout, stop_event):
+        """(matching entries, last_seq, timed out?): at once, or once ``want`` match, or at the timeout or a stop."""
+        with self.lock:
+            found = [e for e in self.entries if e.seq > since and entry_matches(e, filters)]
+            if len(found) >= want or timeout <= 0 or stop_event.is_set():
+                return found, self.seq, len(found) < want
+            waiter = _Waiter(filters, want - len(found))
+            self.waiters.append(waiter)
+        try:
+            waiter.event.wait(timeout)
+        finally:
+            with self.lock:
+                self.waiters.remove(waiter)
+                last = self.seq
+        found += waiter.found
+        return found, last, len(found) < want
+
+    def wake_all(self):
+        """At a stop: every long-poll answers now (no lock: this may run in a signal handler)."""
+        for waiter in list(self.waiters):
+            waiter.event.set()
+
+
+def entry_matches(e, filters):
+    for name, value in filters.items():
+        if name == "path" and value not in e.path:
+            return False
+        if name == "route" and (e.route.name if e.route else None) != value:
+            return False
+        if name == "scenario" and (e.scenario or "").split(";")[0].strip() != value:
+            return False
+        if name == "key" and entry_key(e) != value:
+            return False
+    return True
+
+
+_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization", "cookie")
+
+
+def mask_header(name, value):
+    if name.lower() not in _SECRET_HEADERS:
+        return value
+    scheme, sep, token = value.partition(" ")
+    return scheme + sep + mask_key(token) if sep and scheme.lower() in ("bearer", "basic") else mask_key(value)
+
+
+def mask_query(query):
+    """A query string with the value of ``key`` masked, however its name was spelled (``%6Bey``)."""
+    out = []
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        if eq and percent_decode(name, True) == "key":
+            pair = name + "=" + mask_key(percent_decode(value, True))
+        out.append(pair)
+    return "&".join(out)
+
+
+def entry_key(e):
+    """The unmasked API key of a journal entry (for the ``key`` filter)."""
+    return find_key(Headers(e.headers), e.route, parse_query(e.query))
+
+
+def public_entry(e):
+    """A journal entry as JSON: keys masked, body as text (else base64)."""
+    try:
+        text, b64_text = e.body.decode("utf-8"), None
+    except UnicodeDecodeError:
+        text, b64_text = None, b64(e.body)
+    client = "%s:%s" % e.client[:2] if isinstance(e.client, tuple) else str(e.client)
+    return {"seq": e.seq, "time": rfc3339(e.time), "client": client, "method": e.method, "path": e.path,
+            "query": mask_query(e.query), "headers": [[k, mask_header(k, v)] for k, v in e.headers], "body": text,
+            "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
+            "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
+            "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
+            "ended": e.ended}
+
+
+class Schedules:
+    """Per-key request counters for the schedule scenarios (SCHEDULES: FAIL_FIRST, FAIL_EVERY, ...)."""
+
+    LIMIT = 10000  #: counters kept; the oldest go first
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.counters = {}  # (key, spec) -> {"count": n, "rng": Random or None}
+
+    def step(self, key, spec, kind, params):
+        """Count this request; return (scenario name to apply or None, seed used or None)."""
+        with self.lock:
+            c = self.counters.get((key, spec))
+            if c is None:
+                c = self.counters[(key, spec)] = {"count": 0, "rng": None}
+                while len(self.counters) > self.LIMIT:
+                    self.counters.pop(next(iter(self.counters)))
+            i = c["count"]
+            c["count"] += 1
+            seed = None
+            if "seed" in params:
+                seed = params["seed"] if params["seed"] >= 0 else self.seed
+                if c["rng"] is None:
+                    import random  # off the start-up path
+                    c["rng"] = random.Random(seed)
+            verdict = SCHEDULES[kind](i, params, c["rng"])
+        if isinstance(verdict, str):
+            return verdict, seed
+        return (params["fault"] if verdict else None), seed
+
+    def listing(self):
+        with self.lock:
+            return [{"key": mask_key(k) if k else "", "scenario": spec, "requests": c["count"]}
+                    for (k, spec), c in self.counters.items()]
+
+    def reset(self):
+        with self.lock:
+            self.counters.clear()
+
+
+class FileStore:
+    """Uploaded files' metadata (never their bytes), bounded, shared by every connection."""
+
+    LIMIT = 1000
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.files = {}  # (provider, id) -> record dict
+        self.uploads = {}  # upload_id -> resumable session dict
+
+    def add(self, provider, record):
+        with self.lock:
+            self.files[(provider, record["id"])] = record
+            while len(self.files) > self.LIMIT:
+                self.files.pop(next(iter(self.files)))
+        return record
+
+    def get(self, provider, file_id):
+        with self.lock:
+            return self.files.get((provider, file_id))
+
+    def remove(self, provider, file_id):
+        with self.lock:
+            return self.files.pop((provider, file_id), None)
+
+    def list(self, provider):
+        with self.lock:
+            return [r for (p, _), r in self.files.items() if p == provider]
+
+    def start_upload(self, session):
+        with self.lock:
+            self.uploads[session["id"]] = session
+            while len(self.uploads) > self.LIMIT:
+                self.uploads.pop(next(iter(self.uploads)))
+
+    def upload(self, upload_id):
+        with self.lock:
+            return self.uploads.get(upload_id)
+
+    def end_upload(self, upload_id):
+        with self.lock:
+            self.uploads.pop(upload_id, None)
+
+
+################################################################################
+# Server: the connection (MockHandler) and the listening server (MockServer)
+################################################################################
+
+LINGER_SECONDS = 2.0  #: how long an unread upload is drained after its answer before closing
+FRESH_GRACE = 1.0  #: at a stop, how long a just-accepted connection may take to send its request
+HANDSHAKE_TIMEOUT = 10.0  #: how long a TLS client may take to finish its handshake
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  #: the peer shut its sending side (Linux)
+
+_date_cache = [0, ""]
+
+
+class MockHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: the keep-alive loop, TLS, strict request parsing, and its answers' heads.
+
+    http.server's own machinery is kept where it fits: ``handle`` loops over
+    ``handle_one_request`` until ``close_connection``; ``parse_request`` is overridden with
+    dpmock's stricter parser (RequestReader); ``send_response_only``/``send_header``/
+    ``end_headers`` build each head, which leaves with its body in one write;
+    ``handle_expect_100``, ``send_error`` (JSON), ``log_request`` and ``responses`` are its hooks.
+    """
+
+    protocol_version = "HTTP/1.1"
     server_version = "dpmock/" + __version__
     disable_nagle_algorithm = True  #: with one write per response, no 40 ms delayed-ACK stall
-    wbufsize = 0  #: unbuffered: every wfile.write is one sendall
+    wbufsize = 0  #: unbuffered: every wfile.write is one sendall, which the writer controls
     timeout = None  #: blocking sockets: a Python-level timeout would poll() before every recv and send;
     #: the kernel enforces --io-timeout instead (SO_RCVTIMEO / SO_SNDTIMEO), set once per connection
+    responses = dict(http.server.BaseHTTPRequestHandler.responses)
+    responses[529] = ("Site is overloaded", "Anthropic's overloaded status")
 
-    # ---------------------------------------------------------------- connection loop
+    # ---------------------------------------------------------------- the connection
+
+    def setup(self):
+        self.idle = False  #: blocked waiting for the next request (a stop's drain may end that wait)
+        self.served = 0  #: requests answered on this connection before the current one
+        self.req = None
+        self.writer = None
+        self._head = b""
+        ctx = self.server.attach(self)
+        self.tls = ctx is not None
+        if self.tls:
+            self.handshake(ctx)
+        # A read that times out ends the input (the connection closes); a write raises OSError.
+        import struct
+        timeval = struct.pack("ll", self.server.config.io_timeout, 0)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        super().setup()
+        self.reader = RequestReader(self.rfile)
+
+    def handshake(self, ctx):
+        """TLS, in this connection's own thread: a slow or failing client never holds up the others."""
+        self.request.settimeout(HANDSHAKE_TIMEOUT)
+        self.idle = True  # a stop may end a handshake that is taking its time
+        try:
+            first = self.request.recv(1, socket.MSG_PEEK)
+            if first and first[0] != 0x16:  # not a TLS record: plain HTTP (or garbage) on an HTTPS port
+                self.refuse_plain_http()
+            # Wrap first, handshake after: wrapping moves the descriptor to the TLS socket, which
+            # drain() must be able to reach while the handshake waits.
+            self.request = ctx.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+            self.request.do_handshake()
+        except (OSError, ValueError) as e:
+            self.server.log.info("%s: TLS handshake failed: %s", self.peer, getattr(e, "reason", None) or e)
+            raise ClientGone("TLS handshake failed")
+        finally:
+            self.idle = False
+        self.request.settimeout(None)
+
+    def refuse_plain_http(self):
+        """Answer plain HTTP sent to a TLS port with a readable 400, as nginx and Go do."""
+        body = encode_body({"error": {"message": "plain HTTP request sent to an HTTPS port; use https://",
+                                      "type": "invalid_request_error", "param": None, "code": "plain_http"}}, True)
+        try:
+            self.request.settimeout(0.5)
+            self.request.recv(65536)  # the request head, so the close is not a reset
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.recv(65536)
+        except OSError:
+            pass
+        self.server.log.info("%s: plain HTTP on a TLS port: answered 400", self.peer)
+        raise ClientGone("plain HTTP on a TLS port")
 
     def handle(self):
         self.close_connection = False
@@ -1869,35 +3421,6 @@ class MockHandler(socketserver.StreamRequestHandler):
                 self.served += 1
         except (OSError, ClientGone) as e:  # resets, timeouts, TLS errors: the connection ended
             self.server.log.debug("%s: connection ended: %s", self.peer, e.__class__.__name__)
-
-    def setup(self):
-        self.idle = False  #: blocked waiting for the next request (drain() may end that wait)
-        self.served = 0  #: requests answered on this connection before the current one
-        ctx = self.server.attach(self)
-        self.tls = ctx is not None
-        if self.tls:
-            # The handshake happens here, in this connection's own thread: a slow or failing
-            # client never holds up the others. A failure is one log line, never a traceback.
-            self.request.settimeout(HANDSHAKE_TIMEOUT)
-            self.idle = True  # a stop may end a handshake that is taking its time
-            try:
-                # Wrap first, handshake after: wrapping moves the descriptor to the TLS socket, which
-                # drain() must be able to reach while the handshake waits.
-                self.request = ctx.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
-                self.request.do_handshake()
-            except (OSError, ValueError) as e:
-                self.server.log.info("%s:%s: TLS handshake failed: %s", self.client_address[0],
-                                     self.client_address[1], getattr(e, "reason", None) or e)
-                raise ClientGone("TLS handshake failed")
-            finally:
-                self.idle = False
-            self.request.settimeout(None)
-        # A read that times out ends the input (the connection closes); a write raises OSError.
-        import struct
-        timeval = struct.pack("ll", self.server.config.io_timeout, 0)
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        super().setup()
 
     def finish(self):
         try:
@@ -1924,667 +3447,187 @@ class MockHandler(socketserver.StreamRequestHandler):
     def peer(self):
         return "%s:%s" % self.client_address[:2] if isinstance(self.client_address, tuple) else "?"
 
+    def pause(self, seconds):
+        """A deliberate wait, cut short by a stop; a client that leaves meanwhile ends the request.
+
+        The wait is a poll on the connection (for the peer's FIN or a reset) and on the server's
+        stop pipe, so neither a gone client nor a stop has to wait for the pause to run out.
+        """
+        seconds = max(0.0, min(seconds, 300.0))
+        if seconds <= 0 or self.server.stopping:
+            return
+        poller = select.poll()
+        poller.register(self.connection.fileno(), _POLLRDHUP)
+        poller.register(self.server.wake_fd, select.POLLIN)
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd, events in poller.poll(left * 1000 + 1):
+                if fd == self.server.wake_fd:
+                    return
+                if events & (_POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    raise ClientGone("the client left during a pause")
+
+    def reset(self):
+        """Close with SO_LINGER 0: the client gets a TCP reset when finish() drops the files."""
+        import struct
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+
+    def shutdown_write(self, seconds):
+        """Send FIN, then read and drop what the client sends until it closes, at most ``seconds``."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            self.connection.settimeout(0.2)
+            while time.monotonic() < deadline and not self.server.stopping:
+                try:
+                    if not self.connection.recv(65536):
+                        return
+                except socket.timeout:
+                    continue
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- one request
+
     def handle_one_request(self):
-        self.headers_sent = False
         self.req = None
-        self.status = 0
-        self.sent = 0
-        self.extra_headers = ()
-        self.fault = NO_FAULT  #: (kind, params) of the fault this answer carries out
-        self.events = 0  #: stream items sent
-        self.chunked_out = True  #: the streamed body is chunked (not for HTTP/1.0 clients)
-        self.recorded = False  #: already in the journal
-        self.pending = 0  #: bytes about to be written when the journal entry is made
-        self.ended = None  #: how the answer ended, when not simply
-        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if line in (b"\r\n", b"\n"):  # a stray empty line before a request line is ignored (RFC 9112)
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if not line:
+        self.request_version = "HTTP/1.1"  #: until the request line says otherwise (send_response_only reads it)
+        w = self.writer = ResponseWriter(self, None)
+        self.raw_requestline = self.reader.request_line()
+        if not self.raw_requestline:
             self.close_connection = True
             return
         srv = self.server
-        srv.begin_request(self)
+        srv.begin_request()
         try:
             self.idle = True  # until the head is whole, a stop may end the wait for the rest of it
             try:
-                req = self.parse_head(line)
+                self.parse_request()
             finally:
                 self.idle = False
-            if req is None:
-                return
-            self.req = req
-            self.dispatch(req)
-            self.close_unread()
+            dispatch(w, self.req)
+            self.close_unread(w)
         except HTTPError as e:
             if self.req is not None:
-                self.refuse_body(self.req, e)
-            self.answer_error(e)
-            self.close_unread()
-        except Exception as e:
-            if isinstance(e, (OSError, ClientGone)):
-                self.ended = self.ended or ("closed" if isinstance(e, _Answered) else "client_gone")
-                raise
+                refuse_body(w, self.req, e)
+            self.answer_error(w, e)
+            self.close_unread(w)
+        except (OSError, ClientGone) as e:
+            w.ended = w.ended or ("closed" if isinstance(e, Answered) else "client_gone")
+            raise
+        except Exception:  # a bug: one traceback in the log, a 500 to the client
             srv.log.error("error while handling %s:\n%s", self.requestline_text(), format_exc())
-            if not self.headers_sent:
-                self.send_json(500, {"error": {"message": "dpmock internal error; see its log", "type": "server_error",
-                                               "code": "internal_error"}}, close=True)
+            if not w.headers_sent:
+                w.send_json(500, {"error": {"message": "dpmock internal error; see its log", "type": "server_error",
+                                            "param": None, "code": "internal_error"}}, close=True)
             else:
                 self.close_connection = True
         finally:
-            srv.end_request(self)
+            srv.end_request()
             if srv.stopping:
                 self.close_connection = True
-            self.record()
-            self.log_request_line()
+            self.end_entry(w)
+            self.log_request(w.status or "-", w.sent)
 
-    def journal_entry(self, seq):
-        return journal_entry(self, seq)
-
-    def record(self, ended=None, pending=0):
-        """Put this request in the journal, once: called just before the answer's last bytes
-        leave (a client holding its answer always finds it there), else when handling ends."""
-        if ended:
-            self.ended = ended
-        req = self.req
-        if self.recorded or req is None or (req.route and req.route.name.startswith("control_")):
-            return
-        self.recorded = True
-        self.pending = pending
-        self.server.journal.add(self.journal_entry)
-        self.pending = 0
-
-    def requestline_text(self):
-        req = self.req
-        return "%s %s" % (req.method, req.target) if req else "(unparsed request)"
-
-    def parse_head(self, line):
-        """Parse the request line and headers into a Request, or answer an error and return None."""
-        if len(line) > MAX_REQUEST_LINE:
-            raise HTTPError(414, "request line longer than %d bytes" % MAX_REQUEST_LINE, "uri_too_long", close=True)
-        if not line.endswith(b"\n"):
-            raise ClientGone("request line cut off")
-        try:
-            text = line.decode("latin-1").rstrip("\r\n")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
-            text = ""
-        parts = text.split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            raise HTTPError(400, "malformed request line %r" % text[:100], "bad_request_line", close=True)
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            if re.match(r"^HTTP/\d\.\d$", version):
-                raise HTTPError(505, "HTTP version %s is not supported; use HTTP/1.1" % version,
-                                "http_version_not_supported", close=True)
-            raise HTTPError(400, "malformed HTTP version %r" % version[:20], "bad_request_line", close=True)
-        if not method.isalpha() or not method.isupper():
-            raise HTTPError(400, "malformed method %r" % method[:20], "bad_request_line", close=True)
-        items, total = [], 0
-        while True:
-            hline = self.rfile.readline(MAX_HEADER_BYTES + 1)
-            total += len(hline)
-            if total > MAX_HEADER_BYTES or len(items) >= MAX_HEADERS:
-                raise HTTPError(431, "request header section over %d bytes or %d fields"
-                                % (MAX_HEADER_BYTES, MAX_HEADERS), "headers_too_large", close=True)
-            if not hline.endswith(b"\n"):
-                raise ClientGone("header section cut off")
-            if hline in (b"\r\n", b"\n"):
-                break
-            if hline[:1] in (b" ", b"\t"):
-                raise HTTPError(400, "obsolete header line folding is not accepted", "bad_header", close=True)
-            name, sep, value = hline.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip():
-                raise HTTPError(400, "malformed header line %r" % hline[:100].decode("latin-1"), "bad_header",
-                                close=True)
-            items.append((name, value.strip()))
-        req = Request(method, target, version, Headers(items))
-        if self.tls:
-            req.scheme = "https"
-        conn = (req.headers.get("connection") or "").lower()
-        if version == "HTTP/1.0":
-            self.close_connection = "keep-alive" not in conn
-        elif "close" in conn:
+    def parse_request(self):
+        """http.server's hook, with dpmock's stricter parser; raises HTTPError when malformed."""
+        req = self.reader.head(self.raw_requestline)
+        req.scheme = "https" if self.tls else "http"
+        self.req = self.writer.req = req
+        self.command, self.path, self.request_version = req.method, req.target, req.version
+        self.headers = req.headers
+        if req.close_after:
             self.close_connection = True
-        self.parse_framing(req)
-        return req
+        return True
 
-    def parse_framing(self, req):
-        """Work out how the body is framed; bad framing closes the connection."""
-        h = req.headers
-        te = h.get("transfer-encoding")
-        if te is not None:
-            te = ",".join(v for k, v in h.items if k.lower() == "transfer-encoding")
-            if te.lower().replace(" ", "") != "chunked":
-                raise HTTPError(501, "Transfer-Encoding %r is not supported; use chunked" % te,
-                                "unsupported_transfer_encoding", close=True)
-            if "content-length" in h:
-                raise HTTPError(400, "both Content-Length and Transfer-Encoding were sent", "bad_framing",
-                                close=True)
-            req.chunked = True
+    def handle_expect_100(self):
+        """The interim answer; not part of the answer's bytes (faults do not count it)."""
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's error hook: a JSON answer, in the provider's shape when there is one."""
+        self.answer_error(self.writer, HTTPError(code, message or self.responses.get(code, ("error",))[0]))
+
+    def answer_error(self, w, e):
+        if e.close:
+            self.close_connection = True
+        if w.headers_sent:
+            self.close_connection = True
             return
-        values = [v for k, v in h.items if k.lower() == "content-length"]
-        if values:
-            vals = {v.strip() for v in ",".join(values).split(",")}
-            if len(vals) != 1 or not re.match(r"^[0-9]{1,18}$", next(iter(vals))):
-                raise HTTPError(400, "invalid Content-Length %r" % ", ".join(values)[:50], "bad_content_length",
-                                close=True)
-            req.length = int(next(iter(vals)))
+        w.send_error_reply(e)
 
-    # ---------------------------------------------------------------- dispatch
-
-    def dispatch(self, req):
-        try:
-            req.route, req.params = match(req.method, req.path)
-        except HTTPError as e:
-            self.refuse_body(req, e)
-            raise
-        route = req.route
-        if route.provider != "":
-            req.provider = route.provider or detect_provider(req)
-            self.extra_headers = provider_headers(req.provider, new_id("req_", 12))
-        if route.body != BODY_NONE and req.length is None and not req.chunked:
-            self.close_connection = True  # whatever follows can't be told apart from a body
-            raise HTTPError(411, "%s %s needs a request body with Content-Length or chunked encoding"
-                            % (req.method, req.path), "length_required")
-        value, params = None, {}
-        if route.versioned:
-            try:
-                value, params = self.scenario_value(req)
-            except HTTPError as e:
-                self.refuse_body(req, e)
-                raise
-        kind = value.kind if isinstance(value, scenarios.Fault) else None
-        expect = req.headers.get("expect")
-        if expect is not None and expect.lower() != "100-continue":
-            self.refuse_body(req, None)
-            raise HTTPError(417, "unsupported Expect %r" % expect, "expectation_failed")
-        early = None
-        if kind == "EXPECT_REJECT" and req.has_body():
-            early = self.error_reply(HTTPError(int(params["status"]), "refused before the body was read "
-                                               "(scenario EXPECT_REJECT)"))
-        elif isinstance(value, Upload) and value.max_bytes is not None and (req.length or 0) > value.max_bytes:
-            early = value.too_large
-        if early is not None:
-            # Answered from the headers: the body is never read, so the connection can't be reused.
-            self.send_reply(early, close=True)
-            if expect is None:
-                self.linger()
-            return
-        if route.body == BODY_JSON and req.length is not None and req.length > MAX_JSON_BODY:
-            self.refuse_body(req, None)
-            raise HTTPError(413, "request body of %d bytes is over the %d byte limit" % (req.length, MAX_JSON_BODY),
-                            "request_too_large", close=True)
-        if expect is not None and req.version == "HTTP/1.1" and req.has_body() and kind != "EXPECT_IGNORE":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # interim: not part of the answer's bytes
-        if route.body == BODY_JSON:
-            req.json = parse_json_body(self.read_json_body(req))
-        elif route.body == BODY_NONE:
-            self.refuse_body(req, None)
-        if kind in _STREAM_FAULTS and not is_streaming(req):
-            value = kind = None  # a stream fault leaves other answers alone
-        if kind is not None:
-            self.fault = (kind, params)
-            self.start_fault(req)
-        elif value is not None:
-            self.answer_scenario(req, value, params)
-            return
-        try:
-            _HANDLERS[route.handler](self, req)
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-            if self.headers_sent or isinstance(e, (HTTPError, UnicodeDecodeError)):
-                raise
-            # A field of the wrong type or value deep in a request body (a list where an id goes,
-            # a number where a list goes): the provider answers 400, so does dpmock.
-            self.server.log.debug("%s: bad field in %s: %r", self.peer, req.path, e)
-            raise invalid("invalid request body: a field has the wrong type or value (%s: %s)"
-                          % (e.__class__.__name__, e))
-        if req.has_body() and not req.body_done:
-            self.close_connection = True  # the handler answered without reading the body
-
-    def scenario_value(self, req):
-        """(answer, params) of the scenario selected for this route (schedules stepped), or (None, {})."""
-        spec, scenario, params = select_scenario(req)
-        if scenario is None:
-            return None, {}
-        req.scenario = spec
-        if scenario.group == "schedule":
-            name, seed = self.server.schedules.step(request_key(req) or "", spec, scenario.name, params)
-            if seed is not None:
-                self.extra_headers = list(self.extra_headers) + [("x-dp-seed", str(seed))]
-            if name is None:
-                return None, {}
-            scenario, params = scenarios.resolve(name)
-        value = scenario.routes.get(req.route.name)
-        return (value.get(req.provider) if isinstance(value, ByProvider) else value), params
-
-    def start_fault(self, req):
-        """Faults that act before any answer is made; the others act in the writers."""
-        kind, p = self.fault
-        if kind in ("EMPTY_REPLY", "HANG"):
-            for _ in self.body_pieces(req):  # an unread body would turn the close into a reset
-                pass
-        if kind == "EMPTY_REPLY":
-            self.abort("empty")
-        if kind == "HANG":
-            self.server.pause(p["ms"] / 1000.0)
-            self.abort("hang")
-        if kind == "RESET" and p["after_bytes"] == 0:
-            self.abort("reset")
-
-    def answer_scenario(self, req, value, params):
-        if isinstance(value, Upload):
-            n = 0
-            for piece in self.body_pieces(req):
-                n += len(piece)
-                if value.max_bytes is not None and n > value.max_bytes:
-                    self.send_reply(value.too_large, close=True)
-                    self.linger()
-                    raise _Answered()
-            value = scenarios.upload_reply(value, n)
-        elif req.route.body == BODY_STREAM:
-            for _ in self.body_pieces(req):
-                pass
-        if isinstance(value, scenarios.ProviderError):
-            value = self.provider_error(value, params)
-        if isinstance(value, Stream):
-            self.send_stream(value)
-        else:
-            self.send_reply(value)
-
-    def error_reply(self, err):
-        """An HTTPError as a Reply in the request's provider shape (with its request id)."""
-        rid = next((v for k, v in self.extra_headers if k in ("request-id", "x-request-id")), None)
-        return Reply(err.status, err.body(self.req.provider, rid), scenarios.JSON, tuple(err.headers))
-
-    def provider_error(self, pe, params):
-        """A ProviderError scenario as this provider's Reply (a proxy page when it has one)."""
-        provider = self.req.provider
-        status = pe.status if isinstance(pe.status, int) else pe.status[provider]
-        if pe.html:
-            return Reply(status, pe.html, scenarios.HTML)
-        headers, details = [], None
-        if "retry_after" in params:
-            wait = params["retry_after"]
-            if provider == OPENAI:
-                headers = [("retry-after", str(wait)), ("retry-after-ms", str(wait * 1000)),
-                           ("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "0"),
-                           ("x-ratelimit-reset-requests", "%ds" % wait), ("x-ratelimit-limit-tokens", "30000"),
-                           ("x-ratelimit-remaining-tokens", "30000"), ("x-ratelimit-reset-tokens", "0s")]
-            elif provider == ANTHROPIC:
-                headers = [("retry-after", str(wait)), ("anthropic-ratelimit-requests-limit", "50"),
-                           ("anthropic-ratelimit-requests-remaining", "0"),
-                           ("anthropic-ratelimit-requests-reset", rfc3339(time.time() + wait, False))]
-            else:
-                details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "%ds" % wait}]
-        if provider == ANTHROPIC:
-            err = HTTPError(status, pe.anthropic[1], etype=pe.anthropic[0], headers=headers)
-        elif provider == GEMINI:
-            err = HTTPError(status, pe.gemini[1], etype=pe.gemini[0], headers=headers, details=details)
-        else:
-            err = HTTPError(status, pe.openai[2], pe.openai[1], etype=pe.openai[0], headers=headers)
-        return self.error_reply(err)
-
-    def close_unread(self):
+    def close_unread(self, w):
         """After the answer: a body left unread must neither be parsed as the next request nor
         turn the close into a reset that destroys the answer, so linger-close."""
         req = self.req
-        if req is not None and req.has_body() and not req.body_done and self.ended is None:
-            self.linger()
+        if req is not None and req.has_body() and not req.body_done and w.ended is None:
+            w.linger()
 
-    def refuse_body(self, req, err):
-        """Before answering without the body: drain a small one so the connection stays usable, else close."""
-        if not req.has_body() or req.body_done:
+    def flush_headers(self):
+        """Keep the head (end_headers calls this) so it leaves with the body in one write."""
+        self._head = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+
+    def take_head(self):
+        head, self._head = self._head, b""
+        return head
+
+    def date_time_string(self, timestamp=None):
+        """The Date header value, formatted once per second."""
+        now = int(time.time())
+        if _date_cache[0] != now:
+            _date_cache[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
+        return _date_cache[1]
+
+    def version_string(self):
+        return self.server_version
+
+    # ---------------------------------------------------------------- journal and log
+
+    def journal_entry(self, w):
+        """Put this request in the journal (once), as soon as its head and body are read."""
+        req = self.req
+        if w.entry is not None or req is None or (req.route is not None and req.route.name.startswith("control_")):
             return
-        if req.headers.get("expect") is None and not req.chunked and req.length <= MAX_DISCARD:
-            for _ in self.body_pieces(req):
-                pass
-        else:
-            self.close_connection = True
-            if err is not None:
-                err.close = True
+        w.entry = self.server.journal.add(JournalEntry(self.client_address, req, self.served > 0))
 
-    # ---------------------------------------------------------------- bodies
-
-    def read_json_body(self, req):
-        data = bytearray()
-        for piece in self.body_pieces(req):
-            data += piece
-            if len(data) > MAX_JSON_BODY:
-                raise HTTPError(413, "request body is over the %d byte limit" % MAX_JSON_BODY, "request_too_large",
-                                close=True)
-        return bytes(data)
-
-    def body_pieces(self, req):
-        """Yield the request body in pieces of at most PIECE bytes (Content-Length or chunked).
-
-        The first JOURNAL_BODY bytes are kept for the request journal; the rest never are.
-        """
-        if req.body_done:
-            return
-        for piece in self._chunked_pieces() if req.chunked else self._length_pieces(req.length or 0):
-            req.body_bytes += len(piece)
-            room = JOURNAL_BODY - len(req.captured)
-            if room > 0:
-                req.captured += piece[:room]
-            yield piece
-        req.body_done = True
-
-    def _length_pieces(self, left):
-        while left:
-            piece = self.rfile.read(min(left, PIECE))
-            if not piece:
-                raise ClientGone("body cut off")
-            left -= len(piece)
-            yield piece
-
-    def _chunked_pieces(self):
-        while True:
-            line = self.rfile.readline(1026)
-            if not line.endswith(b"\n"):
-                if not line:
-                    raise ClientGone("chunked body cut off")
-                raise HTTPError(400, "chunk size line too long", "bad_chunk", close=True)
-            size_text = line.split(b";", 1)[0].strip()
-            if not re.match(rb"^[0-9A-Fa-f]{1,15}$", size_text):
-                raise HTTPError(400, "invalid chunk size %r" % size_text[:20].decode("latin-1"), "bad_chunk",
-                                close=True)
-            size = int(size_text, 16)
-            if size == 0:
-                for _ in range(MAX_HEADERS + 1):  # trailers, ignored
-                    t = self.rfile.readline(8194)
-                    if not t:
-                        raise ClientGone("chunked trailer cut off")
-                    if t in (b"\r\n", b"\n"):
-                        return
-                raise HTTPError(431, "too many trailer fields", "headers_too_large", close=True)
-            yield from self._length_pieces(size)
-            if self.rfile.read(2) != b"\r\n":
-                raise HTTPError(400, "chunk data not followed by CRLF", "bad_chunk", close=True)
-
-    def linger(self):
-        """After answering an unread upload: stop writing, drain for a bounded time, then close.
-
-        Closing with unread data queued makes the kernel send a reset, which can destroy the
-        answer before the client reads it; a lingering close lets the client see it.
-        """
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.drain_until_eof(LINGER_SECONDS)
-        except OSError:
-            pass
-
-    def drain_until_eof(self, seconds):
-        """Read and drop what the client sends until it closes, at most ``seconds`` (or a stop)."""
-        deadline = time.monotonic() + seconds
-        self.connection.settimeout(0.2)
-        while time.monotonic() < deadline and not self.server.stopping:
-            try:
-                if not self.connection.recv(65536):
-                    return
-            except socket.timeout:
-                continue
-
-    # ---------------------------------------------------------------- writers
-
-    def head_bytes(self, status, headers, close):
-        out = [_STATUS_LINES.get(status) or ("HTTP/1.1 %d Status\r\n" % status).encode("latin-1"),
-               b"Date: ", http_date().encode("latin-1"), b"\r\nServer: ", self.server_version.encode("latin-1"),
-               b"\r\n"]
-        for k, v in itertools.chain(headers, self.extra_headers):
-            out.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
-        if close or self.close_connection or self.server.stopping:
-            self.close_connection = True
-            out.append(b"Connection: close\r\n")
-        elif self.req is not None and self.req.version == "HTTP/1.0":
-            out.append(b"Connection: keep-alive\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
-
-    def write(self, data):
-        """The one place response bytes leave; faults counted in bytes (RESET, STREAM_CUT, SLOW_BODY) act here."""
-        kind, p = self.fault
-        if kind == "RESET" or kind == "STREAM_CUT" and p["bytes"]:
-            limit = p["after_bytes"] if kind == "RESET" else p["bytes"]
-            if self.sent + len(data) >= limit:
-                self._put(data[:max(0, limit - self.sent)])
-                self.abort("reset" if kind == "RESET" or p["how"] == "reset" else "fin")
-        if kind == "SLOW_BODY":
-            for i in range(0, len(data), p["bytes"]):
-                if self.sent:
-                    self.server.pause(p["interval_ms"] / 1000.0)
-                self._put(data[i:i + p["bytes"]])
-            return
-        self._put(data)
-
-    def _put(self, data):
-        if data:
-            self.wfile.write(data)
-            self.sent += len(data)
-
-    def abort(self, how):
-        """End the connection now, by FIN or by TCP reset, and stop handling this request."""
-        self.record(how)
-        self.close_connection = True
-        if how == "reset":
-            import struct
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()  # the RST leaves when finish() drops the file objects' references
-        raise _Answered(how)
-
-    def half_close(self):
-        """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
-        self.close_connection = True
-        self.record("half_close")
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.drain_until_eof(scenarios.MAX_WAIT_S)
-        except OSError:
-            pass
-        raise _Answered("half_close")
-
-    def send_bytes(self, status, body, content_type, headers=(), close=False):
-        """Send a whole response in one write (headers and body together)."""
-        kind, p = self.fault
-        if self.req is not None and self.req.method == "HEAD" and kind in _BODY_FAULTS:
-            kind = None  # a HEAD answer has no body to break
-        if kind == "HTML_200":
-            status, body, content_type = 200, _HTML_PAGE, scenarios.HTML
-        elif kind == "INVALID_JSON_200" and status == 200 and content_type == scenarios.JSON:
-            body = body[:len(body) // 2]
-        elif kind in ("NO_FINAL_CHUNK", "BAD_CHUNK_SIZE"):
-            self.start_chunked(status, content_type, headers, close=True)
-            self.send_chunk(body)
-            self.end_chunked()
-        length = len(body) + (p["missing"] if kind == "SHORT_BODY" else 0)
-        hdrs = [("Content-Type", content_type), ("Content-Length", str(length))]
-        hdrs.extend(headers)
-        head = self.head_bytes(status, hdrs, close or kind == "SHORT_BODY")
-        if self.req is not None and self.req.method == "HEAD":
-            body = b""
-        self.headers_sent = True
-        self.status = status
-        if kind == "HEADERS_STALL":
-            self.write(head)
-            self.server.pause(p["ms"] / 1000.0)
-            self.abort("fin")
-        if kind == "HALF_CLOSE":
-            self.write(head + body[:len(body) // 2])
-            self.half_close()
-        if kind not in ("SHORT_BODY", "RESET", "SLOW_BODY"):
-            self.record(pending=len(head) + len(body))
-        self.write(head + body)
-        if kind == "SHORT_BODY":
-            self.abort("fin")
-
-    def send_json(self, status, obj, headers=(), close=False):
-        """A JSON answer, compact as the providers send it."""
-        self.send_bytes(status, encode_body(obj, compact=True), scenarios.JSON, headers, close)
-
-    def send_reply(self, reply, close=False):
-        self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
-
-    def start_chunked(self, status, content_type, headers=(), close=False):
-        kind, p = self.fault
-        if kind == "HTML_200":  # an HTML page where a stream was expected
-            self.send_bytes(200, _HTML_PAGE, scenarios.HTML, close=True)
-            raise _Answered("ok")
-        # HTTP/1.0 has no chunked encoding: there the body is raw and ends when the connection closes.
-        self.chunked_out = self.req is None or self.req.version != "HTTP/1.0"
-        hdrs = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
-        if self.chunked_out:
-            hdrs.insert(1, ("Transfer-Encoding", "chunked"))
-        hdrs.extend(headers)
-        head = self.head_bytes(status, hdrs, close or not self.chunked_out or
-                               kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"))
-        self.headers_sent = True
-        self.status = status
-        self.write(head)
-        if kind == "HEADERS_STALL":
-            self.server.pause(p["ms"] / 1000.0)
-            self.abort("fin")
-
-    def send_chunk(self, data):
-        """Write one chunk (size line, data, CRLF) in one write, so each event leaves at once."""
-        if data:
-            if not self.chunked_out:
-                self.write(data)
-                return
-            if self.fault[0] == "BAD_CHUNK_SIZE":  # a size line that is not hex
-                self.write(b"zz\r\n%s\r\n" % data)
-                self.abort("fin")
-            self.write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def end_chunked(self):
-        kind, p = self.fault
-        if kind in ("NO_FINAL_CHUNK", "SHORT_BODY", "BAD_CHUNK_SIZE"):
-            self.abort("fin")
-        # A stream fault whose threshold the stream never reached fires at its end.
-        if kind == "STREAM_ERROR":
-            self.send_stream_error("\r\n\r\n" if self.req.provider == GEMINI else "\n\n", None)
-        if kind == "STREAM_STALL":
-            self.server.pause(p["ms"] / 1000.0)
-            self.abort("fin")
-        if kind == "STREAM_CUT":
-            self.abort(p["how"])
-        if self.chunked_out:
-            if kind not in ("RESET", "SLOW_BODY"):
-                self.record(pending=5)
-            self.write(b"0\r\n\r\n")
-
-    def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
-        """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
-        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
-        self.stream_item(payload, event, sep)
-
-    def stream_item(self, payload, event=None, sep="\n\n", index=None):
-        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array.
-
-        Stream faults act here: they count items, pace them, break or cut the stream.
-        """
-        kind, p = self.fault
-        n = self.events
-        if kind == "STREAM_NO_END" and (payload == "[DONE]" or event == "message_stop"):
-            return
-        if kind == "STREAM_ERROR" and n == p["after"]:
-            self.send_stream_error(sep, index)
-        if kind == "STREAM_CUT" and not p["bytes"] and n == p["events"]:
-            self.abort(p["how"])
-        if kind == "STREAM_STALL" and n == p["after"]:
-            self.server.pause(p["ms"] / 1000.0)
-            self.abort("fin")
-        if kind == "HALF_CLOSE" and n == 1:
-            self.half_close()
-        if kind == "STREAM_SLOW":
-            self.server.pause(p["ttft_ms"] / 1000.0 if n == 0 else 1.0 / p["tps"])
-        if kind == "INVALID_JSON_200" and n == 1:
-            payload = payload[:len(payload) // 2]
-        if index is not None:
-            text = ("[" if index == 0 else ",\r\n") + payload
-        else:
-            text = ("event: %s\ndata: %s%s" % (event, payload, sep)) if event else ("data: %s%s" % (payload, sep))
-            if kind == "SSE_LINE_ENDINGS":
-                text = text.replace("\r\n", "\n").replace("\n", _EOL[p["eol"]])
-            elif kind == "SSE_COMMENTS":
-                text = ": dpmock comment before event %d\n%s:\n\n" % (n, text)
-        raw = text.encode("utf-8")
-        self.events += 1
-        if kind == "SSE_SPLIT":
-            cuts = [c for c in p["at"] if c < len(raw)] or list(range(p["every"], len(raw), p["every"]))
-            for start, end in zip([0] + cuts, cuts + [len(raw)]):
-                self.send_chunk(raw[start:end])
-        else:
-            self.send_chunk(raw)
-
-    def send_stream_error(self, sep, index):
-        """The provider's own in-stream error, then the end of the stream (the connection closes)."""
-        provider = self.req.provider
-        if provider == ANTHROPIC:
-            text = "event: error\ndata: %s%s" % (json.dumps({"type": "error", "error": {
-                "type": "overloaded_error", "message": "Overloaded"}}, separators=(",", ":")), sep)
-        else:
-            err = {"error": {"message": "The server had an error while processing your request. Sorry about that!",
-                             "type": "server_error", "param": None, "code": None}} if provider == OPENAI else \
-                {"error": {"code": 500, "message": "An internal error has occurred. Please retry.",
-                           "status": "INTERNAL"}}
-            payload = json.dumps(err, separators=(",", ":"))
-            text = ("data: %s%s" % (payload, sep)) if index is None else \
-                "%s%s]" % ("[" if index == 0 else ",\r\n", payload)
-        self.close_connection = True
-        raw = text.encode("utf-8")
-        data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked_out else raw
-        self.record("stream_error", len(data))
-        self.write(data)
-        raise _Answered("stream_error")
-
-    def send_stream(self, stream):
-        """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
-        self.start_chunked(200, stream.content_type, close=stream.close)
-        for ev in stream.events:
-            self.send_sse_event(ev.data, ev.event, compact=False)  # the Flask mock's spacing
-        if stream.pause_ms:
-            self.server.pause(stream.pause_ms / 1000.0)
-        if stream.tail:
-            self.send_chunk(stream.tail.encode("utf-8"))
-        self.end_chunked()
-
-    def answer_error(self, e):
-        if e.close:
-            self.close_connection = True
-        if self.headers_sent:
-            self.close_connection = True
+    def end_entry(self, w):
+        """The answer is over: its journal entry says how it went."""
+        self.journal_entry(w)
+        e = w.entry
+        if e is None:
             return
         req = self.req
-        provider = req.provider if req is not None else None
-        rid = next((v for k, v in self.extra_headers if k in ("request-id", "x-request-id")), None)
-        self.send_json(e.status, e.body(provider, rid), e.headers, close=e.close)
+        e.body, e.body_bytes = bytes(req.captured), req.body_bytes
+        e.status, e.bytes_sent = w.status or None, w.sent
+        e.duration_ms = (time.monotonic() - req.t0) * 1000
+        e.ended = w.ended or ("closed" if self.close_connection else "ok")
 
-    # ---------------------------------------------------------------- logging
+    def requestline_text(self):
+        req = self.req
+        return "%s %s" % (req.method, mask_target(req.target)) if req else "(unparsed request)"
 
-    def log_request_line(self):
+    def log_request(self, code="-", size="-"):
         log = self.server.log
-        if not log.enabled(1):
-            return
-        req = self.req
-        ms = (time.monotonic() - req.t0) * 1000 if req else 0.0
-        log.info('%s "%s" %s %d %.1fms%s', self.peer, self.requestline_text(), self.status or "-", self.sent, ms,
-                 " scenario=%s" % req.scenario if req is not None and req.scenario else "")
+        if log.enabled(1):
+            req = self.req
+            ms = (time.monotonic() - req.t0) * 1000 if req else 0.0
+            log.info('%s "%s" %s %s %.1fms%s', self.peer, self.requestline_text(), code, size, ms,
+                     " scenario=%s" % req.scenario if req is not None and req.scenario else "")
+
+    def log_message(self, format, *args):
+        self.server.log.info("%s " + format, self.peer, *args)
 
 
-class _Answered(ClientGone):
-    """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
-
-
-NO_FAULT = (None, None)
-_BODY_FAULTS = {"NO_FINAL_CHUNK", "BAD_CHUNK_SIZE", "SHORT_BODY", "HALF_CLOSE", "INVALID_JSON_200", "SLOW_BODY"}
-#: Faults that shape a stream; other answers are left alone by them.
-_STREAM_FAULTS = {"STREAM_ERROR", "STREAM_SLOW", "STREAM_STALL", "STREAM_CUT", "STREAM_NO_END", "SSE_SPLIT",
-                  "SSE_LINE_ENDINGS", "SSE_COMMENTS", "SSE_BIG_EVENT", "SSE_MANY_EVENTS"}
-
-
-def is_streaming(req):
-    return req.route.name == "gemini_stream" or bool(isinstance(req.json, dict) and req.json.get("stream"))
-_EOL = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
-_HTML_PAGE = b"<html><body><h1>200 OK</h1><p>A page, not the JSON or event stream you asked for.</p></body></html>"
+def mask_target(target):
+    """A request target for the log, with ``?key=`` masked."""
+    path, sep, query = target.partition("?")
+    return path + sep + mask_query(query) if sep else target
 
 
 def format_exc():
@@ -2593,232 +3636,24 @@ def format_exc():
     return traceback.format_exc().rstrip()
 
 
-def _no_constant(name):
-    raise ValueError("%s is not JSON" % name)
-
-
-def parse_json_body(body):
-    """Decode a JSON object body or raise HTTPError 400 naming the problem."""
-    if not body:
-        raise HTTPError(400, "request body is empty; expected a JSON object", "invalid_json")
+def somaxconn(default=4096):
+    """The system's listen backlog limit (as Go sizes its backlog), so a burst of connects isn't dropped."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HTTPError(400, "request body is not valid JSON: not UTF-8 (byte 0x%02x at offset %d)"
-                        % (body[e.start], e.start), "invalid_json")
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:
-        raise HTTPError(400, "request body is not valid JSON: %s" % e, "invalid_json")
-    if "\\u" in text:  # escaped lone surrogates parse, but no answer could carry them as UTF-8
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise HTTPError(400, "request body is not valid JSON: it holds a lone UTF-16 surrogate",
-                            "invalid_json")
-    if not isinstance(value, dict):
-        raise HTTPError(400, "request body must be a JSON object, not %s" % type(value).__name__, "invalid_json")
-    return value
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(128, int(f.read().strip()))
+    except (OSError, ValueError):
+        return default
 
 
-################################################################################
-# Log
-################################################################################
+class MockServer(http.server.ThreadingHTTPServer):
+    """The listening sockets, the connection threads, and the state every handler shares.
 
-class Log:
-    """A tiny thread-safe line logger writing to one stream (or nowhere)."""
-
-    def __init__(self, stream, verbosity):
-        self.stream, self.verbosity = stream, verbosity
-        self.lock = threading.Lock()
-
-    def enabled(self, level):
-        return self.stream is not None and self.verbosity >= level
-
-    def _write(self, level, fmt, args):
-        if not self.enabled(level):
-            return
-        line = "%s dpmock[%d] %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), os.getpid(), fmt % args if args else fmt)
-        with self.lock:
-            try:
-                self.stream.write(line)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-    def error(self, fmt, *args):
-        self._write(0, fmt, args)
-
-    def info(self, fmt, *args):
-        self._write(1, fmt, args)
-
-    def debug(self, fmt, *args):
-        self._write(2, fmt, args)
-
-
-################################################################################
-# Server
-################################################################################
-
-class Journal:
-    """The last N requests (a ring), for tests to assert on what a client sent."""
-
-    def __init__(self, size):
-        import collections
-        self.entries = collections.deque(maxlen=size)
-        self.cond = threading.Condition()
-        self._seq = itertools.count(1)
-        self.seq = 0  #: the last sequence number given out
-        self.waiters = 0  #: long-polls waiting (only then is there anyone to wake)
-
-    def add(self, make_entry):
-        """Record ``make_entry(seq)``. Lock-free (deque.append and next() are atomic): a lock taken by
-        every request would make the handler threads queue for it."""
-        seq = next(self._seq)
-        self.entries.append(make_entry(seq))
-        self.seq = seq
-        if self.waiters:
-            with self.cond:
-                self.cond.notify_all()
-
-    def clear(self):
-        n = len(self.entries)
-        self.entries.clear()
-        return n
-
-    def wait(self, filters, since, want, timeout, stop_event):
-        """(matching entries, timed out?): at once, or once ``want`` match, or at the timeout or a stop."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = sorted((e for e in list(self.entries) if e.seq > since and _matches(e, filters)),
-                               key=lambda e: e.seq)
-                left = deadline - time.monotonic()
-                if len(found) >= want or left <= 0 or stop_event.is_set():
-                    return found, len(found) < want
-                self.waiters += 1
-                try:
-                    self.cond.wait(min(left, 0.25))
-                finally:
-                    self.waiters -= 1
-
-
-def _matches(e, filters):
-    for name, value in filters.items():
-        if name == "path" and value not in e.path:
-            return False
-        if name == "route" and (e.route.name if e.route else None) != value:
-            return False
-        if name == "scenario" and (e.scenario or "").split(";")[0].strip() != value:
-            return False
-        if name == "key" and entry_key(e) != value:
-            return False
-    return True
-
-
-_SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization")
-
-
-def mask_header(name, value):
-    if name.lower() not in _SECRET_HEADERS:
-        return value
-    scheme, sep, token = value.partition(" ")
-    return scheme + sep + mask_key(token) if sep and scheme.lower() in ("bearer", "basic") else mask_key(value)
-
-
-#: What the journal keeps of each request, raw: formatting waits until someone reads it.
-JournalEntry = namedtuple("JournalEntry", "seq time client method path query headers body body_bytes route "
-                                          "scenario status bytes_sent duration_ms reused ended")
-
-
-def journal_entry(h, seq):
-    """A cheap record of the request just answered (the request path must stay fast)."""
-    req = h.req
-    return JournalEntry(seq, time.time(), h.client_address, req.method, req.path, req.query_string,
-                        tuple(req.headers.items),
-                        bytes(req.captured), req.body_bytes, req.route, req.scenario, h.status or None,
-                        h.sent + h.pending, (time.monotonic() - req.t0) * 1000, h.served > 0,
-                        h.ended or ("closed" if h.close_connection else "ok"))
-
-
-def entry_key(e):
-    """The unmasked API key of a journal entry (for the ``key`` filter)."""
-    return find_key(Headers(e.headers), e.route, parse_query(e.query))
-
-
-def public_entry(e):
-    """A journal entry as JSON: keys masked, body as text (else base64)."""
-    try:
-        text, b64_text = e.body.decode("utf-8"), None
-    except UnicodeDecodeError:
-        text, b64_text = None, b64(e.body)
-    query = re.sub(r"(^|&)key=([^&]*)", lambda m: m.group(1) + "key=" + mask_key(percent_decode(m.group(2))),
-                   e.query)
-    client = "%s:%s" % e.client[:2] if isinstance(e.client, tuple) else str(e.client)
-    return {"seq": e.seq, "time": rfc3339(e.time), "client": client, "method": e.method, "path": e.path,
-            "query": query, "headers": [[k, mask_header(k, v)] for k, v in e.headers], "body": text,
-            "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
-            "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
-            "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended}
-
-
-class Schedules:
-    """Per-key request counters for the schedule scenarios (FAIL_FIRST, FAIL_EVERY, SEQUENCE, FAIL_RANDOM)."""
-
-    LIMIT = 10000  #: counters kept; the oldest go first
-
-    def __init__(self, seed):
-        self.seed = seed
-        self.lock = threading.Lock()
-        self.counters = {}  # (key, spec) -> {"count": n, "rng": Random or None}
-
-    def step(self, key, spec, kind, params):
-        """Count this request; return (scenario name to apply or None, seed used or None)."""
-        with self.lock:
-            c = self.counters.get((key, spec))
-            if c is None:
-                c = self.counters[(key, spec)] = {"count": 0, "rng": None}
-                while len(self.counters) > self.LIMIT:
-                    self.counters.pop(next(iter(self.counters)))
-            i = c["count"]
-            c["count"] += 1
-            seed = None
-            if kind == "FAIL_FIRST":
-                fail = i < params["n"]
-            elif kind == "FAIL_EVERY":
-                fail = (i + 1) % params["k"] == 0
-            elif kind == "SEQUENCE":
-                step = params["steps"][i] if i < len(params["steps"]) else "OK"
-                return (None if step == "OK" else step), None
-            else:  # FAIL_RANDOM
-                seed = params["seed"] if params["seed"] >= 0 else self.seed
-                if c["rng"] is None:
-                    import random  # off the start-up path
-                    c["rng"] = random.Random(seed)
-                fail = c["rng"].random() < params["p"]
-        return (params["fault"] if fail else None), seed
-
-    def listing(self):
-        with self.lock:
-            return [{"key": mask_key(k) if k else "", "scenario": spec, "requests": c["count"]}
-                    for (k, spec), c in self.counters.items()]
-
-    def reset(self):
-        with self.lock:
-            self.counters.clear()
-
-
-class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """The listening socket, the connection threads, and the state every handler shares.
-
-    This is http.server.ThreadingHTTPServer's own recipe (ThreadingMixIn over TCPServer),
-    written out so that http.server and its imports stay off the start-up path.
+    The sockets are bound by bind_listener (or inherited across a restart), so
+    HTTPServer.server_bind and its socket.getfqdn (which can stall on broken DNS) never run.
     """
 
     daemon_threads = True
-    block_on_close = False  # idle keep-alive threads must not hold up a stop; stop() drains instead
-    request_queue_size = 128
+    block_on_close = False  # idle keep-alive threads must not hold up a stop; drain() closes them instead
 
     def __init__(self, config, listeners, log, restarts=0):
         """``listeners``: [(listening socket, TLS context or None)], the first one's URL is DP_MOCK_SERVER."""
@@ -2826,6 +3661,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         socketserver.BaseServer.__init__(self, sock.getsockname(), MockHandler)
         self.socket = sock
         self.address_family = sock.family
+        self.server_name, self.server_port = sock.getsockname()[:2]
         self.listeners = listeners
         self.config, self.log, self.restarts = config, log, restarts
         self.urls = [base_url(s, ctx is not None) for s, ctx in listeners]
@@ -2833,9 +3669,10 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.boot_id = os.urandom(16).hex()
         self.started = time.monotonic()
         self.stop_event = threading.Event()
+        self.wake_fd, self._wake_w = os.pipe()  #: readable once a stop is asked for: ends every pause
         self.restart_requested = False
         self._lock = threading.Lock()
-        self._conns = {}  # accepted connection sockets not yet closed -> [handler, accepted at]
+        self._conns = {}  # accepted connection sockets not yet closed -> [handler, accepted at, TLS context]
         self._counter = itertools.count(1)
         self.request_count = 0
         self.active = 0
@@ -2862,10 +3699,6 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                         continue
                     self.process_request(conn, addr, key.data)
 
-    def pause(self, seconds):
-        """Every deliberate wait goes through here, so a stop cuts it short."""
-        self.stop_event.wait(max(0.0, min(seconds, 300.0)))
-
     # ---------------------------------------------------------------- bookkeeping
 
     def process_request(self, request, client_address, tls=None):
@@ -2890,13 +3723,13 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             with self._lock:
                 self._conns.pop(request, None)
 
-    def begin_request(self, handler):
+    def begin_request(self):
         self.last_activity = time.monotonic()
         with self._lock:
             self.active += 1
             self.request_count = next(self._counter)
 
-    def end_request(self, handler):
+    def end_request(self):
         self.last_activity = time.monotonic()
         with self._lock:
             self.active -= 1
@@ -2907,8 +3740,7 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if isinstance(exc, (OSError, ClientGone)):
             self.log.debug("%s: connection ended: %s", client_address, exc.__class__.__name__)
             return
-        self.log.error("unexpected error on a connection from %s:\n%s", client_address,
-                       format_exc())
+        self.log.error("unexpected error on a connection from %s:\n%s", client_address, format_exc())
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -2919,6 +3751,11 @@ class MockServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.log.info("stopping: %s", why)
         self.restart_requested = restart
         self.stop_event.set()  # serve_forever sees it within its poll interval
+        try:
+            os.write(self._wake_w, b"x")  # every pause ends now
+        except OSError:
+            pass
+        self.journal.wake_all()
 
     def drain(self, timeout=10.0):
         """After serve_forever: wait (bounded) until every connection has finished and closed.
@@ -2968,8 +3805,8 @@ def tls_context(config):
     return ctx
 
 
-def bind_listener(host, port, backlog=MockServer.request_queue_size):
-    """Bind and listen; raises OSError with a plain message."""
+def bind_listener(host, port, backlog=None):
+    """Bind and listen (backlog: the system's somaxconn); raises OSError with a plain message."""
     try:
         # An ASCII host goes as bytes: a str is IDNA-encoded, which loads unicodedata on every start.
         name = host.encode("ascii") if host.isascii() else host
@@ -2981,7 +3818,7 @@ def bind_listener(host, port, backlog=MockServer.request_queue_size):
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(backlog)
+        sock.listen(backlog or somaxconn())
     except OSError:
         sock.close()
         raise
@@ -3097,6 +3934,7 @@ def reexec(server, pidfile):
         env[ENV_PIDFILE_FD] = str(pidfile.fd)
     else:
         env.pop(ENV_PIDFILE_FD, None)
+    server.log.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, SCRIPT] + server.config.to_argv(), env)
@@ -3264,8 +4102,17 @@ def open_log(config):
     return sys.stderr if config.foreground else None
 
 
+################################################################################
+# Main
+################################################################################
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_catalogue(ROUTES)
+    except StartError as e:
+        print("dpmock: cannot start: %s" % e, file=sys.stderr)
+        return 1
     if argv[:1] == ["sandbox"]:
         return sandbox_main(argv[1:])
     if argv[:1] == ["_sandbox-inner"]:
@@ -3331,6 +4178,7 @@ def main(argv=None):
         left = server.drain()
         if left:
             log.error("stopping with %d connection(s) still open", left)
+        log.flush()
     if server.restart_requested:
         reexec(server, pidfile)
     if pidfile is not None:
@@ -3343,11 +4191,11 @@ def main(argv=None):
     for s in socks:
         s.close()
     log.info("stopped")
+    log.flush()
     return 0
 
 
-#: Handler functions by name, resolved once (a misspelt name in ROUTES fails at import).
-_HANDLERS = {r.handler: globals()[r.handler] for r in ROUTES}
-
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    check_catalogue(ROUTES)  # importing dpmock with a catalogue it cannot carry out fails at once

@@ -97,13 +97,27 @@ class Param(namedtuple("Param", "name kind default low high doc")):
     __slots__ = ()
 
 
-class Scenario(namedtuple("Scenario", "name doc routes params group")):
-    """A named scenario: route name -> Reply | Stream | Upload | ByProvider | ProviderError | Fault."""
+class On(namedtuple("On", "applies answer providers")):
+    """A fault's answer on every route of one kind (ANY_PROVIDER_ROUTE, BODY or STREAMED), as each
+    route of dpmock.ROUTES declares itself; ``providers`` narrows it. A route added to the
+    server gets its faults with no change here."""
+
+    __slots__ = ()
+
+    def __new__(cls, applies, answer, providers=None):
+        return super().__new__(cls, applies, answer, providers)
+
+
+class Scenario(namedtuple("Scenario", "name doc routes params group answer applies providers")):
+    """A named scenario: route name -> Reply | Stream | Upload | ByProvider | ProviderError | Fault,
+    or (``On``) one answer on every route of a kind."""
 
     __slots__ = ()
 
     def __new__(cls, name, doc, routes, params=(), group="contract"):
-        return super().__new__(cls, name, doc, routes, tuple(params), group)
+        on = routes if isinstance(routes, On) else On(None, None, None)
+        return super().__new__(cls, name, doc, {} if isinstance(routes, On) else routes, tuple(params), group,
+                               on.answer, on.applies, on.providers)
 
 
 # --------------------------------------------------------------------------- bodies
@@ -249,22 +263,14 @@ _CATALOGUE = (
 
 # --------------------------------------------------------------------------- faults
 
-#: Route groups a fault applies to (route names as in dpmock.ROUTES).
-PROVIDER_ROUTES = ("chat", "images", "files", "messages", "messages_count_tokens", "gemini_generate",
-                   "gemini_stream", "gemini_count_tokens", "gemini_predict", "gemini_upload", "gemini_upload_media",
-                   "models", "models_get", "files_list", "files_get", "files_delete")
-STREAM_ROUTES = ("chat", "messages", "gemini_stream")
-BODY_ROUTES = ("chat", "images", "files", "messages", "messages_count_tokens", "gemini_generate", "gemini_stream",
-               "gemini_count_tokens", "gemini_predict", "gemini_upload", "gemini_upload_media")
-ROUTE_GROUPS = {PROVIDER_ROUTES: "every provider route", STREAM_ROUTES: "streamed answers",
-                BODY_ROUTES: "requests with a body", ("chat", "messages"): "OpenAI and Anthropic streams"}
+#: The kinds of route a fault applies to; each route of dpmock.ROUTES says which kinds it is.
+ANY_PROVIDER_ROUTE, BODY, STREAMED = "provider", "body", "stream"
+APPLIES = {ANY_PROVIDER_ROUTE: "every provider route", BODY: "requests with a body", STREAMED: "streamed answers"}
+
+PROVIDER_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic", "gemini": "Gemini"}
 
 #: The longest any deliberate wait may last, whatever a parameter says (seconds).
 MAX_WAIT_S = 120
-
-
-def _on(routes, value):
-    return {r: value for r in routes}
 
 
 def _int(name, default, low, high, doc):
@@ -284,68 +290,68 @@ _FAULTS = (
     # provider-shaped HTTP errors
     Scenario("RATE_LIMITED", "429 with `retry-after`, `retry-after-ms` and `x-ratelimit-*` (OpenAI) or "
              "`anthropic-ratelimit-*` (Anthropic) headers, Gemini's `RESOURCE_EXHAUSTED` with a `RetryInfo` detail",
-             _on(PROVIDER_ROUTES, ProviderError(
+             On(ANY_PROVIDER_ROUTE, ProviderError(
                  429, ("requests", "rate_limit_exceeded", "Rate limit reached for requests in organization "
                        "org-dpmock on requests per min (RPM): Limit 60, Used 60, Requested 1."),
                  ("rate_limit_error", "This request would exceed the rate limit for your organization."),
                  ("RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."))),
              [_int("retry_after", 1, 0, 3600, "seconds the client is told to wait")], "fault"),
-    Scenario("SERVER_ERROR", "500 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+    Scenario("SERVER_ERROR", "500 in the provider's shape", On(ANY_PROVIDER_ROUTE, ProviderError(
         500, ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
         ("api_error", "Internal server error"), ("INTERNAL", "An internal error has occurred. Please retry."))),
         group="fault"),
-    Scenario("BAD_GATEWAY", "502 with a proxy's HTML page", _on(PROVIDER_ROUTES, ProviderError(502, html=_PROXY_502)),
+    Scenario("BAD_GATEWAY", "502 with a proxy's HTML page", On(ANY_PROVIDER_ROUTE, ProviderError(502, html=_PROXY_502)),
              group="fault"),
     Scenario("SERVICE_UNAVAILABLE", "503 with a proxy's HTML page",
-             _on(PROVIDER_ROUTES, ProviderError(503, html=_PROXY_503)), group="fault"),
+             On(ANY_PROVIDER_ROUTE, ProviderError(503, html=_PROXY_503)), group="fault"),
     Scenario("OVERLOADED", "Anthropic 529 `overloaded_error`; Gemini 503 `UNAVAILABLE`; OpenAI 503 `server_error`",
-             _on(PROVIDER_ROUTES, ProviderError(
+             On(ANY_PROVIDER_ROUTE, ProviderError(
                  {"openai": 503, "anthropic": 529, "gemini": 503},
                  ("server_error", None, "The engine is currently overloaded, please try again later"),
                  ("overloaded_error", "Overloaded"), ("UNAVAILABLE", "The model is overloaded. Please try again "
                                                                      "later."))), group="fault"),
-    Scenario("REQUEST_TIMEOUT", "408 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+    Scenario("REQUEST_TIMEOUT", "408 in the provider's shape", On(ANY_PROVIDER_ROUTE, ProviderError(
         408, ("timeout", None, "Request timed out."), ("timeout_error", "Request timed out"),
         ("DEADLINE_EXCEEDED", "The request timed out."))), group="fault"),
-    Scenario("TOO_LARGE", "413 in the provider's shape", _on(PROVIDER_ROUTES, ProviderError(
+    Scenario("TOO_LARGE", "413 in the provider's shape", On(ANY_PROVIDER_ROUTE, ProviderError(
         413, ("invalid_request_error", "request_too_large", "Request too large."),
         ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
         ("INVALID_ARGUMENT", "Request payload size exceeds the limit: 20971520 bytes."))), group="fault"),
     # in-stream errors
     Scenario("STREAM_ERROR", "200 stream, then the provider's in-stream error: Anthropic `event: error` "
              "(`overloaded_error`), an OpenAI `data: {\"error\": ...}`, a Gemini `{\"error\": ...}` element; "
-             "then the stream ends", _on(STREAM_ROUTES, Fault("STREAM_ERROR")), [_AFTER], "fault"),
+             "then the stream ends", On(STREAMED, Fault("STREAM_ERROR")), [_AFTER], "fault"),
     # pacing
     Scenario("STREAM_SLOW", "the stream paced: first event after `ttft_ms`, then `tps` events a second",
-             _on(STREAM_ROUTES, Fault("STREAM_SLOW")),
+             On(STREAMED, Fault("STREAM_SLOW")),
              [_int("ttft_ms", 500, 0, MAX_WAIT_S * 1000, "time to the first event, ms"),
               _int("tps", 10, 1, 100000, "events per second after it")], "fault"),
     Scenario("SLOW_BODY", "the whole response dribbled `bytes` at a time, `interval_ms` apart",
-             _on(PROVIDER_ROUTES, Fault("SLOW_BODY")),
+             On(ANY_PROVIDER_ROUTE, Fault("SLOW_BODY")),
              [_int("bytes", 16, 1, 1 << 20, "bytes per write"),
               _int("interval_ms", 50, 0, 10000, "pause between writes, ms")], "fault"),
     Scenario("HEADERS_STALL", "status line and headers, then nothing for `ms`, then the connection closes",
-             _on(PROVIDER_ROUTES, Fault("HEADERS_STALL")), [_WAIT], "fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("HEADERS_STALL")), [_WAIT], "fault"),
     # hangs
     Scenario("HANG", "the request is read, never answered; the connection closes after `ms` (a client "
-             "timeout fires first: curl 28)", _on(PROVIDER_ROUTES, Fault("HANG")), [_WAIT], "fault"),
+             "timeout fires first: curl 28)", On(ANY_PROVIDER_ROUTE, Fault("HANG")), [_WAIT], "fault"),
     Scenario("STREAM_STALL", "`after` events, then nothing for `ms`, then the connection closes mid-stream",
-             _on(STREAM_ROUTES, Fault("STREAM_STALL")), [_AFTER, _WAIT], "fault"),
+             On(STREAMED, Fault("STREAM_STALL")), [_AFTER, _WAIT], "fault"),
     # connection ends
     Scenario("EMPTY_REPLY", "the connection closes before the status line (curl 52)",
-             _on(PROVIDER_ROUTES, Fault("EMPTY_REPLY")), group="fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("EMPTY_REPLY")), group="fault"),
     Scenario("RESET", "TCP reset (SO_LINGER 0) after `after_bytes` bytes of the response (curl 56)",
-             _on(PROVIDER_ROUTES, Fault("RESET")), [_int("after_bytes", 0, 0, 1 << 30, "response bytes sent first")],
+             On(ANY_PROVIDER_ROUTE, Fault("RESET")), [_int("after_bytes", 0, 0, 1 << 30, "response bytes sent first")],
              "fault"),
     Scenario("SHORT_BODY", "`Content-Length` promises `missing` more bytes than sent, then FIN (curl 18)",
-             _on(PROVIDER_ROUTES, Fault("SHORT_BODY")), [_int("missing", 100, 1, 1 << 30, "bytes never sent")],
+             On(ANY_PROVIDER_ROUTE, Fault("SHORT_BODY")), [_int("missing", 100, 1, 1 << 30, "bytes never sent")],
              "fault"),
     Scenario("NO_FINAL_CHUNK", "chunked body without its final `0` chunk, then FIN (curl 18)",
-             _on(PROVIDER_ROUTES, Fault("NO_FINAL_CHUNK")), group="fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("NO_FINAL_CHUNK")), group="fault"),
     Scenario("HALF_CLOSE", "headers and half the body, then the server shuts its sending side (FIN) and keeps "
-             "reading until the client closes (curl 18)", _on(PROVIDER_ROUTES, Fault("HALF_CLOSE")), group="fault"),
+             "reading until the client closes (curl 18)", On(ANY_PROVIDER_ROUTE, Fault("HALF_CLOSE")), group="fault"),
     Scenario("STREAM_CUT", "the stream cut after `events` events (or `bytes` response bytes, headers included) "
-             "by FIN or reset (curl 18 / 56)", _on(STREAM_ROUTES, Fault("STREAM_CUT")),
+             "by FIN or reset (curl 18 / 56)", On(STREAMED, Fault("STREAM_CUT")),
              [_int("events", 2, 0, 100000, "events sent first"),
               _int("bytes", 0, 0, 1 << 30, "cut after this many response bytes instead (0: by events)"),
               Param("how", "choice", "fin", ("fin", "reset"), None, "how the connection ends")], "fault"),
@@ -353,45 +359,45 @@ _FAULTS = (
     Scenario("SSE_SPLIT", "every event written in pieces, each its own chunk: at the byte offsets `at` when "
              "given, else every `every` bytes, so events break inside `data: `, inside line ends and inside "
              "multi-byte UTF-8 characters (the answer text has some)",
-             _on(STREAM_ROUTES, Fault("SSE_SPLIT")),
+             On(STREAMED, Fault("SSE_SPLIT")),
              [_int("every", 3, 1, 65536, "bytes per piece"),
               Param("at", "offsets", [], None, None, "byte offsets in each event, by commas (e.g. 3,7)")], "fault"),
     Scenario("SSE_LINE_ENDINGS", "events framed with `eol` line ends (the C library accepts only LF and CRLF)",
-             _on(STREAM_ROUTES, Fault("SSE_LINE_ENDINGS")),
+             On(STREAMED, Fault("SSE_LINE_ENDINGS")),
              [Param("eol", "choice", "crlf", ("crlf", "lf", "cr"), None, "line end")], "fault"),
     Scenario("SSE_COMMENTS", "a `: comment` line and an empty keep-alive comment event between events",
-             _on(STREAM_ROUTES, Fault("SSE_COMMENTS")), group="fault"),
+             On(STREAMED, Fault("SSE_COMMENTS")), group="fault"),
     Scenario("SSE_BIG_EVENT", "one text event of `kib` KiB (over 64 KiB by default)",
-             _on(STREAM_ROUTES, Fault("SSE_BIG_EVENT")), [_int("kib", 80, 1, 16384, "size of the event")], "fault"),
+             On(STREAMED, Fault("SSE_BIG_EVENT")), [_int("kib", 80, 1, 16384, "size of the event")], "fault"),
     Scenario("SSE_MANY_EVENTS", "the answer as `n` one-character events",
-             _on(STREAM_ROUTES, Fault("SSE_MANY_EVENTS")), [_int("n", 10000, 1, 1000000, "events")], "fault"),
+             On(STREAMED, Fault("SSE_MANY_EVENTS")), [_int("n", 10000, 1, 1000000, "events")], "fault"),
     # framing, invalid
     Scenario("BAD_CHUNK_SIZE", "a chunk-size line that is not hex, then FIN (curl 56)",
-             _on(PROVIDER_ROUTES, Fault("BAD_CHUNK_SIZE")), group="fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("BAD_CHUNK_SIZE")), group="fault"),
     Scenario("INVALID_JSON_200", "200 whose JSON is cut in half (a stream: its second event)",
-             _on(PROVIDER_ROUTES, Fault("INVALID_JSON_200")), group="fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("INVALID_JSON_200")), group="fault"),
     Scenario("HTML_200", "200 `text/html` page, also to a streaming request",
-             _on(PROVIDER_ROUTES, Fault("HTML_200")), group="fault"),
+             On(ANY_PROVIDER_ROUTE, Fault("HTML_200")), group="fault"),
     Scenario("STREAM_NO_END", "a stream without its `data: [DONE]` (OpenAI) or `message_stop` (Anthropic)",
-             _on(("chat", "messages"), Fault("STREAM_NO_END")), group="fault"),
+             On(STREAMED, Fault("STREAM_NO_END"), ("openai", "anthropic")), group="fault"),
     # Expect: 100-continue
     Scenario("EXPECT_REJECT", "the answer `status` at once, without `100 Continue` and without reading the body "
-             "(then the connection closes)", _on(BODY_ROUTES, Fault("EXPECT_REJECT")),
+             "(then the connection closes)", On(BODY, Fault("EXPECT_REJECT")),
              [Param("status", "choice", "413", ("413", "401"), None, "status sent")], "fault"),
     Scenario("EXPECT_IGNORE", "no `100 Continue`: the client sends its body when its own wait ends (curl: 1 s)",
-             _on(BODY_ROUTES, Fault("EXPECT_IGNORE")), group="fault"),
+             On(BODY, Fault("EXPECT_IGNORE")), group="fault"),
     # schedules
     Scenario("FAIL_FIRST", "the first `n` requests of a key get `fault`, later ones succeed",
-             _on(PROVIDER_ROUTES, Fault("FAIL_FIRST")), [_int("n", 1, 0, 1000000, "failing requests"), _INNER],
+             On(ANY_PROVIDER_ROUTE, Fault("FAIL_FIRST")), [_int("n", 1, 0, 1000000, "failing requests"), _INNER],
              "schedule"),
-    Scenario("FAIL_EVERY", "every `k`-th request of a key gets `fault`", _on(PROVIDER_ROUTES, Fault("FAIL_EVERY")),
+    Scenario("FAIL_EVERY", "every `k`-th request of a key gets `fault`", On(ANY_PROVIDER_ROUTE, Fault("FAIL_EVERY")),
              [_int("k", 2, 1, 1000000, "period"), _INNER], "schedule"),
     Scenario("SEQUENCE", "the requests of a key get `steps` in turn (`OK`: a normal answer), then succeed",
-             _on(PROVIDER_ROUTES, Fault("SEQUENCE")),
+             On(ANY_PROVIDER_ROUTE, Fault("SEQUENCE")),
              [Param("steps", "steps", "SERVER_ERROR,OK", None, None, "scenario names or OK, by commas")],
              "schedule"),
     Scenario("FAIL_RANDOM", "each request of a key gets `fault` with probability `p`, reproducibly from `seed` "
-             "(echoed in `x-dp-seed`; default: the server's `--seed`)", _on(PROVIDER_ROUTES, Fault("FAIL_RANDOM")),
+             "(echoed in `x-dp-seed`; default: the server's `--seed`)", On(ANY_PROVIDER_ROUTE, Fault("FAIL_RANDOM")),
              [Param("p", "float", 0.5, 0.0, 1.0, "failure probability"), _INNER,
               _int("seed", -1, -1, 2 ** 31 - 1, "random seed (-1: the server's)")], "schedule"),
 )
@@ -572,9 +578,10 @@ def fault_table():
                               "%s..%s" % (p.low, p.high) if p.kind in ("int", "float") else
                               " / ".join(p.low) if p.kind == "choice" else p.doc)
             for p in s.params) or "-"
-        routes = tuple(s.routes)
-        rows.append("| `%s` | %s | %s | %s |" % (s.name, params, ROUTE_GROUPS.get(routes, ", ".join(routes)),
-                                                s.doc))
+        where = APPLIES.get(s.applies, ", ".join(s.routes))
+        if s.providers:
+            where += " (%s)" % " and ".join(PROVIDER_NAMES[p] for p in s.providers)
+        rows.append("| `%s` | %s | %s | %s |" % (s.name, params, where, s.doc))
     return "\n".join(rows) + "\n"
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -63,10 +64,15 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc.stdout.close()
+        if not self.stderr.closed:
+            self.stderr_text = self.errors()
+            self.stderr.close()
         return self.proc.returncode
 
     def errors(self):
         """What the server wrote to stderr so far."""
+        if self.stderr.closed:
+            return self.stderr_text
         self.stderr.seek(0)
         return self.stderr.read()
 
@@ -92,6 +98,15 @@ class Server:
             return recv_all(s)
 
 
+def raw_request(path, headers, body=b"", method="POST", close=False):
+    """The bytes of one request (a dict body is sent as JSON), for raw sockets."""
+    body = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    head = "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s" % (
+        method, path, len(body), "Connection: close\r\n" if close else "")
+    head += "".join("%s: %s\r\n" % kv for kv in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
 def recv_all(sock):
     chunks = []
     try:
@@ -115,38 +130,37 @@ def split_response(raw):
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
     if headers.get("transfer-encoding") == "chunked":
-        body, rest = dechunk(rest)
+        parts, rest = decode_chunks(rest)
+        body = b"".join(parts)
     else:
         n = int(headers.get("content-length", "0"))
         body, rest = rest[:n], rest[n:]
     return status, headers, body, rest
 
 
-def dechunk(data):
-    """Strictly decode a chunked body; returns (payload, bytes after the final chunk)."""
-    out = b""
+def decode_chunks(data, strict=True):
+    """The chunk payloads of a chunked body, and the bytes after its final chunk.
+
+    ``strict`` asserts the framing (size lines, CRLFs, the final chunk); otherwise decoding
+    stops quietly where a cut-off body ends.
+    """
+    out = []
     while True:
-        line, sep, data = data.partition(b"\r\n")
+        line, sep, rest = data.partition(b"\r\n")
+        if not strict and (not sep or not line):
+            return out, b""
         assert sep, "chunk size line not terminated"
         size = int(line, 16)
         if size == 0:
-            assert data.startswith(b"\r\n"), "final chunk not followed by CRLF"
-            return out, data[2:]
-        out += data[:size]
-        assert data[size:size + 2] == b"\r\n", "chunk not followed by CRLF"
-        data = data[size + 2:]
-
-
-def chunks_of(data):
-    """The individual chunk payloads of a chunked body (each SSE event is one chunk)."""
-    out = []
-    while True:
-        line, _, data = data.partition(b"\r\n")
-        size = int(line, 16)
-        if size == 0:
-            return out
-        out.append(data[:size])
-        data = data[size + 2:]
+            if strict:
+                assert rest.startswith(b"\r\n"), "final chunk not followed by CRLF"
+            return out, rest[2:]
+        if not strict and len(rest) < size:
+            return out, b""
+        out.append(rest[:size])
+        if strict:
+            assert rest[size:size + 2] == b"\r\n", "chunk not followed by CRLF"
+        data = rest[size + 2:]
 
 
 def sse_events(payload):
@@ -238,6 +252,64 @@ CHAT = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
                   "required": ["city"]}
+
+
+def post_raw(body, path, headers):
+    """POST over a raw socket with Connection: close; returns the whole raw response."""
+    return SERVER.raw(raw_request(path, headers, body, close=True))
+
+
+def sse_chunks(raw):
+    """(headers, [chunk payloads]) of a raw chunked SSE response; asserts the framing."""
+    status, hdrs, _, rest = split_response(raw)
+    assert status == 200, raw[:300]
+    assert rest == b"", "bytes after the final chunk"
+    return hdrs, decode_chunks(raw.partition(b"\r\n\r\n")[2])[0]
+
+
+def jpost(path, body, headers):
+    st, hdrs, data = SERVER.request("POST", path, body, headers)
+    return st, hdrs, json.loads(data)
+
+
+OA = {"Authorization": "Bearer sk-test"}
+AN = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+GE = {"x-goog-api-key": "g-test"}
+CA = os.path.join(HERE, "certs", "ca.pem")
+
+
+def chat_body(stream=False):
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def scen(spec, **extra):
+    return dict({"Authorization": "Bearer sk-test", "X-DP-Scenario": spec}, **extra)
+
+
+def tls_port(srv):
+    urls = json.loads(srv.request("GET", "/_control/status")[2])["urls"]
+    return int(next(u for u in urls if u.startswith("https:")).rsplit(":", 1)[1])
+
+
+def _sandbox_available():
+    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
+        return False
+    flags = ["--mount", "--net", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+    return subprocess.run(["unshare"] + flags + ["true"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+
+
+def _have(module):
+    """Whether an optional SDK is installed (loaded by name: the project itself imports none)."""
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
 
 SERVER = None
 
@@ -352,7 +424,7 @@ class ContractTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertEqual(hdrs["connection"], "close")
         self.assertEqual(rest, b"")  # and the server closed right after the final chunk
-        parts = chunks_of(raw.partition(b"\r\n\r\n")[2])
+        parts = decode_chunks(raw.partition(b"\r\n\r\n")[2])[0]
         self.assertEqual(len(parts), 2)
         first = parts[0].decode()
         self.assertTrue(first.startswith("data: ") and first.endswith("\n\n"))
@@ -381,40 +453,13 @@ class ContractTest(unittest.TestCase):
     def test_each_sse_event_is_its_own_chunk(self):
         raw = SERVER.raw(b"POST /messages HTTP/1.1\r\nHost: x\r\nx-api-key: STREAM_PING_ANTHROPIC\r\n"
                          b"Connection: close\r\nContent-Length: 2\r\n\r\n{}")
-        parts = chunks_of(raw.partition(b"\r\n\r\n")[2])
+        parts = decode_chunks(raw.partition(b"\r\n\r\n")[2])[0]
         self.assertEqual(len(parts), 7)
         for p in parts:
             self.assertTrue(p.startswith(b"event: ") and p.endswith(b"\n\n"), p)
 
 
 # ----------------------------------------------------------------------------- provider success paths (stdlib)
-
-def post_raw(body, path, headers):
-    """POST over a raw socket with Connection: close; returns the whole raw response."""
-    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-    head = "POST %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\nContent-Length: %d\r\n" % (
-        path, SERVER.host, SERVER.port, len(data))
-    head += "".join("%s: %s\r\n" % kv for kv in headers.items())
-    return SERVER.raw(head.encode() + b"\r\n" + data)
-
-
-def sse_chunks(raw):
-    """(headers, [chunk payloads]) of a raw chunked SSE response; asserts the framing."""
-    status, hdrs, _, rest = split_response(raw)
-    assert status == 200, raw[:300]
-    assert rest == b"", "bytes after the final chunk"
-    return hdrs, chunks_of(raw.partition(b"\r\n\r\n")[2])
-
-
-def jpost(path, body, headers):
-    st, hdrs, data = SERVER.request("POST", path, body, headers)
-    return st, hdrs, json.loads(data)
-
-
-OA = {"Authorization": "Bearer sk-test"}
-AN = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
-GE = {"x-goog-api-key": "g-test"}
-
 
 class OpenAIRoutesTest(unittest.TestCase):
 
@@ -724,7 +769,7 @@ class GeminiRoutesTest(unittest.TestCase):
         raw = post_raw(self.BODY, self.STREAM + "?key=g", {})
         status, hdrs, body, _ = split_response(raw)
         self.assertEqual(hdrs["content-type"], "application/json; charset=UTF-8")
-        parts = chunks_of(raw.partition(b"\r\n\r\n")[2])
+        parts = decode_chunks(raw.partition(b"\r\n\r\n")[2])[0]
         self.assertEqual((parts[0][:1], parts[1][:3], parts[-1]), (b"[", b",\r\n", b"]"))
         items = json.loads(body)
         self.assertEqual(len(items), 5)
@@ -856,23 +901,6 @@ class GeminiRoutesTest(unittest.TestCase):
 
 # ----------------------------------------------------------------------------- faults: every way a provider fails
 
-def chat_body(stream=False):
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body).encode()
-
-
-def raw_request(path, headers, body=b"", method="POST"):
-    head = "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (method, path, len(body))
-    head += "".join("%s: %s\r\n" % kv for kv in headers.items())
-    return head.encode() + b"\r\n" + body
-
-
-def scen(spec, **extra):
-    return dict({"Authorization": "Bearer sk-test", "X-DP-Scenario": spec}, **extra)
-
-
 class FaultSelectionTest(unittest.TestCase):
 
     def test_parameters_by_header_and_by_key(self):
@@ -988,7 +1016,7 @@ class StreamFaultTest(unittest.TestCase):
                     break
                 buf += piece
         total = time.monotonic() - t0
-        events = len(chunks_of(buf.partition(b"\r\n\r\n")[2])) + len(rest)
+        events = len(decode_chunks(buf.partition(b"\r\n\r\n")[2])[0]) + len(rest)
         self.assertGreaterEqual(total, 0.3 + (events - 2) / 20.0 - 0.05)
         self.assertLess(t_head, 0.3)  # headers at once, the first event after ttft
 
@@ -1050,6 +1078,11 @@ class StreamFaultTest(unittest.TestCase):
         st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", chat_body(True), scen("HTML_200"))
         self.assertEqual((st, hdrs["content-type"], data[:6]), (200, "text/html; charset=utf-8", b"<html>"))
 
+    def test_stream_fault_beyond_the_stream_fires_at_its_end(self):
+        raw = post_raw(json.loads(chat_body(True)), "/v1/chat/completions",
+                       dict(OA, **{"X-DP-Scenario": "STREAM_CUT; events=100"}))
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # cut: no final chunk
+
 
 class ConnectionFaultTest(unittest.TestCase):
     """Every way a connection ends, as the raw bytes show it."""
@@ -1094,6 +1127,8 @@ class ConnectionFaultTest(unittest.TestCase):
             s.sendall(b"still connected")  # the server still reads: no reset
             time.sleep(0.1)
             s.sendall(b"!")
+            s.shutdown(socket.SHUT_WR)  # now the server sees our EOF and closes: a clean end, not a reset
+            self.assertEqual(s.recv(1), b"")
 
     def test_hang_and_headers_stall_are_bounded(self):
         t0 = time.monotonic()
@@ -1109,8 +1144,9 @@ class ConnectionFaultTest(unittest.TestCase):
         t0 = time.monotonic()
         raw = self.raw("STREAM_STALL; after=1; ms=300", stream=True)
         self.assertGreaterEqual(time.monotonic() - t0, 0.3)
-        self.assertEqual(len(chunks_of_partial(raw)), 1)
-        self.assertEqual(len(chunks_of_partial(self.raw("STREAM_CUT; events=3", stream=True))), 3)
+        self.assertEqual(len(decode_chunks(raw.partition(b"\r\n\r\n")[2], strict=False)[0]), 1)
+        raw = self.raw("STREAM_CUT; events=3", stream=True)
+        self.assertEqual(len(decode_chunks(raw.partition(b"\r\n\r\n")[2], strict=False)[0]), 3)
         raw = self.raw("STREAM_CUT; bytes=300", stream=True)
         self.assertEqual(len(raw), 300)
         with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
@@ -1120,12 +1156,23 @@ class ConnectionFaultTest(unittest.TestCase):
                     pass
 
     def test_slow_body_dribbles(self):
-        t0 = time.monotonic()
-        raw = self.raw("SLOW_BODY; bytes=100; interval_ms=30")
-        elapsed = time.monotonic() - t0
+        arrivals, raw, want = [], b"", None
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("SLOW_BODY; bytes=100; interval_ms=30"), chat_body()))
+            while want is None or len(raw) < want:  # read exactly the answer: no wait for a close hides the pace
+                piece = s.recv(65536)
+                self.assertTrue(piece, "closed before the whole answer arrived")
+                arrivals.append(time.monotonic())
+                raw += piece
+                head, sep, _ = raw.partition(b"\r\n\r\n")
+                if sep and want is None:
+                    want = len(head) + 4 + int(re.search(rb"Content-Length: (\d+)", head).group(1))
         st, _, body, _ = split_response(raw)
         self.assertEqual((st, json.loads(body)["object"]), (200, "chat.completion"))
-        self.assertGreaterEqual(elapsed, (len(raw) // 100 - 1) * 0.03 - 0.05)
+        self.assertGreaterEqual(len(arrivals), len(raw) // 100 - 1)  # in pieces of at most 100 bytes...
+        spread = arrivals[-1] - arrivals[0]
+        self.assertGreaterEqual(spread, (len(raw) // 100 - 1) * 0.03 * 0.8)  # ...30 ms apart
+        self.assertLess(spread, (len(raw) // 100 + 1) * 0.03 + 1.0)  # and nothing else waited
 
     def test_server_keeps_serving_and_stops_promptly_during_a_hang(self):
         srv = Server()
@@ -1138,22 +1185,6 @@ class ConnectionFaultTest(unittest.TestCase):
         t0 = time.monotonic()
         self.assertEqual(srv.stop(), 0)
         self.assertLess(time.monotonic() - t0, 3)
-
-
-def chunks_of_partial(raw):
-    """The chunk payloads of a chunked response that may stop anywhere."""
-    data = raw.partition(b"\r\n\r\n")[2]
-    out = []
-    while data:
-        line, sep, data = data.partition(b"\r\n")
-        if not sep or int(line, 16) == 0:
-            break
-        size = int(line, 16)
-        if len(data) < size:
-            break
-        out.append(data[:size])
-        data = data[size + 2:]
-    return out
 
 
 class ExpectFaultTest(unittest.TestCase):
@@ -1366,6 +1397,19 @@ class JournalTest(unittest.TestCase):
         self.assertEqual(self.requests()["last_seq"], 10000)
         self.assertLess(rss_kb() - early, 2048)  # flat: no growth with the request count
 
+    def test_answered_requests_are_already_in_the_journal(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        a, b = srv.conn(), srv.conn()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        for i in range(200):
+            a.request("GET", "/v1/models?n=%d" % i, headers=OA)
+            a.getresponse().read()
+            b.request("GET", "/_control/requests?limit=1")
+            last = json.loads(b.getresponse().read())["requests"][-1]
+            self.assertEqual(last["query"], "n=%d" % i)
+
 
 # ----------------------------------------------------------------------------- harness options
 
@@ -1381,8 +1425,11 @@ class HarnessTest(unittest.TestCase):
         with open(portfile) as f:
             port = int(f.read())
         self.assertTrue(r.stdout.decode().strip().endswith(":%d" % port))
+        with open(pidfile) as f:
+            pid = int(f.read())
         self.assertEqual(run([PY, DPMOCKCTL, "shutdown", "--url", "http://127.0.0.1:%d" % port]).returncode, 0)
-        self.assertTrue(wait_gone(int(open(pidfile).read())) if os.path.exists(pidfile) else True)
+        self.assertTrue(wait_gone(pid))
+        self.assertFalse(os.path.exists(pidfile))
         self.assertFalse(os.path.exists(portfile))
         srv = Server("--port-file", portfile)
         self.addCleanup(srv.stop)
@@ -1393,7 +1440,7 @@ class HarnessTest(unittest.TestCase):
         srv = Server("--io-timeout", "1")
         self.addCleanup(srv.stop)
         for data in (b"", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",
-                     b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a\""):
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{\"a\""):
             with self.subTest(data=data):
                 with socket.create_connection((srv.host, srv.port), timeout=10) as s:
                     s.sendall(data)
@@ -1423,14 +1470,6 @@ class HarnessTest(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------- TLS, listeners, sandbox
-
-CA = os.path.join(HERE, "certs", "ca.pem")
-
-
-def tls_port(srv):
-    urls = json.loads(srv.request("GET", "/_control/status")[2])["urls"]
-    return int(next(u for u in urls if u.startswith("https:")).rsplit(":", 1)[1])
-
 
 class TlsTest(unittest.TestCase):
 
@@ -1474,10 +1513,8 @@ class TlsTest(unittest.TestCase):
         self.addCleanup(stalled.close)
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to the TLS port
-            try:
-                self.assertEqual(recv_all(s), b"")  # closed without an answer...
-            except ConnectionResetError:
-                pass  # ...or reset, since the request was left unread
+            status, _, body, _ = split_response(recv_all(s))  # a readable answer, as nginx and Go give
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "plain_http"))
         with self.assertRaises(ssl.SSLError):  # a client that does not trust the test CA
             ssl.create_default_context().wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=5),
                                                      server_hostname="api.openai.com")
@@ -1487,7 +1524,8 @@ class TlsTest(unittest.TestCase):
         with open(self.log.name) as f:
             log = f.read()
         self.assertNotIn("Traceback", log)
-        self.assertEqual(log.count("TLS handshake failed"), 3, log)  # plain HTTP, distrust, no hello
+        self.assertEqual(log.count("TLS handshake failed"), 2, log)  # distrust, no hello
+        self.assertEqual(log.count("plain HTTP on a TLS port"), 1, log)
 
     def test_bad_listen_and_tls_options(self):
         for args in (["--listen", "tls:"], ["--listen", "x:y:z"], ["--tls-cert", CA]):
@@ -1498,13 +1536,15 @@ class TlsTest(unittest.TestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("cannot load TLS certificate", r.stderr.decode())
 
-
-def _sandbox_available():
-    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
-        return False
-    flags = ["--mount", "--net", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
-    return subprocess.run(["unshare"] + flags + ["true"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+    def test_stop_ends_a_pending_tls_handshake(self):
+        srv = Server("--listen", "tls:0")
+        self.addCleanup(srv.stop)
+        s = socket.create_connection(("127.0.0.1", tls_port(srv)), timeout=10)  # never says hello
+        self.addCleanup(s.close)
+        time.sleep(1.3)  # past the fresh-connection grace
+        t0 = time.monotonic()
+        self.assertEqual(srv.stop(), 0)
+        self.assertLess(time.monotonic() - t0, 3)
 
 
 @unittest.skipUnless(_sandbox_available(), "user/mount/network namespaces are not available here")
@@ -1552,84 +1592,6 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
 
 
-class ReviewRegressionTest(unittest.TestCase):
-    """Bugs an independent review found, each as a client sees it."""
-
-    def test_error_before_an_unread_upload_does_not_desync_the_connection(self):
-        body = b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX--\r\n'
-        raw = SERVER.raw(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +  # no key: 401 before the body
-                         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\n\r\n")
-        s1, _, _, rest = split_response(raw)
-        s2, _, b2, _ = split_response(rest)
-        self.assertEqual((s1, s2, json.loads(b2)["object"]), (401, 200, "list"))
-
-    def test_big_unread_body_gets_its_answer_not_a_reset(self):
-        big = b"{" + b" " * (40 * MIB) + b"}"
-        c = SERVER.conn(timeout=20)
-        self.addCleanup(c.close)
-        c.request("POST", "/v1/chat/completions", body=big, headers=OA)
-        r = c.getresponse()
-        self.assertEqual((r.status, r.getheader("Connection")), (413, "close"))
-
-    def test_wrongly_typed_fields_are_400_not_500(self):
-        bodies = [{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": [1]}]},
-                                              {"role": "user", "content": "x"}]},
-                  {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": {
-                      "name": [1]}}, "tools": [{"type": "function", "function": {"name": "f"}}]}]
-        for body in bodies:
-            st, _, r = jpost("/v1/chat/completions", body, OA)
-            self.assertEqual(st, 400, r)
-        for raw in (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
-                    b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":NaN}'):
-            st, _, r = jpost("/v1/chat/completions", raw, OA)
-            self.assertEqual((st, r["error"]["code"]), (400, "invalid_json"))
-        st, _, r = jpost("/v1/images/generations", {"model": 5, "prompt": "x"}, OA)
-        self.assertEqual(st, 400)
-        for path in ("/v1/models?limit=%C2%B2", "/_control/requests?limit=%C2%B2"):
-            self.assertEqual(SERVER.request("GET", path, None, AN)[0], 400, path)
-
-    def test_answered_requests_are_already_in_the_journal(self):
-        srv = Server()
-        self.addCleanup(srv.stop)
-        a, b = srv.conn(), srv.conn()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        for i in range(200):
-            a.request("GET", "/v1/models?n=%d" % i, headers=OA)
-            a.getresponse().read()
-            b.request("GET", "/_control/requests?limit=1")
-            last = json.loads(b.getresponse().read())["requests"][-1]
-            self.assertEqual(last["query"], "n=%d" % i)
-
-    def test_stray_crlf_head_chunk_faults_and_bare_finalize(self):
-        raw = SERVER.raw(b"\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                         b"Connection: close\r\n\r\n")
-        self.assertEqual(split_response(raw)[0], 200)
-        raw = SERVER.raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                         b"X-DP-Scenario: BAD_CHUNK_SIZE\r\nConnection: close\r\n\r\n")
-        self.assertTrue(raw.endswith(b"\r\n\r\n") and b"zz" not in raw)
-        st, hdrs, _ = SERVER.request("POST", "/upload/v1beta/files", b"{}", dict(
-            GE, **{"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"}))
-        path = hdrs["x-goog-upload-url"].split(str(SERVER.port), 1)[1]
-        SERVER.request("POST", path, b"abc", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"})
-        st, hdrs, data = SERVER.request("POST", path, b"", {"X-Goog-Upload-Command": "finalize"})
-        self.assertEqual((st, hdrs["x-goog-upload-status"], json.loads(data)["file"]["sizeBytes"]), (200, "final", "3"))
-
-    def test_stream_fault_beyond_the_stream_fires_at_its_end(self):
-        raw = post_raw(json.loads(chat_body(True)), "/v1/chat/completions",
-                       dict(OA, **{"X-DP-Scenario": "STREAM_CUT; events=100"}))
-        self.assertFalse(raw.endswith(b"0\r\n\r\n"))  # cut: no final chunk
-
-    def test_stop_ends_a_pending_tls_handshake(self):
-        srv = Server("--listen", "tls:0")
-        self.addCleanup(srv.stop)
-        s = socket.create_connection(("127.0.0.1", tls_port(srv)), timeout=10)  # never says hello
-        self.addCleanup(s.close)
-        time.sleep(1.3)  # past the fresh-connection grace
-        t0 = time.monotonic()
-        self.assertEqual(srv.stop(), 0)
-        self.assertLess(time.monotonic() - t0, 3)
 
 
 # ----------------------------------------------------------------------------- HTTP behaviour
@@ -1815,6 +1777,54 @@ class HTTPBehaviourTest(unittest.TestCase):
         st, hdrs, _, rest = split_response(raw)
         self.assertEqual((st, hdrs["connection"], rest), (200, "close", b""))
 
+    def test_error_before_an_unread_upload_does_not_desync_the_connection(self):
+        body = b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--XX--\r\n'
+        raw = SERVER.raw(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +  # no key: 401 before the body
+                         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\n\r\n")
+        s1, _, _, rest = split_response(raw)
+        s2, _, b2, _ = split_response(rest)
+        self.assertEqual((s1, s2, json.loads(b2)["object"]), (401, 200, "list"))
+
+    def test_big_unread_body_gets_its_answer_not_a_reset(self):
+        big = b"{" + b" " * (40 * MIB) + b"}"
+        c = SERVER.conn(timeout=20)
+        self.addCleanup(c.close)
+        c.request("POST", "/v1/chat/completions", body=big, headers=OA)
+        r = c.getresponse()
+        self.assertEqual((r.status, r.getheader("Connection")), (413, "close"))
+
+    def test_wrongly_typed_fields_are_400_not_500(self):
+        bodies = [{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": [1]}]},
+                                              {"role": "user", "content": "x"}]},
+                  {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"function": {
+                      "name": [1]}}, "tools": [{"type": "function", "function": {"name": "f"}}]}]
+        for body in bodies:
+            st, _, r = jpost("/v1/chat/completions", body, OA)
+            self.assertEqual(st, 400, r)
+        for raw in (b'{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
+                    b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":NaN}'):
+            st, _, r = jpost("/v1/chat/completions", raw, OA)
+            self.assertEqual((st, r["error"]["code"]), (400, "invalid_json"))
+        st, _, r = jpost("/v1/images/generations", {"model": 5, "prompt": "x"}, OA)
+        self.assertEqual(st, 400)
+        for path in ("/v1/models?limit=%C2%B2", "/_control/requests?limit=%C2%B2"):
+            self.assertEqual(SERVER.request("GET", path, None, AN)[0], 400, path)
+
+    def test_stray_crlf_head_chunk_faults_and_bare_finalize(self):
+        raw = SERVER.raw(b"\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                         b"Connection: close\r\n\r\n")
+        self.assertEqual(split_response(raw)[0], 200)
+        raw = SERVER.raw(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                         b"X-DP-Scenario: BAD_CHUNK_SIZE\r\nConnection: close\r\n\r\n")
+        self.assertTrue(raw.endswith(b"\r\n\r\n") and b"zz" not in raw)
+        st, hdrs, _ = SERVER.request("POST", "/upload/v1beta/files", b"{}", dict(
+            GE, **{"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"}))
+        path = hdrs["x-goog-upload-url"].split(str(SERVER.port), 1)[1]
+        SERVER.request("POST", path, b"abc", {"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"})
+        st, hdrs, data = SERVER.request("POST", path, b"", {"X-Goog-Upload-Command": "finalize"})
+        self.assertEqual((st, hdrs["x-goog-upload-status"], json.loads(data)["file"]["sizeBytes"]), (200, "final", "3"))
+
 
 class DisconnectTest(unittest.TestCase):
     """Clients that hang up at any point: the server keeps serving and logs no traceback."""
@@ -1830,8 +1840,8 @@ class DisconnectTest(unittest.TestCase):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\"",  # mid-body
             b"GET /v1/mod",  # mid request line
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthor",  # mid headers
-            b"POST /files HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",  # mid chunk
-            b"POST /messages HTTP/1.1\r\nx-api-key: STREAM_PING_ANTHROPIC\r\nContent-Length: 2\r\n\r\n{}",
+            b"POST /files HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",  # mid chunk
+            b"POST /messages HTTP/1.1\r\nHost: x\r\nx-api-key: STREAM_PING_ANTHROPIC\r\nContent-Length: 2\r\n\r\n{}",
         ]
         for data in sends:
             s = socket.create_connection(addr)
@@ -1840,7 +1850,7 @@ class DisconnectTest(unittest.TestCase):
             s.close()
         # Mid-stream: read the headers of an abrupt stream, then reset.
         s = socket.create_connection(addr)
-        s.sendall(b"POST /chat/completions HTTP/1.1\r\nAuthorization: Bearer ABRUPT_STREAM\r\n"
+        s.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ABRUPT_STREAM\r\n"
                   b"Content-Length: 2\r\n\r\n{}")
         s.recv(10)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -2093,15 +2103,6 @@ class CtlTest(unittest.TestCase):
 
 # ----------------------------------------------------------------------------- official SDKs (optional)
 
-def _have(module):
-    """Whether an optional SDK is installed (loaded by name: the project itself imports none)."""
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
            "required": ["city"]}
 
@@ -2348,6 +2349,67 @@ class CatalogueTest(unittest.TestCase):
             self.assertTrue(getattr(scenarios, table)() in readme, "README.md's %s is stale: paste in "
                             "python3 -c 'import scenarios; print(scenarios.%s())'" % (table, table))
 
+    def test_readme_route_table_is_generated(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            self.assertIn(dpmock.ROUTER.markdown_table(), f.read(), "README.md's route table is stale: paste in "
+                          "python3 -c 'import dpmock; print(dpmock.ROUTER.markdown_table())'")
+
+    def test_a_new_route_gets_the_faults_of_its_kind(self):
+        """One ROUTES row, no other list: every fault of its kind (provider, body, stream) applies to it."""
+        script = textwrap.dedent("""
+            import sys, dpmock
+            def handle_echo(w, req):
+                if req.route.streaming(req):
+                    w.start_stream(200, "text/event-stream")
+                    for word in ("one", "two", "three"):
+                        w.send_sse_event({"word": word})
+                    w.end_stream()
+                else:
+                    w.send_json(200, {"echo": req.json})
+            dpmock.ROUTER = dpmock.Router(dpmock.ROUTES + (
+                dpmock.Route("POST", "/echo", "echo", handle_echo, dpmock.OPENAI, dpmock.BODY_JSON, dpmock.STREAM_FLAG),
+                dpmock.Route("POST", "/_echo", "own_echo", handle_echo, dpmock.DPMOCK, dpmock.BODY_JSON)))
+            sys.exit(dpmock.main(sys.argv[1:]))
+            """)
+        proc = subprocess.Popen([PY, "-c", script, "--foreground", "-q", "--port", "0"], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.poll() is None and proc.terminate(), proc.wait(), proc.stdout.close()))
+        url = proc.stdout.readline().decode().strip().split("=", 1)[1]
+        host, port = url[7:].rsplit(":", 1)
+
+        def post(path, body, spec):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(raw_request(path, scen(spec), body, close=True))
+                return recv_all(s)
+        st, _, body, _ = split_response(post("/v1/echo", {"x": 1}, "RATE_LIMITED; retry_after=3"))
+        self.assertEqual((st, json.loads(body)["error"]["code"]), (429, "rate_limit_exceeded"))  # provider kind
+        self.assertEqual(split_response(post("/v1/echo", {"x": 1}, "EXPECT_REJECT; status=401"))[0], 401)  # body
+        cut = post("/v1/echo", {"stream": True}, "STREAM_CUT; events=1")  # stream kind
+        self.assertEqual(len(decode_chunks(cut.partition(b"\r\n\r\n")[2], strict=False)[0]), 1)
+        self.assertFalse(cut.endswith(b"0\r\n\r\n"))
+        st, _, body, _ = split_response(post("/v1/echo", {"x": 1}, "STREAM_CUT; events=1"))
+        self.assertEqual((st, json.loads(body)), (200, {"echo": {"x": 1}}))  # not a stream: left alone
+        st, _, body, _ = split_response(post("/_echo", {"x": 1}, "RATE_LIMITED"))
+        self.assertEqual(st, 200)  # dpmock's own routes take no faults
+
+    def test_a_fault_kind_without_an_implementation_is_refused_at_start(self):
+        for extra, named in (
+                ('SCENARIOS["BROKEN"] = Scenario("BROKEN", "x", On(ANY_PROVIDER_ROUTE, Fault("HANGG")), (), "fault")',
+                 "HANGG"),
+                ('SCENARIOS["BROKEN"] = Scenario("BROKEN", "x", {"chatt": Reply(200, {})})', "chatt")):
+            with self.subTest(named=named), tempfile.TemporaryDirectory() as d:
+                shutil.copy(DPMOCK, d)
+                with open(os.path.join(HERE, "scenarios.py")) as f, open(os.path.join(d, "scenarios.py"), "w") as g:
+                    g.write(f.read() + "\n" + extra + "\n")
+                r = run([PY, os.path.join(d, "dpmock.py"), "--foreground", "--port", "0"], timeout=10, cwd=d)
+                self.assertEqual(r.returncode, 1)
+                lines = r.stderr.decode().strip().splitlines()
+                self.assertEqual(len(lines), 1, lines)
+                self.assertIn(named, lines[0])
+                r = run([PY, "-c", "import dpmock"], timeout=10, cwd=d)
+                self.assertNotEqual(r.returncode, 0)
+                self.assertIn(named, r.stderr.decode())
+
     def test_scenario_routes_exist(self):
         names = {r.name for r in dpmock.ROUTES}
         for s in scenarios.SCENARIOS.values():
@@ -2381,16 +2443,14 @@ class CatalogueTest(unittest.TestCase):
 # ----------------------------------------------------------------------------- runner
 
 def main():
-    loader = unittest.TestLoader()
-    names = sys.argv[1:]
-    suite = loader.loadTestsFromNames(names, sys.modules[__name__]) if names else \
-        loader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    """unittest's own command line (-v, -q, -k PATTERN, -f, test names), then one summary line."""
+    prog = unittest.main(module=sys.modules[__name__], argv=sys.argv, exit=False, verbosity=2)
+    result = prog.result
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
-    return 1 if failed else 0
+    return 1 if failed or not result.testsRun else 0
 
 
 if __name__ == "__main__":
