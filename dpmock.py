@@ -415,19 +415,26 @@ class ClientGone(Exception):
 class Headers:
     """Request headers in arrival order with case-insensitive lookup (first value wins)."""
 
-    __slots__ = ("items", "_map")
+    __slots__ = ("items", "_map", "_repeated")
 
     def __init__(self, items):
         self.items = items
         self._map = {}
+        self._repeated = False  #: some name came more than once
         for k, v in items:
-            self._map.setdefault(k.lower(), v)
+            k = k.lower()
+            if k in self._map:
+                self._repeated = True
+            else:
+                self._map[k] = v
 
     def get(self, name, default=None):
         return self._map.get(name, default)
 
     def all(self, name):
         """Every value of a header (lower-case ``name``), in order."""
+        if not self._repeated:
+            return [self._map[name]] if name in self._map else []
         return [v for k, v in self.items if k.lower() == name]
 
     def __contains__(self, name):
@@ -439,7 +446,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after")
+                 "scheme", "reader", "close_after", "key")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -448,7 +455,7 @@ class Request:
         path, _, query = target.partition("#")[0].partition("?")
         self.path = path or "/"
         self.query_string = query
-        self.query = parse_query(query)
+        self.query = parse_query(query) if query else {}
         self.route, self.params, self.provider = None, {}, None
         self.length, self.chunked = None, False
         self.json, self.body_done = None, False
@@ -458,6 +465,7 @@ class Request:
         self.scheme = "http"
         self.reader = reader
         self.close_after = False  #: the connection must close after this answer (its framing said so)
+        self.key = False  #: the API key once looked up (request_key), None when there is none
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -482,6 +490,28 @@ class Request:
 #: Bytes that may not appear in a header value (RFC 9110 5.5: CTLs other than HTAB, and DEL).
 _CTL = bytes(c for c in range(32) if c != 9) + b"\x7f"
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+#: What a Host header may hold (RFC 3986 host and port: reg-name, IP literals, percent-encoding).
+_HOST_CHARS = frozenset("-._~:[]%!$&'()*+,;=0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+_FIELD = r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*\r?\n"
+_compiled = {}
+
+
+def _field_re():
+    """The matcher of a valid header line (compiled on first use, not at start-up)."""
+    m = _compiled.get("field")
+    if m is None:
+        m = _compiled["field"] = re.compile(_FIELD).fullmatch
+    return m
+
+
+def _fields_re():
+    """Every valid CRLF header line of a section, each one whole (compiled on first use)."""
+    m = _compiled.get("fields")
+    if m is None:
+        m = _compiled["fields"] = re.compile("(?m)^" + _FIELD.replace(r"\r?\n", r"\r\n")).findall
+    return m
 
 
 class RequestReader:
@@ -514,7 +544,7 @@ class RequestReader:
             raise ClientGone("request line cut off")
         text = line.decode("latin-1").rstrip("\r\n")
         parts = text.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/") or any(c in text for c in "\r\t\x00"):
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             raise HTTPError(400, "malformed request line (%d bytes); expected METHOD TARGET HTTP/1.1" % len(text),
                             "bad_request_line", close=True)
         method, target, version = parts
@@ -525,35 +555,54 @@ class RequestReader:
             raise HTTPError(400, "malformed HTTP version; use HTTP/1.1", "bad_request_line", close=True)
         if not method.isalpha() or not method.isupper() or not method.isascii():
             raise HTTPError(400, "malformed method %r" % method[:20], "bad_request_line", close=True)
-        if not target or any(ord(c) <= 32 or ord(c) >= 127 for c in target):
+        if not target or not target.isascii() or not target.isprintable():
             raise HTTPError(400, "malformed request target: it must be printable ASCII without spaces",
                             "bad_request_line", close=True)
         return method, target, version
 
     def _header_lines(self):
+        """The header section's (name, value) pairs; the whole section at once when it is buffered."""
+        buf = self.rfile.peek(MAX_HEADER_BYTES)
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES)
+        if end > 0 and buf[:2] != b"\r\n":
+            block = buf[:end + 2].decode("latin-1")
+            items = _fields_re()(block)
+            if len(items) == block.count("\r\n") and len(items) <= MAX_HEADERS:
+                self.rfile.read(end + 4)  # every line was a valid field: consume the section
+                return items
+        return self._header_lines_one_by_one()
+
+    def _header_lines_one_by_one(self):
+        """Line by line: a section that is not buffered whole, uses bare LF, or has a bad line."""
         items, total = [], 0
+        field = _field_re()
         while True:
             hline = self.rfile.readline(MAX_HEADER_BYTES + 1)
             total += len(hline)
             if total > MAX_HEADER_BYTES or len(items) >= MAX_HEADERS:
                 raise HTTPError(431, "request header section over %d bytes or %d fields"
                                 % (MAX_HEADER_BYTES, MAX_HEADERS), "headers_too_large", close=True)
-            if not hline.endswith(b"\n"):
-                raise ClientGone("header section cut off")
+            m = field(hline.decode("latin-1"))
+            if m is not None:
+                items.append(m.groups())
+                continue
             if hline in (b"\r\n", b"\n"):
                 return items
-            if hline[:1] in (b" ", b"\t"):
-                raise HTTPError(400, "obsolete header line folding is not accepted", "bad_header", close=True)
-            name, sep, value = hline.partition(b":")
-            if not sep or not name or not _TOKEN_CHARS.issuperset(name):
-                # The line itself is never quoted: it may hold a key.
-                raise HTTPError(400, "malformed header line %d: expected NAME: VALUE with a token name"
-                                % (len(items) + 1), "bad_header", close=True)
-            value = value.rstrip(b"\r\n").strip(b" \t")
-            if value.translate(None, _CTL) != value:
-                raise HTTPError(400, "header %s holds a control character (CR, LF, NUL...)"
-                                % name.decode("latin-1"), "bad_header", close=True)
-            items.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._bad_header_line(hline, len(items) + 1)
+
+    @staticmethod
+    def _bad_header_line(hline, number):
+        """Why a header line was refused (the line itself is never quoted: it may hold a key)."""
+        if not hline.endswith(b"\n"):
+            raise ClientGone("header section cut off")
+        if hline[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "obsolete header line folding is not accepted", "bad_header", close=True)
+        name, sep, value = hline.partition(b":")
+        if sep and name and _TOKEN_CHARS.issuperset(name):
+            raise HTTPError(400, "header %s holds a control character (CR, LF, NUL...)" % name.decode("latin-1"),
+                            "bad_header", close=True)
+        raise HTTPError(400, "malformed header line %d: expected NAME: VALUE with a token name" % number,
+                        "bad_header", close=True)
 
     @staticmethod
     def _check_host(req):
@@ -561,7 +610,7 @@ class RequestReader:
         if req.version == "HTTP/1.1" and len(hosts) != 1:
             raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header, not %d" % len(hosts),
                             "bad_host", close=True)
-        if hosts and not all(c.isalnum() or c in "-._~:[]%!$&'()*+,;=" for c in hosts[0]):
+        if hosts and not _HOST_CHARS.issuperset(hosts[0]):
             raise HTTPError(400, "malformed Host header", "bad_host", close=True)
 
     @staticmethod
@@ -837,7 +886,9 @@ def _bearer(value):
 
 def request_key(req):
     """The API key, looked up where the provider's clients put it (Anthropic routes: x-api-key first)."""
-    return find_key(req.headers, req.route, req.query)
+    if req.key is False:
+        req.key = find_key(req.headers, req.route, req.query)
+    return req.key
 
 
 def find_key(h, route, query):
@@ -1073,11 +1124,16 @@ def shape_error(value, spec, path):
     if spec is Shape.any:
         return None
     if isinstance(spec, Shape):
-        errors = [shape_error(value, option, path) for option in spec.options]
-        if all(errors):
-            deeper = [e for e in errors if len(e[0]) > len(path)]
-            return deeper[0] if len(deeper) == 1 else (path, _describe(spec))
-        return None
+        errors = []
+        if value.__class__ in spec.options:
+            return None  # the common case: a plain value of a listed type
+        for option in spec.options:
+            err = shape_error(value, option, path)
+            if err is None:
+                return None
+            errors.append(err)
+        deeper = [e for e in errors if len(e[0]) > len(path)]
+        return deeper[0] if len(deeper) == 1 else (path, _describe(spec))
     if isinstance(spec, list):
         if not isinstance(value, list):
             return path, "an array"
@@ -1089,11 +1145,13 @@ def shape_error(value, spec, path):
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             return path, "an object"
-        for name, sub in spec.items():
-            if name in value:
-                err = shape_error(value[name], sub, path + [name])
-                if err:
-                    return err
+        for name, item in value.items():
+            sub = spec.get(name, Shape.any)
+            if sub is Shape.any or (sub.__class__ is type and item.__class__ is sub):
+                continue  # the common cases, without a call
+            err = shape_error(item, sub, path + [name])
+            if err:
+                return err
         return None
     return None if _is(value, spec) else (path, _describe(spec))
 
@@ -2611,14 +2669,18 @@ class Answered(ClientGone):
     """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
 
 
+#: JSON encoders made once (json.dumps with options builds a new encoder at every call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_SPACED = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False).encode
+
+
 def encode_body(body, compact=False):
     """Bytes for a reply body: JSON for dicts and lists, UTF-8 for text."""
     if isinstance(body, (bytes, bytearray)):
         return bytes(body)
     if isinstance(body, str):
         return body.encode("utf-8")
-    seps = (",", ":") if compact else (", ", ": ")
-    return json.dumps(body, separators=seps, ensure_ascii=False).encode("utf-8")
+    return (_COMPACT if compact else _SPACED)(body).encode("utf-8")
 
 
 class ResponseWriter:
@@ -2707,6 +2769,7 @@ class ResponseWriter:
         for k, v in self.extra_headers:
             conn.send_header(k, v)
         if close or conn.close_connection or self.server.stopping or self.req is None or self.req.close_after:
+            conn.close_connection = True
             conn.send_header("Connection", "close")
         elif self.req.version == "HTTP/1.0":
             conn.send_header("Connection", "keep-alive")
@@ -2976,6 +3039,14 @@ def _no_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+def _decoder():
+    """The request-body JSON decoder (made once: json.loads with options builds one per call)."""
+    d = _compiled.get("json")
+    if d is None:
+        d = _compiled["json"] = json.JSONDecoder(parse_constant=_no_constant)
+    return d
+
+
 def json_values(text):
     """An upper bound on the number of values in a JSON text: commas and brackets outside strings."""
     bare = re.sub(_JSON_STRINGS, "", text) if '"' in text else text
@@ -2994,7 +3065,7 @@ def parse_json_body(body):
     if len(text) > MAX_JSON_VALUES and json_values(text) > MAX_JSON_VALUES:  # shorter texts can't hold more
         raise HTTPError(413, "request body holds more than %d JSON values" % MAX_JSON_VALUES, "request_too_large")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = _decoder().decode(text)
     except ValueError as e:
         raise HTTPError(400, "request body is not valid JSON: %s" % e, "invalid_json")
     except RecursionError:
@@ -3567,6 +3638,11 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         req = self.req
         if req is not None and req.has_body() and not req.body_done and w.ended is None:
             w.linger()
+
+    def send_header(self, keyword, value):
+        """Buffer one header line (http.server's hook, without its per-line Connection checks:
+        the writer decides the Connection header itself)."""
+        self._headers_buffer.append(("%s: %s\r\n" % (keyword, value)).encode("latin-1"))
 
     def flush_headers(self):
         """Keep the head (end_headers calls this) so it leaves with the body in one write."""
