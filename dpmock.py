@@ -64,6 +64,7 @@ class Config:
         self.listens = listens or [(False, host, port)]
         self.tls_cert, self.tls_key = tls_cert, tls_key
         self.io_timeout = io_timeout  #: seconds a connection may sit without reading or writing
+        self.control_from = ()  #: networks (beyond loopback) whose clients may use the control routes
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -404,6 +405,8 @@ MAX_HEADERS = 100
 MAX_JSON_BODY = 32 * scenarios.MIB  #: larger JSON bodies get 413 unread
 MAX_DISCARD = 64 * 1024  #: unwanted bodies up to this are drained; larger ones close the connection
 MAX_FIELD = 64 * 1024  #: a non-file multipart field or upload metadata body kept in memory
+MAX_FORM_BYTES = 1024 * 1024  #: all the non-file fields of one multipart body, kept in memory
+MAX_PARTS = 1000  #: parts (fields and files) in one multipart body
 PIECE = 65536  #: request bodies are read in pieces of this size
 JOURNAL_BODY = 16384  #: request body bytes kept in each journal entry
 
@@ -697,6 +700,238 @@ class RequestReader:
             yield from self._exact(size)
             if self.rfile.read(2) != b"\r\n":
                 raise HTTPError(400, "chunk data not followed by CRLF", "bad_chunk", close=True)
+
+
+################################################################################
+# Writers: every byte of an answer leaves through a ResponseWriter
+################################################################################
+
+class Answered(ClientGone):
+    """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
+
+
+#: JSON encoders made once (json.dumps with options builds a new encoder at every call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_SPACED = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False).encode
+
+
+def encode_body(body, compact=False):
+    """Bytes for a reply body: JSON for dicts and lists, UTF-8 for text."""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return (_COMPACT if compact else _SPACED)(body).encode("utf-8")
+
+
+class ResponseWriter:
+    """One request's answer on one connection: its head, its body or stream, and its fault.
+
+    A whole answer is one write (head and body together; TCP_NODELAY is on), a stream item is
+    one write (one chunk), so nothing waits on Nagle or a delayed ACK. Faults act through the
+    hooks this calls (FaultKind); handlers only say what to send.
+    """
+
+    __slots__ = ("conn", "server", "req", "fault", "sent", "status", "events", "headers_sent", "chunked",
+                 "extra_headers", "json_array", "entry", "ended", "request_id")
+
+    def __init__(self, conn, req):
+        self.conn = conn  #: the MockHandler: the socket, its files, and the connection's state
+        self.server = conn.server
+        self.req = req
+        self.fault = NO_FAULT  #: (FaultKind, params) this answer carries out
+        self.sent = 0  #: response bytes written
+        self.status = 0
+        self.events = 0  #: stream items sent
+        self.headers_sent = False
+        self.chunked = True  #: a stream's body is chunked (not for HTTP/1.0 clients)
+        self.extra_headers = ()  #: the provider's headers on every answer (request id...)
+        self.json_array = False  #: the stream is a JSON array (Gemini without alt=sse), not SSE
+        self.entry = None  #: this request's journal entry, once it has one
+        self.ended = None  #: how the answer ended, when not simply
+        self.request_id = None
+
+    # ---------------------------------------------------------------- the lowest level
+
+    def put(self, data):
+        """Write bytes as they are (no fault applies)."""
+        if data:
+            self.conn.wfile.write(data)
+            self.sent += len(data)
+
+    def write(self, data):
+        """The one place answer bytes leave; faults counted in bytes act here."""
+        if not self.fault[0].write(self, data, self.fault[1]):
+            self.put(data)
+
+    def pause(self, seconds):
+        """A deliberate wait: cut short by a stop, or when the client leaves."""
+        self.conn.pause(seconds)
+
+    def abort(self, how):
+        """End the connection now, by FIN or by TCP reset, and stop handling this request."""
+        self.ended = how
+        self.conn.close_connection = True
+        if how == "reset":
+            self.conn.reset()
+        raise Answered(how)
+
+    def half_close(self):
+        """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
+        self.ended = "half_close"
+        self.conn.close_connection = True
+        self.conn.shutdown_write(scenarios.MAX_WAIT_S)
+        raise Answered("half_close")
+
+    def linger(self):
+        """After answering an unread upload: stop writing, drain for a bounded time, then close.
+
+        Closing with unread data queued makes the kernel send a reset, which can destroy the
+        answer before the client reads it; a lingering close lets the client see it.
+        """
+        self.conn.close_connection = True
+        self.conn.shutdown_write(LINGER_SECONDS)
+
+    # ---------------------------------------------------------------- heads
+
+    def head(self, status, headers, close):
+        """The status line and headers, through http.server's buffering (send_response_only,
+        send_header, end_headers), returned as bytes so they leave with the body."""
+        conn = self.conn
+        self.status = status
+        self.headers_sent = True
+        if self.entry is not None:
+            self.entry.status = status  # a client holding its answer finds it in the journal
+        conn.send_response_only(status)
+        conn.send_header("Date", conn.date_time_string())
+        conn.send_header("Server", conn.server_version)
+        for k, v in headers:
+            conn.send_header(k, v)
+        for k, v in self.extra_headers:
+            conn.send_header(k, v)
+        if close or conn.close_connection or self.server.stopping or self.req is None or self.req.close_after:
+            conn.close_connection = True
+            conn.send_header("Connection", "close")
+        elif self.req.version == "HTTP/1.0":
+            conn.send_header("Connection", "keep-alive")
+        conn.end_headers()
+        return conn.take_head()
+
+    @staticmethod
+    def whole_headers(ctype, length, headers):
+        return [("Content-Type", ctype), ("Content-Length", str(length))] + list(headers)
+
+    # ---------------------------------------------------------------- whole answers
+
+    def send_bytes(self, status, body, ctype, headers=(), close=False):
+        """Send a whole answer in one write (head and body together), unless its fault breaks it."""
+        fault, p = self.fault
+        if not fault.reply(self, status, body, ctype, headers, close, p):
+            self.send_whole(status, body, ctype, headers, close)
+
+    def send_whole(self, status, body, ctype, headers=(), close=False):
+        head = self.head(status, self.whole_headers(ctype, len(body), headers), close)
+        data = head if self.req is not None and self.req.method == "HEAD" else head + body
+        self.note_end(len(data))
+        self.write(data)
+
+    def note_end(self, pending):
+        """The answer's last bytes are next: the journal says so before the client can read them."""
+        if self.entry is not None:
+            self.entry.bytes_sent = self.sent + pending
+            self.entry.ended = self.ended or "ok"
+
+    def send_json(self, status, obj, headers=(), close=False):
+        """A JSON answer, compact as the providers send it."""
+        self.send_bytes(status, encode_body(obj, compact=True), scenarios.JSON, headers, close)
+
+    def send_reply(self, reply, close=False):
+        self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
+
+    def error_reply(self, err):
+        """An HTTPError as a Reply in the request's provider shape (with its request id)."""
+        provider = self.req.provider if self.req is not None else DPMOCK
+        return Reply(err.status, err.body(provider, self.request_id), scenarios.JSON, tuple(err.headers))
+
+    def send_error_reply(self, err, close=False):
+        self.send_reply(self.error_reply(err), close=close or err.close)
+
+    # ---------------------------------------------------------------- streams
+
+    def start_stream(self, status, ctype, headers=(), close=False):
+        """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0."""
+        fault, p = self.fault
+        close = fault.stream_head(self, p) or close
+        self.chunked = self.req is None or self.req.version != "HTTP/1.0"
+        hdrs = [("Content-Type", ctype), ("Cache-Control", "no-cache")]
+        if self.chunked:
+            hdrs.insert(1, ("Transfer-Encoding", "chunked"))
+        hdrs.extend(headers)
+        self.write(self.head(status, hdrs, close or not self.chunked))
+        fault.after_head(self, p)
+
+    def send_chunk(self, data):
+        """One piece of a streamed body (a chunk when chunked), in one write: each event leaves at once."""
+        if data and not self.fault[0].chunk(self, data, self.fault[1]):
+            self.frame_chunk(data)
+
+    def frame_chunk(self, data):
+        if data:
+            self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end_stream(self):
+        fault, p = self.fault
+        fault.end(self, p)
+        if self.chunked:
+            self.note_end(5)
+            self.write(b"0\r\n\r\n")
+
+    def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
+        """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
+        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
+        self.stream_item(payload, event, sep)
+
+    def stream_item(self, payload, event=None, sep="\n\n", index=None):
+        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array."""
+        if index is not None:
+            self.json_array = True
+            text = ("[" if index == 0 else ",\r\n") + payload
+        elif event:
+            text = "event: %s\ndata: %s%s" % (event, payload, sep)
+        else:
+            text = "data: %s%s" % (payload, sep)
+        fault, p = self.fault
+        text = fault.item(self, self.events, text, payload, event, p)
+        if text is None:
+            return
+        self.events += 1
+        self.send_chunk(text.encode("utf-8"))
+
+    def send_stream_error(self):
+        """The provider's own in-stream error, then the end of the stream (the connection closes)."""
+        provider = PROVIDERS[self.req.provider]
+        text = provider.stream_error()
+        if self.json_array:
+            text = "%s%s]" % ("[" if self.events == 0 else ",\r\n", text)
+        elif not text.startswith(("data:", "event:")):
+            text = "data: %s\r\n\r\n" % text
+        self.conn.close_connection = True
+        raw = text.encode("utf-8")
+        self.ended = "stream_error"
+        self.note_end(len(raw))
+        self.put(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked else raw)
+        raise Answered("stream_error")
+
+    def send_stream(self, stream):
+        """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
+        self.start_stream(200, stream.content_type, close=stream.close)
+        for ev in stream.events:
+            self.send_sse_event(ev.data, ev.event, compact=False)  # the Flask mock's spacing
+        if stream.pause_ms:
+            self.pause(stream.pause_ms / 1000.0)
+        if stream.tail:
+            self.send_chunk(stream.tail.encode("utf-8"))
+        self.end_stream()
 
 
 ################################################################################
@@ -2030,9 +2265,12 @@ def read_multipart(req, boundary, keep_first=False):
     """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
 
     Returns ({field name: text}, [(filename, mime, byte count, sha256 digest)]). With
-    ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part).
+    ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part). At most
+    MAX_PARTS parts and MAX_FORM_BYTES of field text are accepted (as Go's mime/multipart and
+    Werkzeug bound forms): a form can't make dpmock hold more than that.
     """
     delim = b"\r\n--" + boundary
+    held = 0
     buf = b"\r\n"  # so the first delimiter looks like every later one
     pieces = req.body_pieces()
     fields, files = {}, []
@@ -2060,6 +2298,8 @@ def read_multipart(req, boundary, keep_first=False):
             if len(buf) > MAX_FIELD:
                 raise invalid("multipart part headers over %d bytes" % MAX_FIELD)
             buf += more()
+        if index >= MAX_PARTS:
+            raise HTTPError(413, "multipart body has more than %d parts" % MAX_PARTS, "request_too_large", close=True)
         head, buf = buf.split(b"\r\n\r\n", 1)
         headers = {}
         for line in head.decode("latin-1").split("\r\n")[1:]:
@@ -2080,10 +2320,13 @@ def read_multipart(req, boundary, keep_first=False):
             size += len(body)
             if is_file:
                 digest.update(body)
-            elif len(kept) + len(body) <= MAX_FIELD:
-                kept += body
-            else:
+            elif len(kept) + len(body) > MAX_FIELD:
                 raise invalid("multipart field over %d bytes" % MAX_FIELD)
+            elif held + len(kept) + len(body) > MAX_FORM_BYTES:
+                raise HTTPError(413, "multipart fields over %d bytes in all" % MAX_FORM_BYTES, "request_too_large",
+                                close=True)
+            else:
+                kept += body
             if at >= 0:
                 break
             buf += more()
@@ -2091,6 +2334,7 @@ def read_multipart(req, boundary, keep_first=False):
             files.append((disp.get("filename") or "upload", headers.get("content-type", "application/octet-stream"),
                           size, digest.digest()))
         else:
+            held += len(kept)
             fields["" if keep_first and index == 0 else disp.get("name", "")] = kept.decode("utf-8", "replace")
         index += 1
 
@@ -2662,238 +2906,6 @@ def check_catalogue(routes):
 
 
 ################################################################################
-# Writers: every byte of an answer leaves through a ResponseWriter
-################################################################################
-
-class Answered(ClientGone):
-    """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
-
-
-#: JSON encoders made once (json.dumps with options builds a new encoder at every call).
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_SPACED = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False).encode
-
-
-def encode_body(body, compact=False):
-    """Bytes for a reply body: JSON for dicts and lists, UTF-8 for text."""
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    return (_COMPACT if compact else _SPACED)(body).encode("utf-8")
-
-
-class ResponseWriter:
-    """One request's answer on one connection: its head, its body or stream, and its fault.
-
-    A whole answer is one write (head and body together; TCP_NODELAY is on), a stream item is
-    one write (one chunk), so nothing waits on Nagle or a delayed ACK. Faults act through the
-    hooks this calls (FaultKind); handlers only say what to send.
-    """
-
-    __slots__ = ("conn", "server", "req", "fault", "sent", "status", "events", "headers_sent", "chunked",
-                 "extra_headers", "json_array", "entry", "ended", "request_id")
-
-    def __init__(self, conn, req):
-        self.conn = conn  #: the MockHandler: the socket, its files, and the connection's state
-        self.server = conn.server
-        self.req = req
-        self.fault = NO_FAULT  #: (FaultKind, params) this answer carries out
-        self.sent = 0  #: response bytes written
-        self.status = 0
-        self.events = 0  #: stream items sent
-        self.headers_sent = False
-        self.chunked = True  #: a stream's body is chunked (not for HTTP/1.0 clients)
-        self.extra_headers = ()  #: the provider's headers on every answer (request id...)
-        self.json_array = False  #: the stream is a JSON array (Gemini without alt=sse), not SSE
-        self.entry = None  #: this request's journal entry, once it has one
-        self.ended = None  #: how the answer ended, when not simply
-        self.request_id = None
-
-    # ---------------------------------------------------------------- the lowest level
-
-    def put(self, data):
-        """Write bytes as they are (no fault applies)."""
-        if data:
-            self.conn.wfile.write(data)
-            self.sent += len(data)
-
-    def write(self, data):
-        """The one place answer bytes leave; faults counted in bytes act here."""
-        if not self.fault[0].write(self, data, self.fault[1]):
-            self.put(data)
-
-    def pause(self, seconds):
-        """A deliberate wait: cut short by a stop, or when the client leaves."""
-        self.conn.pause(seconds)
-
-    def abort(self, how):
-        """End the connection now, by FIN or by TCP reset, and stop handling this request."""
-        self.ended = how
-        self.conn.close_connection = True
-        if how == "reset":
-            self.conn.reset()
-        raise Answered(how)
-
-    def half_close(self):
-        """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
-        self.ended = "half_close"
-        self.conn.close_connection = True
-        self.conn.shutdown_write(scenarios.MAX_WAIT_S)
-        raise Answered("half_close")
-
-    def linger(self):
-        """After answering an unread upload: stop writing, drain for a bounded time, then close.
-
-        Closing with unread data queued makes the kernel send a reset, which can destroy the
-        answer before the client reads it; a lingering close lets the client see it.
-        """
-        self.conn.close_connection = True
-        self.conn.shutdown_write(LINGER_SECONDS)
-
-    # ---------------------------------------------------------------- heads
-
-    def head(self, status, headers, close):
-        """The status line and headers, through http.server's buffering (send_response_only,
-        send_header, end_headers), returned as bytes so they leave with the body."""
-        conn = self.conn
-        self.status = status
-        self.headers_sent = True
-        if self.entry is not None:
-            self.entry.status = status  # a client holding its answer finds it in the journal
-        conn.send_response_only(status)
-        conn.send_header("Date", conn.date_time_string())
-        conn.send_header("Server", conn.server_version)
-        for k, v in headers:
-            conn.send_header(k, v)
-        for k, v in self.extra_headers:
-            conn.send_header(k, v)
-        if close or conn.close_connection or self.server.stopping or self.req is None or self.req.close_after:
-            conn.close_connection = True
-            conn.send_header("Connection", "close")
-        elif self.req.version == "HTTP/1.0":
-            conn.send_header("Connection", "keep-alive")
-        conn.end_headers()
-        return conn.take_head()
-
-    @staticmethod
-    def whole_headers(ctype, length, headers):
-        return [("Content-Type", ctype), ("Content-Length", str(length))] + list(headers)
-
-    # ---------------------------------------------------------------- whole answers
-
-    def send_bytes(self, status, body, ctype, headers=(), close=False):
-        """Send a whole answer in one write (head and body together), unless its fault breaks it."""
-        fault, p = self.fault
-        if not fault.reply(self, status, body, ctype, headers, close, p):
-            self.send_whole(status, body, ctype, headers, close)
-
-    def send_whole(self, status, body, ctype, headers=(), close=False):
-        head = self.head(status, self.whole_headers(ctype, len(body), headers), close)
-        data = head if self.req is not None and self.req.method == "HEAD" else head + body
-        self.note_end(len(data))
-        self.write(data)
-
-    def note_end(self, pending):
-        """The answer's last bytes are next: the journal says so before the client can read them."""
-        if self.entry is not None:
-            self.entry.bytes_sent = self.sent + pending
-            self.entry.ended = self.ended or "ok"
-
-    def send_json(self, status, obj, headers=(), close=False):
-        """A JSON answer, compact as the providers send it."""
-        self.send_bytes(status, encode_body(obj, compact=True), scenarios.JSON, headers, close)
-
-    def send_reply(self, reply, close=False):
-        self.send_bytes(reply.status, encode_body(reply.body), reply.content_type, reply.headers, close)
-
-    def error_reply(self, err):
-        """An HTTPError as a Reply in the request's provider shape (with its request id)."""
-        provider = self.req.provider if self.req is not None else DPMOCK
-        return Reply(err.status, err.body(provider, self.request_id), scenarios.JSON, tuple(err.headers))
-
-    def send_error_reply(self, err, close=False):
-        self.send_reply(self.error_reply(err), close=close or err.close)
-
-    # ---------------------------------------------------------------- streams
-
-    def start_stream(self, status, ctype, headers=(), close=False):
-        """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0."""
-        fault, p = self.fault
-        close = fault.stream_head(self, p) or close
-        self.chunked = self.req is None or self.req.version != "HTTP/1.0"
-        hdrs = [("Content-Type", ctype), ("Cache-Control", "no-cache")]
-        if self.chunked:
-            hdrs.insert(1, ("Transfer-Encoding", "chunked"))
-        hdrs.extend(headers)
-        self.write(self.head(status, hdrs, close or not self.chunked))
-        fault.after_head(self, p)
-
-    def send_chunk(self, data):
-        """One piece of a streamed body (a chunk when chunked), in one write: each event leaves at once."""
-        if data and not self.fault[0].chunk(self, data, self.fault[1]):
-            self.frame_chunk(data)
-
-    def frame_chunk(self, data):
-        if data:
-            self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-
-    def end_stream(self):
-        fault, p = self.fault
-        fault.end(self, p)
-        if self.chunked:
-            self.note_end(5)
-            self.write(b"0\r\n\r\n")
-
-    def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
-        """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
-        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
-        self.stream_item(payload, event, sep)
-
-    def stream_item(self, payload, event=None, sep="\n\n", index=None):
-        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array."""
-        if index is not None:
-            self.json_array = True
-            text = ("[" if index == 0 else ",\r\n") + payload
-        elif event:
-            text = "event: %s\ndata: %s%s" % (event, payload, sep)
-        else:
-            text = "data: %s%s" % (payload, sep)
-        fault, p = self.fault
-        text = fault.item(self, self.events, text, payload, event, p)
-        if text is None:
-            return
-        self.events += 1
-        self.send_chunk(text.encode("utf-8"))
-
-    def send_stream_error(self):
-        """The provider's own in-stream error, then the end of the stream (the connection closes)."""
-        provider = PROVIDERS[self.req.provider]
-        text = provider.stream_error()
-        if self.json_array:
-            text = "%s%s]" % ("[" if self.events == 0 else ",\r\n", text)
-        elif not text.startswith(("data:", "event:")):
-            text = "data: %s\r\n\r\n" % text
-        self.conn.close_connection = True
-        raw = text.encode("utf-8")
-        self.ended = "stream_error"
-        self.note_end(len(raw))
-        self.put(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked else raw)
-        raise Answered("stream_error")
-
-    def send_stream(self, stream):
-        """Send a scenario Stream: headers, each event flushed on its own, an optional broken tail."""
-        self.start_stream(200, stream.content_type, close=stream.close)
-        for ev in stream.events:
-            self.send_sse_event(ev.data, ev.event, compact=False)  # the Flask mock's spacing
-        if stream.pause_ms:
-            self.pause(stream.pause_ms / 1000.0)
-        if stream.tail:
-            self.send_chunk(stream.tail.encode("utf-8"))
-        self.end_stream()
-
-
-################################################################################
 # Dispatch: from a parsed request to its answer, in numbered steps
 ################################################################################
 
@@ -2912,6 +2924,8 @@ def dispatch(w, req):
     if route.provider != DPMOCK:
         w.request_id = new_id("req_", 12)
         w.extra_headers = PROVIDERS[req.provider].answer_headers(w.request_id)
+    elif route.name.startswith("control_"):
+        check_control_access(req, conn.client_address, w.server.config)
     # 3. Framing: a route with a body needs to know where the body ends.
     if route.body != BODY_NONE and req.length is None and not req.chunked:
         conn.close_connection = True  # whatever follows can't be told apart from a body
@@ -2963,6 +2977,36 @@ def dispatch(w, req):
     route.handler(w, req)
     if req.has_body() and not req.body_done:
         conn.close_connection = True  # the handler answered without reading the body
+
+
+def check_control_access(req, client, config):
+    """Control routes answer loopback peers (and --control-from networks) only, and never carry
+    out a state change that a browser page of another origin asked for: 403 otherwise."""
+    import ipaddress  # first control request only: off the start-up path
+    try:
+        peer = ipaddress.ip_address(client[0].split("%")[0]) if isinstance(client, tuple) else None
+    except ValueError:
+        peer = None
+    if peer is not None and peer.version == 6 and peer.ipv4_mapped:
+        peer = peer.ipv4_mapped
+    allowed = peer is not None and (peer.is_loopback or any(peer in net for net in config.control_from))
+    if not allowed:
+        raise HTTPError(403, "control routes answer loopback clients only (start dpmock with --control-from CIDR "
+                             "to allow %s)" % (client[0] if isinstance(client, tuple) else "this client"),
+                        "control_forbidden", etype="permission_error")
+    if req.method in ("GET", "HEAD"):
+        return
+    site = (req.headers.get("sec-fetch-site") or "").lower()
+    origin = req.headers.get("origin")
+    if site in ("cross-site", "same-site") or (origin is not None and not _same_origin(origin, req)):
+        raise HTTPError(403, "a browser page of another origin may not use %s" % req.path, "control_forbidden",
+                        etype="permission_error")
+
+
+def _same_origin(origin, req):
+    """Whether an Origin header names this server, as the client addressed it."""
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme == req.scheme and rest.rstrip("/") == (req.headers.get("host") or "")
 
 
 def choose_scenario(w, req):

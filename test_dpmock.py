@@ -1865,6 +1865,276 @@ class DisconnectTest(unittest.TestCase):
         self.assertIn("stopped", text)
 
 
+# ----------------------------------------------------------------------------- hostile input, leaving clients, load
+
+class ParallelJournalTest(unittest.TestCase):
+    """Many long-polls and tails on one journal, as parallel suites use it."""
+
+    def setUp(self):
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+
+    def test_waiters_each_get_their_own_matches_and_idle_ones_cost_nothing(self):
+        results = {}
+
+        def poll(i):
+            results[i] = json.loads(self.srv.request("GET", "/_control/requests?path=/t%d/&wait_for=2&timeout=10" % i,
+                                                     timeout=15)[2])
+        threads = [threading.Thread(target=poll, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        status = json.loads(self.srv.request("GET", "/_control/status")[2])
+        cpu0 = os.times()
+        time.sleep(0.5)  # eight idle long-polls: the server sleeps
+        pid_cpu = self._cpu_seconds()
+        time.sleep(0.5)
+        self.assertLess(self._cpu_seconds() - pid_cpu, 0.1, "idle waiters burn CPU")
+        for round_ in range(2):
+            for i in range(8):
+                self.srv.request("GET", "/v1/t%d/models?r=%d" % (i, round_), None, OA)
+        for t in threads:
+            t.join(15)
+        for i in range(8):
+            self.assertEqual(results[i]["matched"], 2, results[i])
+            self.assertFalse(results[i]["timed_out"])
+            self.assertTrue(all("/t%d/" % i in e["path"] for e in results[i]["requests"]))
+        self.assertGreaterEqual(status["active_requests"], 8)
+        del cpu0
+
+    def _cpu_seconds(self):
+        with open("/proc/%d/stat" % self.srv.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def test_tailing_with_since_last_seq_misses_nothing_under_load(self):
+        stop = threading.Event()
+        sent = []
+
+        def load(n):
+            c = self.srv.conn()
+            i = 0
+            while not stop.is_set():
+                c.request("GET", "/v1/models?c=%d&i=%d" % (n, i), headers=OA)
+                c.getresponse().read()
+                sent.append((n, i))
+                i += 1
+            c.close()
+        workers = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        for t in workers:
+            t.start()
+        seen, since, deadline = set(), 0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            r = json.loads(self.srv.request("GET", "/_control/requests?limit=1000000&since=%d" % since)[2])
+            seen.update(e["seq"] for e in r["requests"])
+            self.assertTrue(all(e["seq"] <= r["last_seq"] for e in r["requests"]))
+            since = r["last_seq"]
+        stop.set()
+        for t in workers:
+            t.join(10)
+        r = json.loads(self.srv.request("GET", "/_control/requests?limit=1000000&since=%d" % since)[2])
+        seen.update(e["seq"] for e in r["requests"])
+        self.assertEqual(seen, set(range(1, r["last_seq"] + 1)), "a tail with since=last_seq missed entries")
+        self.assertGreater(len(sent), 100)
+
+    def test_a_held_request_is_in_the_journal_while_it_is_held(self):
+        with socket.create_connection((self.srv.host, self.srv.port), timeout=5) as s:
+            s.sendall(raw_request("/v1/chat/completions", scen("HANG; ms=5000"), chat_body()))
+            r = json.loads(self.srv.request("GET", "/_control/requests?route=chat&wait_for=1&timeout=3")[2])
+            self.assertEqual(r["matched"], 1)
+            e = r["requests"][0]
+            self.assertEqual((e["status"], e["ended"], json.loads(e["body"])["model"]), (None, "pending", "gpt-4o"))
+        deadline = time.monotonic() + 3  # the client left: the entry says so at once, not after the hang
+        while time.monotonic() < deadline:
+            e = json.loads(self.srv.request("GET", "/_control/requests?route=chat")[2])["requests"][0]
+            if e["ended"] != "pending":
+                break
+            time.sleep(0.05)
+        self.assertEqual(e["ended"], "client_gone")
+
+
+class ClientsThatLeaveTest(unittest.TestCase):
+    """A client that disconnects during a deliberate wait frees its thread at once."""
+
+    def test_every_pause_ends_when_the_client_leaves(self):
+        srv = Server("-q")
+        self.addCleanup(srv.stop)
+        for spec, stream in (("HANG; ms=60000", False), ("HEADERS_STALL; ms=60000", False),
+                             ("STREAM_STALL; after=1; ms=60000", True), ("STREAM_SLOW; ttft_ms=60000", True),
+                             ("SLOW_BODY; bytes=1; interval_ms=10000", False)):
+            with self.subTest(spec=spec):
+                s = socket.create_connection((srv.host, srv.port), timeout=5)
+                s.sendall(raw_request("/v1/chat/completions", scen(spec), chat_body(stream)))
+                time.sleep(0.2)
+                status = json.loads(srv.request("GET", "/_control/status")[2])
+                self.assertEqual(status["active_requests"], 2)  # the paused one and this one
+                s.close()
+                t0 = time.monotonic()
+                while json.loads(srv.request("GET", "/_control/status")[2])["active_requests"] != 1:
+                    self.assertLess(time.monotonic() - t0, 2, "%s held its thread after the client left" % spec)
+                    time.sleep(0.02)
+
+    def test_idle_exit_is_not_kept_alive_by_a_gone_client(self):
+        srv = Server("--idle-exit", "0.5")
+        self.addCleanup(srv.stop)
+        s = socket.create_connection((srv.host, srv.port), timeout=5)
+        s.sendall(raw_request("/v1/chat/completions", scen("HANG; ms=60000"), chat_body()))
+        time.sleep(0.2)
+        s.close()
+        self.assertEqual(srv.proc.wait(5), 0)
+
+
+class ExposureTest(unittest.TestCase):
+    """Control routes, browsers of other origins, and keys that must never be echoed."""
+
+    def test_cross_site_requests_cannot_change_state(self):
+        srv = Server("-q")
+        self.addCleanup(srv.stop)
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Sec-Fetch-Site": "same-site"}):
+            for path in ("/_control/shutdown", "/_control/restart", "/_control/reset"):
+                with self.subTest(headers=headers, path=path):
+                    st, _, body = srv.request("POST", path, b"", headers)
+                    self.assertEqual((st, json.loads(body)["error"]["code"]), (403, "control_forbidden"))
+        same = {"Origin": "http://%s:%d" % (srv.host, srv.port), "Sec-Fetch-Site": "same-origin"}
+        self.assertEqual(srv.request("POST", "/_control/reset", b"", same)[0], 200)
+        self.assertEqual(srv.request("GET", "/_control/status", None, {"Origin": "https://evil.example"})[0], 200)
+        self.assertEqual(srv.proc.poll(), None)
+
+    def test_keys_are_never_echoed_logged_or_journaled_in_full(self):
+        log = tempfile.NamedTemporaryFile(suffix=".log")
+        self.addCleanup(log.close)
+        srv = Server(logfile=log.name)
+        self.addCleanup(srv.stop)
+        secret = "sk-live-0123456789abcdef"
+        raws = [b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization Bearer " + secret.encode() + b"\r\n\r\n",
+                b"GET /v1/models?key=" + secret.encode() + b" HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+                b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: " + secret.encode() + b"\x01\r\n\r\n"]
+        for raw in raws:
+            answer = srv.raw(raw)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:80])
+            self.assertNotIn(secret.encode(), answer)
+        for query in ("key=", "%6Bey=", "k%65y="):
+            srv.request("GET", "/v1/models?" + query + secret, None, {})
+        srv.request("GET", "/v1/models", None, {"Authorization": "Bearer " + secret})
+        journal = srv.request("GET", "/_control/requests")[2]
+        self.assertNotIn(secret.encode(), journal)
+        srv.stop()
+        with open(log.name) as f:
+            text = f.read()
+        self.assertIn("/v1/models", text)
+        self.assertNotIn(secret, text)
+
+    def test_no_request_byte_reaches_a_response_header_unvalidated(self):
+        for host in (b"x\rInjected: 1", b"x\nInjected: 1", b"x\x00y", b"x y", b"a\"b"):
+            raw = SERVER.raw(b"POST /upload/v1beta/files HTTP/1.1\r\nHost: " + host + b"\r\nx-goog-api-key: k\r\n"
+                             b"X-Goog-Upload-Protocol: resumable\r\nX-Goog-Upload-Command: start\r\n"
+                             b"Content-Length: 2\r\n\r\n{}")
+            status, headers, _, _ = split_response(raw)
+            self.assertEqual(status, 400, host)
+            self.assertNotIn("injected", headers)
+            self.assertNotIn(b"Injected", raw)
+
+    @unittest.skipUnless(_sandbox_available() and shutil.which("ip"), "network namespaces or ip(8) unavailable")
+    def test_control_routes_answer_loopback_unless_allowed(self):
+        """Inside a network namespace of its own, a client on a non-loopback address (192.0.2.1)."""
+        script = textwrap.dedent("""
+            set -e
+            ip link set lo up
+            ip addr add 192.0.2.1/32 dev lo  # an address of this namespace that is not a loopback one
+            ask() { %(py)s -c "import http.client as h, sys; c = h.HTTPConnection(sys.argv[1], sys.argv[2],
+            timeout=5); c.request('POST', '/_control/reset', b''); print(c.getresponse().status)" "$@"; }
+            for extra in "" "--control-from 192.0.2.0/24"; do
+                %(py)s %(dpmock)s --foreground -q --host 0.0.0.0 --port 0 --port-file /tmp/dp-ns-port $extra &
+                for i in $(seq 50); do [ -s /tmp/dp-ns-port ] && break; sleep 0.1; done
+                port=$(cat /tmp/dp-ns-port)
+                echo "$extra: $(ask 192.0.2.1 $port) $(ask 127.0.0.1 $port)"
+                kill %%1; wait; rm -f /tmp/dp-ns-port
+            done
+            """) % {"py": PY, "dpmock": DPMOCK}
+        flags = ["--net", "--mount", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+        r = run(["unshare"] + flags + ["bash", "-c", script], timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.decode().split("\n")[:2], [": 403 200", "--control-from 192.0.2.0/24: 200 200"])
+
+
+class StrictFramingTest(unittest.TestCase):
+    """RFC 9112 / 9110 framing, and the memory a body may cost."""
+
+    def test_host_header_exactly_once_on_http11(self):
+        for head in (b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer k\r\n\r\n",
+                     b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer k\r\n\r\n"):
+            status, _, body, _ = split_response(SERVER.raw(head))
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "bad_host"))
+        raw = SERVER.raw(b"GET /v1/models HTTP/1.0\r\nAuthorization: Bearer k\r\n\r\n")  # 1.0 needs none
+        self.assertEqual(split_response(raw)[0], 200)
+
+    def test_control_characters_in_header_values_are_refused(self):
+        for value in (b"a\rb", b"a\x00b", b"a\x07b", b"a\x7fb"):
+            raw = SERVER.raw(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Thing: " + value + b"\r\nAuthorization: "
+                             b"Bearer k\r\n\r\n")
+            status, headers, _, _ = split_response(raw)
+            self.assertEqual((status, headers.get("connection")), (400, "close"), value)
+        raw = SERVER.raw(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Thing: a\tb\r\nAuthorization: Bearer k\r\n"
+                         b"Connection: close\r\n\r\n")
+        self.assertEqual(split_response(raw)[0], 200)  # HTAB is allowed
+
+    def test_transfer_encoding_on_http10_closes_after_answering(self):
+        body = chat_body()
+        raw = SERVER.raw(b"POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer k\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) +
+                         b"GET /v1/models HTTP/1.0\r\nAuthorization: Bearer k\r\n\r\n")
+        status, headers, _, rest = split_response(raw)
+        self.assertEqual((status, headers.get("connection"), rest), (200, "close", b""))
+
+    def test_huge_chunk_size_is_413_at_once(self):
+        with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\n{")
+            t0 = time.monotonic()
+            status, headers, body, _ = split_response(recv_all(s))
+            self.assertLess(time.monotonic() - t0, 4)
+        self.assertEqual((status, headers.get("connection"), json.loads(body)["error"]["code"]),
+                         (413, "close", "request_too_large"))
+
+    def test_json_cost_is_bounded(self):
+        deep = b'{"model":"m","messages":' + b"[" * 100000 + b"]" * 100000 + b"}"
+        status, _, r = jpost("/v1/chat/completions", deep, OA)
+        self.assertEqual((status, r["error"]["code"]), (400, "invalid_json"))
+        wide = b'{"model":"m","x":[' + b"[]," * 2100000 + b'[]],"messages":[]}'
+        status, _, r = jpost("/v1/chat/completions", wide, OA)
+        self.assertEqual((status, r["error"]["code"]), (413, "request_too_large"))
+        self.assertEqual(SERVER.request("GET", "/_control/status")[0], 200)
+
+    def test_multipart_form_fields_are_capped(self):
+        parts = b"".join(b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i for i in range(2000))
+        body = parts + b'--B\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nx\r\n--B--\r\n'
+        st, _, r = jpost("/v1/files", body, dict(OA, **{"Content-Type": "multipart/form-data; boundary=B"}))
+        self.assertEqual((st, r["error"]["code"]), (413, "request_too_large"))
+        big = b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n' + b"v" * 60000 + b"\r\n"
+        body = b"".join(big.replace(b"%d", b"%d" % i) for i in range(20)) + b"--B--\r\n"
+        st, _, r = jpost("/v1/files", body, dict(OA, **{"Content-Type": "multipart/form-data; boundary=B"}))
+        self.assertEqual((st, r["error"]["code"]), (413, "request_too_large"))
+
+    def test_wrongly_typed_fields_name_the_field_in_each_providers_words(self):
+        st, _, r = jpost("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 5}]},
+                         AN)
+        self.assertEqual((st, r["error"]["type"]), (400, "invalid_request_error"))
+        self.assertIn("messages.0.content", r["error"]["message"])
+        st, _, r = jpost("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": 5}]}, OA)
+        self.assertEqual((st, r["error"]["param"]), (400, "messages[0].content"))
+        st, _, r = jpost("/v1beta/models/gemini-2.5-flash:generateContent",
+                         {"contents": [{"parts": [{"text": ["x"]}]}]}, GE)
+        self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        self.assertIn("contents[0].parts[0].text", r["error"]["message"])
+        for body in ({"model": "m", "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]},
+                     {"model": "m", "max_tokens": 5, "stream": "yes", "messages": [{"role": "user", "content": "x"}]},
+                     {"model": "m", "max_tokens": 5, "system": 3, "messages": [{"role": "user", "content": "x"}]},
+                     {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                                 "text": 1}]}]}):
+            self.assertEqual(jpost("/v1/messages", body, AN)[0], 400, body)
+
+
 # ----------------------------------------------------------------------------- curl, the C library's client
 
 @unittest.skipUnless(CURL, "curl is not installed")
