@@ -88,6 +88,8 @@ class Config:
         argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed),
                  "--io-timeout", str(self.io_timeout)]
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
+        for net in self.control_from:
+            argv += ["--control-from", str(net)]
         return argv
 
 
@@ -95,7 +97,7 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
-                 [-q | -v] [--version]"""
+                 [--control-from CIDR]... [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
@@ -122,6 +124,8 @@ options:
   --journal-size N requests kept in the journal (default 1000; 0 keeps none)
   --seed N         seed for random scenario choices (default: random, shown in status)
   --io-timeout SECONDS  close a connection idle (or stalled) this long (default 120)
+  --control-from CIDR  let clients from this network use /_control/ (repeatable; default:
+                   loopback only)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -160,7 +164,7 @@ def parse_args(argv):
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
               "tls_key": None, "io_timeout": "120"}
     flags = set()
-    listens, given = [], set()
+    listens, given, control_from = [], set(), []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -171,7 +175,7 @@ def parse_args(argv):
             print("dpmock " + __version__)
             raise SystemExit(0)
         name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS or name == "--listen":
+        if name in _VALUE_OPTIONS or name in ("--listen", "--control-from"):
             if not eq:
                 if not args or args[0].startswith("-") and args[0] != "-":
                     raise UsageError("%s needs a value" % name)
@@ -179,6 +183,8 @@ def parse_args(argv):
             given.add(name)
             if name == "--listen":
                 listens.append(value)
+            elif name == "--control-from":
+                control_from.append(value)
             else:
                 values[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
@@ -210,13 +216,24 @@ def parse_args(argv):
         raise UsageError("--tls-cert and --tls-key go together")
     if any(tls for tls, _, _ in addresses) and not cert:
         cert, key = (os.path.join(os.path.dirname(SCRIPT), "certs", name) for name in ("server.pem", "server.key"))
-    return Config(host=values["host"], port=port, foreground="foreground" in flags, listens=addresses,
+    config = Config(host=values["host"], port=port, foreground="foreground" in flags, listens=addresses,
                   tls_cert=cert, tls_key=key,
                   pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
                   idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
                   journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
                   io_timeout=number("--io-timeout", 1, 86400),
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
+    config.control_from = tuple(parse_network(spec) for spec in control_from)
+    return config
+
+
+def parse_network(spec):
+    """A --control-from value: an address or a CIDR network."""
+    import ipaddress
+    try:
+        return ipaddress.ip_network(spec, strict=False)
+    except ValueError:
+        raise UsageError("--control-from takes an address or CIDR network (such as 10.0.0.0/8), not %r" % spec)
 
 
 ################################################################################

@@ -2045,7 +2045,7 @@ class ExposureTest(unittest.TestCase):
             ask() { %(py)s -c "import http.client as h, sys; c = h.HTTPConnection(sys.argv[1], sys.argv[2],
             timeout=5); c.request('POST', '/_control/reset', b''); print(c.getresponse().status)" "$@"; }
             for extra in "" "--control-from 192.0.2.0/24"; do
-                %(py)s %(dpmock)s --foreground -q --host 0.0.0.0 --port 0 --port-file /tmp/dp-ns-port $extra &
+                %(py)s %(dpmock)s --foreground -q --host 0.0.0.0 --port 0 --port-file /tmp/dp-ns-port $extra > /dev/null &
                 for i in $(seq 50); do [ -s /tmp/dp-ns-port ] && break; sleep 0.1; done
                 port=$(cat /tmp/dp-ns-port)
                 echo "$extra: $(ask 192.0.2.1 $port) $(ask 127.0.0.1 $port)"
