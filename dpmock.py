@@ -1212,10 +1212,14 @@ class Turn:
         self.tools_off = False  #: tool_choice none / mode NONE
         self.thinking = False
         self.max_tokens = None
+        self.output = None  #: structured output: a JSON schema, JSON_OBJECT (any object), or ENUM_TEXT
 
     def add_text(self, text):
         if isinstance(text, str) and text:
             self.texts.append(text)
+
+
+JSON_OBJECT = {"type": "object"}  #: Turn.output for "any JSON object" (json_object, a bare JSON MIME type)
 
 
 class Plan:
@@ -1226,13 +1230,19 @@ class Plan:
         self.calls = []  #: (call id suffix, tool name, arguments dict)
         self.pieces = []
         self.finish = "stop"  #: stop | length | tool
+        self.structured = None  #: the JSON value of a structured-output answer
         if turn.tool_result is None and turn.tools and not turn.tools_off:
             name = turn.forced_tool or turn.tools[0][0]
             schema = dict(turn.tools).get(name, {})
             self.calls.append((os.urandom(12).hex(), name, schema_instance(schema)))
             self.finish = "tool"
         else:
-            self.pieces = fault[0].pieces(turn, fault[1]) or re.findall(_PIECES, answer_text(turn))
+            if turn.output is not None:  # the JSON arrives as text, in 8-character pieces
+                self.structured = structured_answer(turn)
+                text = self.structured if isinstance(self.structured, str) else _COMPACT(self.structured)
+                self.pieces = json_fragments(text)
+            else:
+                self.pieces = fault[0].pieces(turn, fault[1]) or re.findall(_PIECES, answer_text(turn))
             if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
                 self.pieces = self.pieces[:turn.max_tokens]
                 self.finish = "length"
@@ -1241,6 +1251,16 @@ class Plan:
         self.thinking_tokens = count_tokens([self.thinking]) if self.thinking else 0
         self.output_tokens = (len(self.pieces) if not self.calls else
                               sum(count_tokens([json.dumps(args)]) for _, _, args in self.calls))
+
+
+def structured_answer(turn):
+    """The value of a structured-output answer: an instance of the schema whose first string
+    carries the answer text; {"response": text} for any JSON object; an enum's first value."""
+    if turn.output is JSON_OBJECT:
+        return {"response": answer_text(turn)}
+    if isinstance(turn.output, tuple):  # ("enum", schema): Gemini's text/x.enum answers a bare value
+        return str(schema_instance(turn.output[1], answer_text(turn)))
+    return schema_instance(turn.output, answer_text(turn))
 
 
 def answer_text(turn):
@@ -2797,7 +2817,28 @@ def openai_turn(body):
                      or isinstance(body.get("reasoning"), dict) or bool(body.get("thinking")))
     turn.max_tokens = _max_tokens(body.get("max_completion_tokens"), "max_completion_tokens") or \
         _max_tokens(body.get("max_tokens"), "max_tokens")
+    turn.output = openai_output(body.get("response_format"), "response_format")
     return turn
+
+
+def openai_output(fmt, name):
+    """Turn.output for an OpenAI response_format (Chat) or text.format (Responses)."""
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return JSON_OBJECT
+    if fmt.get("type") != "json_schema":
+        raise invalid("Invalid value: '%s'. Supported values are: 'text', 'json_object' and 'json_schema'."
+                      % fmt.get("type"), name + ".type", "invalid_value")
+    spec = fmt.get("json_schema", fmt)  # Chat nests it under json_schema, Responses does not
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise invalid("Missing required parameter: '%s.json_schema.name'." % name, name + ".json_schema.name",
+                      "missing_required_parameter")
+    if schema is not None and not isinstance(schema, dict):
+        raise invalid("Invalid type for '%s.json_schema.schema': expected an object." % name,
+                      name + ".json_schema.schema", "invalid_type")
+    return schema if schema else JSON_OBJECT
 
 
 def _openai_content(content, turn):
@@ -2930,7 +2971,7 @@ ANTHROPIC_MESSAGES_SHAPE = {
     "tool_choice": {"type": str, "name": str, "disable_parallel_tool_use": bool},
     "stream": bool, "temperature": float, "top_p": float, "top_k": int, "stop_sequences": [str],
     "thinking": {"type": str, "budget_tokens": int}, "metadata": dict, "service_tier": str,
-    "output_config": dict,
+    "output_config": {"format": dict, "effort": str}, "output_format": dict,
 }
 
 
@@ -2981,6 +3022,14 @@ def anthropic_turn(body, need_max_tokens=True):
             turn.forced_tool = choice.get("name")
     thinking = body.get("thinking")
     turn.thinking = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    fmt = _get(body.get("output_config"), "format") or body.get("output_format")  # GA, and the beta's name
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise invalid("output_config.format.schema: Field required")
+        turn.output = fmt["schema"]
+    elif fmt is not None:
+        raise invalid("output_config.format: Input tag %r found using 'type' does not match the expected tag: "
+                      "'json_schema'" % (fmt.get("type") if isinstance(fmt, dict) else fmt,))
     return turn
 
 
@@ -3065,7 +3114,8 @@ def handle_anthropic_messages(w, req):
         w.send_sse_event({"type": "content_block_stop", "index": i}, "content_block_stop")
     w.send_sse_event({"type": "message_delta", "delta": {"stop_reason": _ANTHROPIC_STOP[plan.finish],
                                                           "stop_sequence": None},
-                      "usage": {"output_tokens": out}}, "message_delta")
+                      "usage": {k: v for k, v in anthropic_usage(plan, out).items() if k != "service_tier"}},
+                     "message_delta")
     w.send_sse_event({"type": "message_stop"}, "message_stop")
     w.end_stream()
 
@@ -3095,7 +3145,8 @@ _GEMINI_DECLARATION = {"name": str, "description": str, "parameters": dict, "par
                        "parameters_json_schema": dict}
 _GEMINI_GEN = {"maxOutputTokens": int, "max_output_tokens": int, "temperature": float, "topP": float,
                "top_p": float, "topK": float, "top_k": float, "candidateCount": int, "stopSequences": [str],
-               "responseMimeType": str, "response_mime_type": str,
+               "responseMimeType": str, "response_mime_type": str, "responseSchema": dict, "response_schema": dict,
+               "responseJsonSchema": dict, "response_json_schema": dict,
                "thinkingConfig": {"includeThoughts": bool, "thinkingBudget": int},
                "thinking_config": {"include_thoughts": bool, "thinking_budget": int}}
 #: generateContent fields typed as the SDKs type them (camelCase and snake_case alike).
@@ -3147,6 +3198,18 @@ def gemini_turn(body, model):
     turn.max_tokens = _max_tokens(_get(gen, "maxOutputTokens", "max_output_tokens"), "maxOutputTokens")
     thinking = _get(gen, "thinkingConfig", "thinking_config")
     turn.thinking = bool(_get(thinking, "includeThoughts", "include_thoughts"))
+    mime = _get(gen, "responseMimeType", "response_mime_type")
+    schema = _get(gen, "responseJsonSchema", "response_json_schema", "responseSchema", "response_schema")
+    if mime == "application/json":
+        turn.output = schema if isinstance(schema, dict) and schema else JSON_OBJECT
+    elif mime == "text/x.enum" and isinstance(schema, dict):
+        turn.output = ("enum", schema)
+    elif schema is not None and mime not in (None, "text/plain"):
+        raise invalid("* GenerateContentRequest.generation_config.response_mime_type: allowed mimetypes are "
+                      "`text/plain`, `application/json`, `application/xml`, `application/yaml` and `text/x.enum`.")
+    elif schema is not None:
+        raise invalid("* GenerateContentRequest.generation_config.response_schema: response_mime_type must be "
+                      "application/json or text/x.enum when a response schema is set.")
     return turn
 
 
