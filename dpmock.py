@@ -2955,6 +2955,108 @@ def handle_openai_images(w, req):
     w.send_json(200, answer)
 
 
+def embedding_texts(value, name, provider=OPENAI):
+    """The texts of an embeddings input: a string, strings, or token arrays (read as their numbers)."""
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise invalid("'%s' must be a non-empty string, array of strings or array of token arrays." % name, name)
+    texts = []
+    for i, item in enumerate(value):
+        if isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            item = " ".join("t%d" % t for t in item)
+        if not isinstance(item, str) or not item:
+            raise invalid("'%s[%d]' must be a non-empty string or array of integers." % (name, i), "%s[%d]" % (name, i))
+        texts.append(item)
+    if len(texts) > 2048:
+        raise invalid("'%s' holds %d inputs; at most 2048 are accepted." % (name, len(texts)), name)
+    return texts
+
+
+def handle_openai_embeddings(w, req):
+    check_key(req)
+    body = req.json
+    validate(OPENAI, body, {"model": str, "encoding_format": str, "dimensions": (int, _NULL), "user": str})
+    model = _require_model(body)
+    check_model(req, model)
+    texts = embedding_texts(body.get("input"), "input")
+    dims = body.get("dimensions")
+    if dims is not None:
+        if model.startswith("text-embedding-ada"):
+            raise invalid("This model does not support specifying dimensions.", "dimensions")
+        if not 1 <= dims <= embedding_dims(model):
+            raise invalid("Invalid 'dimensions': expected an integer from 1 to %d." % embedding_dims(model),
+                          "dimensions")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise invalid("Invalid value for 'encoding_format': expected 'float' or 'base64'.", "encoding_format")
+    data = []
+    for i, text in enumerate(texts):
+        vec = embedding(text, dims or embedding_dims(model))
+        data.append({"object": "embedding", "index": i,
+                     "embedding": embedding_b64(vec) if fmt == "base64" else [round(x, 9) for x in vec]})
+    tokens = count_tokens(texts)
+    w.send_json(200, {"object": "list", "data": data, "model": model,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def handle_openai_completions(w, req):
+    """POST /completions, the legacy text completion: max_tokens defaults to 16, as there."""
+    check_key(req)
+    body = req.json
+    validate(OPENAI, body, {"model": str, "max_tokens": (int, _NULL), "stream": (bool, _NULL), "n": (int, _NULL),
+                            "echo": (bool, _NULL), "suffix": (str, _NULL), "stream_options": (dict, _NULL)})
+    model = _require_model(body)
+    check_model(req, model)
+    prompts = embedding_texts(body.get("prompt"), "prompt")
+    turn = Turn(model)
+    for text in prompts:
+        turn.add_text(text)
+    turn.user_text = prompts[-1]
+    turn.max_tokens = 16 if "max_tokens" not in body else _max_tokens(body["max_tokens"], "max_tokens")
+    plan = Plan(turn, w.fault)
+    finish = _OPENAI_FINISH[plan.finish]
+    echo = prompts[-1] if body.get("echo") else ""
+    head = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model}
+    usage = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.output_tokens,
+             "total_tokens": plan.prompt_tokens + plan.output_tokens}
+    if not req.route.streaming(req):
+        w.send_json(200, dict(head, choices=[{"text": echo + plan.text, "index": 0, "logprobs": None,
+                                              "finish_reason": finish}], usage=usage))
+        return
+    w.start_stream(200, scenarios.SSE)
+    pieces = ([echo] if echo else []) + plan.pieces
+    for i, piece in enumerate(pieces):
+        w.send_sse_event(dict(head, choices=[{"text": piece, "index": 0, "logprobs": None,
+                                              "finish_reason": finish if i == len(pieces) - 1 else None}]))
+    if _get(body.get("stream_options"), "include_usage"):
+        w.send_sse_event(dict(head, choices=[], usage=usage))
+    w.send_sse_event("[DONE]")
+    w.end_stream()
+
+
+def handle_openai_moderations(w, req):
+    """POST /moderations: flagged by the documented word rule (scenarios.MODERATION_WORDS)."""
+    check_key(req)
+    body = req.json
+    validate(OPENAI, body, {"model": str})
+    value = body.get("input")
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # multi-modal parts
+        value = [" ".join(v.get("text", "") for v in value if v.get("type") == "text") or "image"]
+    texts = embedding_texts(value, "input")
+    results = []
+    for text in texts:
+        words = set(re.findall(r"\w+", text.lower()))
+        categories = {c: bool(words & set(ws)) for c, ws in scenarios.MODERATION_WORDS.items()}
+        results.append({"flagged": any(categories.values()), "categories": categories,
+                        "category_scores": {c: 0.9871 if hit else 0.0001 for c, hit in categories.items()},
+                        "category_applied_input_types": {c: ["text"] for c in categories}})
+    w.send_json(200, {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest",
+                      "results": results})
+
+
 ################################################################################
 # Anthropic
 ################################################################################
@@ -3320,6 +3422,46 @@ def handle_gemini_predict(w, req):
     w.send_json(200, {"predictions": predictions})
 
 
+def _gemini_embed_one(req, body, model, where):
+    validate(GEMINI, body, {"content": _GEMINI_CONTENT, "taskType": str, "task_type": str, "title": str,
+                            "outputDimensionality": int, "output_dimensionality": int, "model": str})
+    content = body.get("content")
+    if not isinstance(content, dict) or not content.get("parts"):
+        raise invalid("* %scontent: content is not specified" % where)
+    text = _gemini_parts(content["parts"], Turn(model))
+    dims = _get(body, "outputDimensionality", "output_dimensionality")
+    if dims is not None and not 1 <= dims <= embedding_dims(model):
+        raise invalid("* %soutput_dimensionality: expected an integer from 1 to %d" % (where, embedding_dims(model)))
+    return {"values": [round(x, 9) for x in embedding(text, dims or embedding_dims(model))]}
+
+
+def handle_gemini_embed(w, req):
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "embedContent")
+    w.send_json(200, {"embedding": _gemini_embed_one(req, req.json, model, "EmbedContentRequest.")})
+
+
+def handle_gemini_batch_embed(w, req):
+    """:batchEmbedContents, what google-genai's embed_content sends."""
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "batchEmbedContents")
+    requests = req.json.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise invalid("* BatchEmbedContentsRequest.requests: requests is not specified")
+    out = []
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict):
+            raise invalid("* BatchEmbedContentsRequest.requests[%d]: expected an object" % i)
+        named = r.get("model")
+        if isinstance(named, str) and named.split("/")[-1] != model:
+            raise invalid("* BatchEmbedContentsRequest.requests[%d].model: it must be models/%s, the model of the "
+                          "request, not %s" % (i, model, named))
+        out.append(_gemini_embed_one(req, r, model, "BatchEmbedContentsRequest.requests[%d]." % i))
+    w.send_json(200, {"embeddings": out})
+
+
 ################################################################################
 # Shared paths: model lists, files, images
 ################################################################################
@@ -3401,7 +3543,7 @@ def anthropic_model(m):
 def gemini_model(m):
     name, display, input_limit, output_limit, thinking = m
     methods = ["predict"] if name.startswith("imagen") else \
-        ["embedContent"] if "embedding" in name else \
+        ["embedContent", "batchEmbedContents"] if "embedding" in name else \
         ["generateContent", "countTokens", "createCachedContent", "batchGenerateContent"]
     model = {"name": "models/" + name, "version": "001", "displayName": display,
              "description": "%s (served by dpmock)" % display, "inputTokenLimit": input_limit,
@@ -3839,6 +3981,9 @@ _EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
 ROUTES = (
     Route("POST", "/chat/completions", "chat", handle_openai_chat, OPENAI, BODY_JSON, STREAM_FLAG),
     Route("POST", "/images/generations", "images", handle_openai_images, OPENAI, BODY_JSON),
+    Route("POST", "/embeddings", "embeddings", handle_openai_embeddings, OPENAI, BODY_JSON),
+    Route("POST", "/completions", "completions", handle_openai_completions, OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/moderations", "moderations", handle_openai_moderations, OPENAI, BODY_JSON),
     Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
     Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG),
     Route("POST", "/messages/count_tokens", "messages_count_tokens", handle_anthropic_count_tokens, ANTHROPIC,
@@ -3850,6 +3995,9 @@ ROUTES = (
     Route("POST", _EXPRESS_MODEL + ":streamGenerateContent", "gemini_stream", handle_gemini_generate, GEMINI,
           BODY_JSON, STREAM_ALWAYS),
     Route("POST", _GEMINI_MODEL + ":countTokens", "gemini_count_tokens", handle_gemini_count_tokens, GEMINI,
+          BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":embedContent", "gemini_embed", handle_gemini_embed, GEMINI, BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":batchEmbedContents", "gemini_batch_embed", handle_gemini_batch_embed, GEMINI,
           BODY_JSON),
     Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
     Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),

@@ -419,7 +419,18 @@ OPENAI_MODELS = (
     ("gpt-4.1-mini", 1744318173, "system"), ("o3-mini", 1737146383, "system"), ("o4-mini", 1744225351, "system"),
     ("gpt-5", 1754425777, "system"), ("gpt-5-mini", 1754425928, "system"), ("dall-e-3", 1698785189, "system"),
     ("gpt-image-1", 1745517030, "system"), ("text-embedding-3-small", 1705948997, "system"),
+    ("text-embedding-3-large", 1705953180, "system"), ("gpt-3.5-turbo-instruct", 1692901427, "system"),
+    ("omni-moderation-latest", 1731689265, "system"),
 )
+
+#: POST /moderations: a text containing one of these words is flagged in that category (scores 0.9871;
+#: every other category 0.0001). Deterministic, so a test can expect a flag.
+MODERATION_WORDS = {
+    "harassment": ("harass", "bully"), "harassment/threatening": ("threaten",), "hate": ("hate",),
+    "hate/threatening": (), "illicit": ("illicit",), "illicit/violent": (), "self-harm": ("selfharm",),
+    "self-harm/intent": (), "self-harm/instructions": (), "sexual": ("sexual",), "sexual/minors": (),
+    "violence": ("kill", "violence", "violent"), "violence/graphic": ("gore",),
+}
 
 #: Anthropic models, newest first as the API lists them: (id, display_name, created_at).
 ANTHROPIC_MODELS = (
@@ -442,6 +453,7 @@ GEMINI_MODELS = (
     ("gemini-2.0-flash", "Gemini 2.0 Flash", 1048576, 8192, False),
     ("gemini-2.0-flash-lite", "Gemini 2.0 Flash-Lite", 1048576, 8192, False),
     ("gemini-embedding-001", "Gemini Embedding 001", 2048, 1, False),
+    ("text-embedding-004", "Text Embedding 004", 2048, 1, False),
     ("imagen-4.0-generate-001", "Imagen 4", 480, 8192, False),
     ("imagen-3.0-generate-002", "Imagen 3", 480, 8192, False),
 )

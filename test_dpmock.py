@@ -646,6 +646,146 @@ class OpenAIRoutesTest(unittest.TestCase):
         self.assertEqual((st, r["error"]["param"]), (400, "prompt"))
 
 
+class StructuredOutputTest(unittest.TestCase):
+    """JSON valid against the requested schema, on every provider, streamed or not."""
+
+    SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "rating", "cast"],
+              "properties": {"title": {"type": "string"}, "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                             "cast": {"type": "array", "minItems": 2, "items": {"$ref": "#/$defs/Person"}}},
+              "$defs": {"Person": {"type": "object", "required": ["name", "role"], "additionalProperties": False,
+                                   "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
+                                                  "role": {"enum": ["lead", "support"]},
+                                                  "age": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}}}
+    USER = [{"role": "user", "content": "Review Alien"}]
+
+    def check(self, text):
+        value = json.loads(text)
+        self.assertEqual(value["title"], "dpmock reply to: Review Alien")  # the first string carries the answer
+        if jsonschema is not None:
+            jsonschema.validate(value, self.SCHEMA)
+        self.assertEqual(len(value["cast"]), 2)
+        return value
+
+    def test_openai_json_schema_and_json_object(self):
+        fmt = {"type": "json_schema", "json_schema": {"name": "review", "strict": True, "schema": self.SCHEMA}}
+        st, _, r = jpost("/v1/chat/completions", {"model": "gpt-4o", "messages": self.USER, "response_format": fmt},
+                         OA)
+        self.assertEqual((st, r["choices"][0]["finish_reason"], r["choices"][0]["message"]["refusal"]),
+                         (200, "stop", None))
+        self.check(r["choices"][0]["message"]["content"])
+        _, chunks = sse_chunks(post_raw({"model": "gpt-4o", "messages": self.USER, "response_format": fmt,
+                                         "stream": True}, "/v1/chat/completions", OA))
+        deltas = [json.loads(e[1]) for c in chunks for e in sse_events(c) if e[1] != "[DONE]"]
+        self.check("".join(d["choices"][0]["delta"].get("content") or "" for d in deltas))
+        st, _, r = jpost("/v1/chat/completions", {"model": "gpt-4o", "messages": self.USER,
+                                                  "response_format": {"type": "json_object"}}, OA)
+        self.assertEqual(json.loads(r["choices"][0]["message"]["content"]), {"response": "dpmock reply to: Review Alien"})
+        st, _, r = jpost("/v1/chat/completions", {"model": "gpt-4o", "messages": self.USER,
+                                                  "response_format": {"type": "xml"}}, OA)
+        self.assertEqual((st, r["error"]["param"]), (400, "response_format.type"))
+
+    def test_anthropic_output_config_format(self):
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 500, "messages": self.USER,
+                "output_config": {"format": {"type": "json_schema", "schema": self.SCHEMA}}}
+        st, _, r = jpost("/v1/messages", body, AN)
+        self.assertEqual((st, r["stop_reason"], r["content"][0]["type"]), (200, "end_turn", "text"))
+        self.check(r["content"][0]["text"])
+        events = [json.loads(c.split(b"data: ", 1)[1]) for c in sse_chunks(post_raw(dict(body, stream=True),
+                                                                                   "/v1/messages", AN))[1]]
+        self.check("".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta"))
+        usage = [e for e in events if e["type"] == "message_delta"][0]["usage"]
+        self.assertEqual(set(usage), {"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                                      "output_tokens"})
+        self.assertEqual(usage["input_tokens"], events[0]["message"]["usage"]["input_tokens"])
+
+    def test_gemini_response_schema_and_json_schema(self):
+        gemini_schema = {"type": "OBJECT", "properties": {"score": {"type": "INTEGER"}, "title": {"type": "STRING"},
+                                                          "tags": {"type": "ARRAY", "items": {"type": "STRING"},
+                                                                   "nullable": True}},
+                         "propertyOrdering": ["score", "title", "tags"], "required": ["score", "title"]}
+        for config, schema in (({"responseMimeType": "application/json", "responseSchema": gemini_schema}, None),
+                               ({"response_mime_type": "application/json", "response_json_schema": self.SCHEMA},
+                                self.SCHEMA)):
+            body = {"contents": [{"parts": [{"text": "Review Alien"}]}], "generationConfig": config}
+            st, _, r = jpost("/v1beta/models/gemini-2.5-flash:generateContent", body, GE)
+            text = r["candidates"][0]["content"]["parts"][0]["text"]
+            value = self.check(text) if schema else json.loads(text)
+            if schema is None:
+                self.assertEqual(list(value)[:2], ["score", "title"])
+                self.assertEqual(value["title"], "dpmock reply to: Review Alien")
+            raw = post_raw(body, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", GE)
+            parts = [json.loads(e[1])["candidates"][0]["content"]["parts"][0]["text"]
+                     for c in sse_chunks(raw)[1] for e in [c.decode().split("data: ", 1)]]
+            self.assertEqual(json.loads("".join(parts)), value)
+
+    def test_tool_arguments_for_nested_models_are_valid(self):
+        tools = [{"type": "function", "function": {"name": "save", "parameters": self.SCHEMA}}]
+        st, _, r = jpost("/v1/chat/completions", {"model": "gpt-4o", "messages": self.USER, "tools": tools}, OA)
+        args = json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+        if jsonschema is not None:
+            jsonschema.validate(args, self.SCHEMA)
+        self.assertEqual([p["role"] for p in args["cast"]], ["lead", "lead"])
+
+
+class EmbeddingsAndLegacyRoutesTest(unittest.TestCase):
+    """/embeddings, Gemini's embedContent and batchEmbedContents, /completions and /moderations."""
+
+    def test_openai_embeddings(self):
+        st, _, r = jpost("/v1/embeddings", {"model": "text-embedding-3-small",
+                                            "input": ["the cat sat on the mat", "a cat on a mat", "quarterly revenue grew"]},
+                         OA)
+        self.assertEqual((st, r["object"], r["model"], len(r["data"])), (200, "list", "text-embedding-3-small", 3))
+        vecs = [d["embedding"] for d in r["data"]]
+        self.assertEqual([len(v) for v in vecs], [1536] * 3)
+        self.assertAlmostEqual(math.sqrt(sum(x * x for x in vecs[0])), 1.0, places=6)
+        self.assertGreater(cosine(vecs[0], vecs[1]), cosine(vecs[0], vecs[2]) + 0.2)
+        self.assertEqual(r["usage"], {"prompt_tokens": 14, "total_tokens": 14})  # 6 + 5 + 3 words
+        st, _, r = jpost("/v1/embeddings", {"model": "text-embedding-3-large", "input": [[1, 2, 3], [4, 5]],
+                                            "dimensions": 8, "encoding_format": "base64"}, OA)
+        raw = base64.b64decode(r["data"][0]["embedding"])
+        self.assertEqual(len(struct.unpack("<8f", raw)), 8)
+        self.assertEqual(jpost("/v1/embeddings", {"model": "text-embedding-3-small", "input": "x",
+                                                  "dimensions": 5000}, OA)[0], 400)
+        self.assertEqual(jpost("/v1/embeddings", {"model": "text-embedding-ada-002", "input": "x",
+                                                  "dimensions": 8}, OA)[0], 400)
+        self.assertEqual(jpost("/v1/embeddings", {"model": "text-embedding-3-small", "input": []}, OA)[0], 400)
+        st, hdrs, _ = SERVER.request("POST", "/v1/embeddings", b'{"model":"m","input":"x"}', scen("RATE_LIMITED"))
+        self.assertEqual((st, hdrs["retry-after"]), (429, "1"))
+
+    def test_gemini_embed_content_and_batch(self):
+        st, _, r = jpost("/v1beta/models/gemini-embedding-001:embedContent",
+                         {"content": {"parts": [{"text": "the cat sat"}]}, "outputDimensionality": 16}, GE)
+        self.assertEqual((st, len(r["embedding"]["values"])), (200, 16))
+        st, _, r = jpost("/v1beta/models/gemini-embedding-001:batchEmbedContents", {"requests": [
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": t}]}}
+            for t in ("the cat sat", "the cat sat down")]}, GE)
+        a, b = (e["values"] for e in r["embeddings"])
+        self.assertEqual((st, len(a)), (200, 3072))
+        self.assertGreater(cosine(a, b), 0.5)
+        self.assertEqual(jpost("/v1beta/models/gemini-embedding-001:batchEmbedContents",
+                               {"requests": [{"model": "models/other", "content": {"parts": [{"text": "x"}]}}]},
+                               GE)[0], 400)
+
+    def test_legacy_completions(self):
+        st, _, r = jpost("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "Say this is a test"}, OA)
+        self.assertEqual((st, r["object"], r["choices"][0]["text"], r["choices"][0]["finish_reason"]),
+                         (200, "text_completion", "dpmock reply to: Say this is a test", "stop"))
+        st, _, r = jpost("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "a b c d", "max_tokens": 2},
+                         OA)
+        self.assertEqual((r["choices"][0]["text"], r["choices"][0]["finish_reason"]), ("dpmock reply ", "length"))
+        _, chunks = sse_chunks(post_raw({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True},
+                                        "/v1/completions", OA))
+        events = [sse_events(c)[0][1] for c in chunks]
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertEqual("".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]), "dpmock reply to: hi")
+
+    def test_moderations(self):
+        st, _, r = jpost("/v1/moderations", {"input": ["a nice day", "I will kill the process"]}, OA)
+        self.assertEqual((st, [x["flagged"] for x in r["results"]]), (200, [False, True]))
+        self.assertTrue(r["results"][1]["categories"]["violence"])
+        self.assertEqual(set(r["results"][0]["categories"]), set(scenarios.MODERATION_WORDS))
+
+
 class AnthropicRoutesTest(unittest.TestCase):
     BODY = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi there"}]}
 
