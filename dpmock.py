@@ -791,6 +791,8 @@ class ResponseWriter:
     def abort(self, how):
         """End the connection now, by FIN or by TCP reset, and stop handling this request."""
         self.ended = how
+        self.conn.journal_entry(self)
+        self.note_end()
         self.conn.close_connection = True
         if how == "reset":
             self.conn.reset()
@@ -799,6 +801,7 @@ class ResponseWriter:
     def half_close(self):
         """Shut the sending side (FIN) and keep reading until the client closes (bounded), then stop."""
         self.ended = "half_close"
+        self.note_end()
         self.conn.close_connection = True
         self.conn.shutdown_write(scenarios.MAX_WAIT_S)
         raise Answered("half_close")
@@ -855,11 +858,16 @@ class ResponseWriter:
         self.note_end(len(data))
         self.write(data)
 
-    def note_end(self, pending):
-        """The answer's last bytes are next: the journal says so before the client can read them."""
-        if self.entry is not None:
-            self.entry.bytes_sent = self.sent + pending
-            self.entry.ended = self.ended or "ok"
+    def note_end(self, pending=0):
+        """The answer's last bytes (or its end) are next: the journal says so before the client can
+        see them, so a client holding its answer always finds it there, complete."""
+        e = self.entry
+        if e is not None:
+            req = self.req
+            e.body, e.body_bytes = bytes(req.captured), req.body_bytes
+            e.status, e.bytes_sent = self.status or None, self.sent + pending
+            e.duration_ms = (time.monotonic() - req.t0) * 1000
+            e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -5246,14 +5254,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
     def end_entry(self, w):
         """The answer is over: its journal entry says how it went."""
         self.journal_entry(w)
-        e = w.entry
-        if e is None:
-            return
-        req = self.req
-        e.body, e.body_bytes = bytes(req.captured), req.body_bytes
-        e.status, e.bytes_sent = w.status or None, w.sent
-        e.duration_ms = (time.monotonic() - req.t0) * 1000
-        e.ended = w.ended or ("closed" if self.close_connection else "ok")
+        w.note_end()
 
     def requestline_text(self):
         req = self.req
