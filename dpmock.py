@@ -68,6 +68,8 @@ class Config:
         self.tls_cert, self.tls_key = tls_cert, tls_key
         self.io_timeout = io_timeout  #: seconds a connection may sit without reading or writing
         self.control_from = ()  #: networks (beyond loopback) whose clients may use the control routes
+        self.rules = ()  #: --rules files and folders
+        self.strict = False  #: --strict: a conversation request no rule matches is an error
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -93,6 +95,10 @@ class Config:
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
         for net in self.control_from:
             argv += ["--control-from", str(net)]
+        for path in self.rules:
+            argv += ["--rules", path]
+        if self.strict:
+            argv.append("--strict")
         return argv
 
 
@@ -100,7 +106,7 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
-                 [--control-from CIDR]... [-q | -v] [--version]"""
+                 [--control-from CIDR]... [--rules PATH]... [--strict] [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
@@ -129,6 +135,10 @@ options:
   --io-timeout SECONDS  close a connection idle (or stalled) this long (default 120)
   --control-from CIDR  let clients from this network use /_control/ (repeatable; default:
                    loopback only)
+  --rules PATH     answer with the rules in this JSON file, or the *.json files of this
+                   folder (repeatable; reloaded when a file changes, or on SIGHUP)
+  --strict         a conversation request that no rule matches is an error naming the
+                   nearest rules (per request: X-DP-Strict: 1)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -139,7 +149,8 @@ _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "-
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
                   "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
                   "--tls-cert": "tls_cert", "--tls-key": "tls_key"}
-_FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
+_FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose",
+          "--strict": "strict"}
 
 
 class UsageError(Exception):
@@ -167,7 +178,7 @@ def parse_args(argv):
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
               "tls_key": None, "io_timeout": "120"}
     flags = set()
-    listens, given, control_from = [], set(), []
+    listens, given, control_from, rules = [], set(), [], []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -178,7 +189,7 @@ def parse_args(argv):
             print("dpmock " + __version__)
             raise SystemExit(0)
         name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS or name in ("--listen", "--control-from"):
+        if name in _VALUE_OPTIONS or name in ("--listen", "--control-from", "--rules"):
             if not eq:
                 if not args or args[0].startswith("-") and args[0] != "-":
                     raise UsageError("%s needs a value" % name)
@@ -188,6 +199,8 @@ def parse_args(argv):
                 listens.append(value)
             elif name == "--control-from":
                 control_from.append(value)
+            elif name == "--rules":
+                rules.append(os.path.abspath(value))
             else:
                 values[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
@@ -227,6 +240,10 @@ def parse_args(argv):
                   io_timeout=number("--io-timeout", 1, 86400),
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
     config.control_from = tuple(parse_network(spec) for spec in control_from)
+    config.rules, config.strict = tuple(rules), "strict" in flags
+    for path in config.rules:
+        if not os.path.exists(path):
+            raise UsageError("--rules %s: no such file or folder" % path)
     return config
 
 
@@ -249,7 +266,7 @@ OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 SHARED, DPMOCK = None, ""  #: route.provider of paths the providers share, and of dpmock's own
 
 
-class Route(namedtuple("Route", "method pattern name handler provider body stream versioned")):
+class Route(namedtuple("Route", "method pattern name handler provider body stream versioned reader")):
     """One row of the route table: what a path is, and the one function that answers it.
 
     ``pattern`` is the path after any version prefix, with ``{name}`` placeholders; ``name``
@@ -257,15 +274,16 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     ``provider`` is OPENAI, ANTHROPIC, GEMINI, SHARED (told apart per request) or DPMOCK;
     ``body`` is BODY_NONE, BODY_JSON (read and parsed before the handler runs) or BODY_STREAM
     (the handler reads it in pieces, never held whole); ``stream`` is STREAM_NEVER,
-    STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS.
+    STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS;
+    ``reader(req)`` reads a conversation route's body into a Turn (what rules match on).
     Provider routes are also served under /v1, /v1beta, /v1alpha and /v1beta1, and every
     fault of their kind applies to them (see ``applies``): no second list names them.
     """
 
     __slots__ = ()
 
-    def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER):
-        return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK)
+    def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER, reader=None):
+        return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK, reader)
 
     def applies(self, scenario):
         """Whether a fault scenario (``applies`` provider / body / stream) covers this route."""
@@ -469,7 +487,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after", "key")
+                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -489,6 +507,10 @@ class Request:
         self.reader = reader
         self.close_after = False  #: the connection must close after this answer (its framing said so)
         self.key = False  #: the API key once looked up (request_key), None when there is none
+        self.test = None  #: the test namespace (X-DP-Test-Id, or a /_t/NAME/ path prefix)
+        self.turn = None  #: the conversation, once a route's reader has read it
+        self.answer = None  #: a matching rule's answer
+        self.rule = None  #: the id of the rule that answered (or why none did, in strict mode)
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -868,6 +890,7 @@ class ResponseWriter:
             e.status, e.bytes_sent = self.status or None, self.sent + pending
             e.duration_ms = (time.monotonic() - req.t0) * 1000
             e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
+            e.rule = req.rule
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -882,7 +905,8 @@ class ResponseWriter:
         return Reply(err.status, err.body(provider, self.request_id), scenarios.JSON, tuple(err.headers))
 
     def send_error_reply(self, err, close=False):
-        self.send_reply(self.error_reply(err), close=close or err.close)
+        reply = self.error_reply(err)
+        self.send_json(reply.status, reply.body, reply.headers, close=close or err.close)
 
     # ---------------------------------------------------------------- streams
 
@@ -1220,7 +1244,9 @@ class Turn:
         self.tools_off = False  #: tool_choice none / mode NONE
         self.thinking = False
         self.max_tokens = None
-        self.output = None  #: structured output: a JSON schema, JSON_OBJECT (any object), or ENUM_TEXT
+        self.output = None  #: structured output: a JSON schema, JSON_OBJECT (any object), or ("enum", schema)
+        self.system = ""  #: the system prompt / instructions, as text
+        self.user_turns = 0  #: user messages that are not only tool results (rules' ``turn``)
 
     def add_text(self, text):
         if isinstance(text, str) and text:
@@ -1231,15 +1257,31 @@ JSON_OBJECT = {"type": "object"}  #: Turn.output for "any JSON object" (json_obj
 
 
 class Plan:
-    """dpmock's answer to a Turn: optional thinking, then text pieces or tool calls."""
+    """dpmock's answer to a Turn: optional thinking, then text pieces or tool calls.
 
-    def __init__(self, turn, fault):
-        self.thinking = thinking_text(turn) if turn.thinking else None
+    ``answer`` is a matching rule's (rendered) answer: its text, tool calls, thinking, JSON,
+    finish and usage replace dpmock's own; what it leaves out follows dpmock's rules.
+    """
+
+    def __init__(self, turn, fault, answer=None):
+        answer = answer or {}
+        self.thinking = answer.get("thinking") or (thinking_text(turn) if turn.thinking else None)
         self.calls = []  #: (call id suffix, tool name, arguments dict)
         self.pieces = []
-        self.finish = "stop"  #: stop | length | tool
+        self.finish = "stop"  #: stop | length | tool | filter
         self.structured = None  #: the JSON value of a structured-output answer
-        if turn.tool_result is None and turn.tools and not turn.tools_off:
+        if answer.get("tool_calls"):
+            self.calls = [(os.urandom(12).hex(), c["name"], c.get("arguments") or {}) for c in answer["tool_calls"]]
+            self.finish = "tool"
+        elif "json" in answer or "text" in answer:
+            self.structured = answer.get("json")
+            text = answer["text"] if "json" not in answer else (
+                answer["json"] if isinstance(answer["json"], str) else _COMPACT(answer["json"]))
+            self.pieces = json_fragments(text) if "json" in answer else re.findall(_PIECES, text) or [text]
+            if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
+                self.pieces = self.pieces[:turn.max_tokens]
+                self.finish = "length"
+        elif turn.tool_result is None and turn.tools and not turn.tools_off:
             name = turn.forced_tool or turn.tools[0][0]
             schema = dict(turn.tools).get(name, {})
             self.calls.append((os.urandom(12).hex(), name, schema_instance(schema)))
@@ -1259,6 +1301,11 @@ class Plan:
         self.thinking_tokens = count_tokens([self.thinking]) if self.thinking else 0
         self.output_tokens = (len(self.pieces) if not self.calls else
                               sum(count_tokens([json.dumps(args)]) for _, _, args in self.calls))
+        if "finish" in answer:
+            self.finish = RULE_FINISH[answer["finish"]]
+        usage = answer.get("usage") or {}
+        self.prompt_tokens = usage.get("input_tokens", self.prompt_tokens)
+        self.output_tokens = usage.get("output_tokens", self.output_tokens)
 
 
 def structured_answer(turn):
@@ -2802,6 +2849,9 @@ def openai_turn(body):
                 calls[tc.get("id")] = _get(tc.get("function"), "name")
         if m["role"] == "user":
             turn.user_text = text
+            turn.user_turns += 1
+        elif m["role"] in ("system", "developer"):
+            turn.system = (turn.system + "\n" + text).strip("\n")
     last = messages[-1]
     if last["role"] in ("tool", "function"):
         name = calls.get(last.get("tool_call_id")) or last.get("name") or "tool"
@@ -2863,7 +2913,7 @@ def _openai_content(content, turn):
     return "\n".join(texts)
 
 
-_OPENAI_FINISH = {"stop": "stop", "length": "length", "tool": "tool_calls"}
+_OPENAI_FINISH = {"stop": "stop", "length": "length", "tool": "tool_calls", "filter": "content_filter"}
 
 
 def openai_usage(plan):
@@ -2877,9 +2927,9 @@ def openai_usage(plan):
 def handle_openai_chat(w, req):
     check_key(req)
     body = req.json
-    turn = openai_turn(body)
+    turn = read_turn(req)
     check_model(req, turn.model)
-    plan = Plan(turn, w.fault)
+    plan = Plan(turn, w.fault, req.answer)
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": turn.model}
     calls = [{"id": "call_" + cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
              for cid, name, args in plan.calls]
@@ -3001,13 +3051,32 @@ def handle_openai_embeddings(w, req):
     if fmt not in ("float", "base64"):
         raise invalid("Invalid value for 'encoding_format': expected 'float' or 'base64'.", "encoding_format")
     data = []
+    given = (req.answer or {}).get("embedding")
     for i, text in enumerate(texts):
-        vec = embedding(text, dims or embedding_dims(model))
+        vec = given or embedding(text, dims or embedding_dims(model))
         data.append({"object": "embedding", "index": i,
                      "embedding": embedding_b64(vec) if fmt == "base64" else [round(x, 9) for x in vec]})
     tokens = count_tokens(texts)
     w.send_json(200, {"object": "list", "data": data, "model": model,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def texts_turn(model, texts):
+    """A Turn for routes whose input is plain texts (completions, embeddings): the last is the user's."""
+    turn = Turn(model)
+    for text in texts:
+        turn.add_text(text)
+    turn.user_text = texts[-1]
+    turn.user_turns = 1
+    return turn
+
+
+def completion_turn(req):
+    return texts_turn(_require_model(req.json), embedding_texts(req.json.get("prompt"), "prompt"))
+
+
+def embeddings_turn(req):
+    return texts_turn(_require_model(req.json), embedding_texts(req.json.get("input"), "input"))
 
 
 def handle_openai_completions(w, req):
@@ -3016,15 +3085,12 @@ def handle_openai_completions(w, req):
     body = req.json
     validate(OPENAI, body, {"model": str, "max_tokens": (int, _NULL), "stream": (bool, _NULL), "n": (int, _NULL),
                             "echo": (bool, _NULL), "suffix": (str, _NULL), "stream_options": (dict, _NULL)})
-    model = _require_model(body)
+    turn = read_turn(req)
+    model = turn.model
     check_model(req, model)
     prompts = embedding_texts(body.get("prompt"), "prompt")
-    turn = Turn(model)
-    for text in prompts:
-        turn.add_text(text)
-    turn.user_text = prompts[-1]
     turn.max_tokens = 16 if "max_tokens" not in body else _max_tokens(body["max_tokens"], "max_tokens")
-    plan = Plan(turn, w.fault)
+    plan = Plan(turn, w.fault, req.answer)
     finish = _OPENAI_FINISH[plan.finish]
     echo = prompts[-1] if body.get("echo") else ""
     head = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model}
@@ -3100,7 +3166,7 @@ def anthropic_turn(body, need_max_tokens=True):
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: at least one message is required")
     system = body.get("system")
-    _anthropic_content(system, turn, {})
+    turn.system = _anthropic_content(system, turn, {})
     names = {}  # tool_use id -> name
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
@@ -3108,6 +3174,10 @@ def anthropic_turn(body, need_max_tokens=True):
         text = _anthropic_content(m.get("content"), turn, names)
         if m["role"] == "user":
             turn.user_text = text
+            content = m.get("content")
+            if not isinstance(content, list) or any(isinstance(b, dict) and b.get("type") != "tool_result"
+                                                    for b in content):
+                turn.user_turns += 1
     last = messages[-1]
     if last["role"] == "user" and isinstance(last.get("content"), list):
         for block in last["content"]:
@@ -3163,7 +3233,7 @@ def _anthropic_content(content, turn, names):
     return "\n".join(texts)
 
 
-_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use"}
+_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use", "filter": "refusal"}
 
 
 def anthropic_blocks(plan):
@@ -3190,9 +3260,9 @@ def anthropic_usage(plan, output_tokens):
 
 def handle_anthropic_messages(w, req):
     check_key(req)
-    turn = anthropic_turn(req.json)
+    turn = read_turn(req)
     check_model(req, turn.model)
-    plan = Plan(turn, w.fault)
+    plan = Plan(turn, w.fault, req.answer)
     blocks = anthropic_blocks(plan)
     out = plan.output_tokens + plan.thinking_tokens
     message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
@@ -3276,13 +3346,16 @@ def gemini_turn(body, model):
     contents = body.get("contents")
     if not isinstance(contents, list) or not contents:
         raise invalid("* GenerateContentRequest.contents: contents is not specified")
-    _gemini_parts(_get(_get(body, "systemInstruction", "system_instruction"), "parts"), turn)
+    turn.system = _gemini_parts(_get(_get(body, "systemInstruction", "system_instruction"), "parts"), turn)
     for i, c in enumerate(contents):
         if not isinstance(c, dict) or not isinstance(c.get("parts"), list):
             raise invalid("* GenerateContentRequest.contents[%d].parts: contents.parts must not be empty" % i)
         text = _gemini_parts(c["parts"], turn)
         if c.get("role", "user") == "user" and text:
             turn.user_text = text
+        if c.get("role", "user") == "user" and any(
+                isinstance(p, dict) and _get(p, "functionResponse", "function_response") is None for p in c["parts"]):
+            turn.user_turns += 1
     results = [_get(p, "functionResponse", "function_response") for p in contents[-1]["parts"]]
     results = [r for r in results if isinstance(r, dict)]
     if results:
@@ -3340,7 +3413,7 @@ def _gemini_parts(parts, turn):
     return "\n".join(texts)
 
 
-_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
+_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS", "tool": "STOP", "filter": "SAFETY"}
 
 
 def gemini_usage(plan, output_tokens):
@@ -3371,7 +3444,7 @@ def handle_gemini_generate(w, req):
     model = req.params["model"]
     stream = req.route.streaming(req)
     check_model(req, model, "streamGenerateContent" if stream else "generateContent")
-    plan = Plan(gemini_turn(req.json, model), w.fault)
+    plan = Plan(read_turn(req), w.fault, req.answer)
     head = {"modelVersion": model, "responseId": new_id("", 11)}
     finish = _GEMINI_FINISH[plan.finish]
 
@@ -3440,7 +3513,8 @@ def _gemini_embed_one(req, body, model, where):
     dims = _get(body, "outputDimensionality", "output_dimensionality")
     if dims is not None and not 1 <= dims <= embedding_dims(model):
         raise invalid("* %soutput_dimensionality: expected an integer from 1 to %d" % (where, embedding_dims(model)))
-    return {"values": [round(x, 9) for x in embedding(text, dims or embedding_dims(model))]}
+    given = (req.answer or {}).get("embedding")
+    return {"values": given or [round(x, 9) for x in embedding(text, dims or embedding_dims(model))]}
 
 
 def handle_gemini_embed(w, req):
@@ -3448,6 +3522,13 @@ def handle_gemini_embed(w, req):
     model = req.params["model"]
     check_model(req, model, "embedContent")
     w.send_json(200, {"embedding": _gemini_embed_one(req, req.json, model, "EmbedContentRequest.")})
+
+
+def gemini_embed_turn(req):
+    content = req.json.get("content") or (req.json.get("requests") or [{}])[-1].get("content")
+    turn = Turn(req.params["model"])
+    turn.user_text = _gemini_parts(_get(content, "parts"), turn)
+    return turn
 
 
 def handle_gemini_batch_embed(w, req):
@@ -3929,7 +4010,8 @@ def handle_control_status(w, req):
 def handle_control_requests(w, req):
     """The journal, filtered; with wait_for=N, held until N matching requests have arrived (or timeout)."""
     journal = w.server.journal
-    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key") if req.arg(name) is not None}
+    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key", "test", "rule")
+               if req.arg(name) is not None}
     since = _int_arg(req, "since", 0, 0, 2 ** 62)
     limit = _int_arg(req, "limit", 100, 1, 10 ** 6)
     want = _int_arg(req, "wait_for", 0, 0, 10 ** 6)
@@ -3939,18 +4021,68 @@ def handle_control_requests(w, req):
                       "matched": len(found), "last_seq": last_seq, "timed_out": timed_out})
 
 
+def control_test(req):
+    """The test a control request is about: ?test=NAME, else X-DP-Test-Id (None: every test)."""
+    name = req.arg("test") or req.headers.get("x-dp-test-id")
+    try:
+        return check_test_id(name) if name is not None else None
+    except RuleError as e:
+        raise invalid(str(e), "test")
+
+
 def handle_control_requests_clear(w, req):
-    w.send_json(200, {"cleared": w.server.journal.clear()})
+    w.send_json(200, {"cleared": w.server.journal.clear(control_test(req))})
 
 
 def handle_control_schedules(w, req):
-    w.send_json(200, {"counters": w.server.schedules.listing()})
+    w.send_json(200, {"counters": w.server.schedules.listing(control_test(req))})
 
 
 def handle_control_reset(w, req):
-    counters = len(w.server.schedules.listing())
-    w.server.schedules.reset()
-    w.send_json(200, {"cleared_requests": w.server.journal.clear(), "cleared_counters": counters})
+    """Clear the journal, schedule counters and rule hit counts: of one test with ?test=NAME."""
+    srv, test = w.server, control_test(req)
+    counters = len(srv.schedules.listing(test))
+    srv.schedules.reset(test)
+    srv.rules.reset_hits(test)
+    w.send_json(200, {"cleared_requests": srv.journal.clear(test), "cleared_counters": counters, "test": test})
+
+
+def handle_control_rules_add(w, req):
+    """POST /_control/rules: one rule or a list, for every test or (?test=NAME, X-DP-Test-Id) for one."""
+    body = bytearray()
+    for piece in req.body_pieces(MAX_JSON_BODY):
+        body += piece
+    try:
+        specs = json.loads(bytes(body).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(400, "rules body is not valid JSON: %s" % e, "invalid_json")
+    if isinstance(specs, dict) and "rules" in specs:
+        specs = specs["rules"]
+    try:
+        ids = w.server.rules.add(specs, control_test(req))
+    except RuleError as e:
+        raise invalid("bad rule: %s" % e, "rules", "bad_rule")
+    w.send_json(200, {"ids": ids, "test": control_test(req)})
+
+
+def handle_control_rules_list(w, req):
+    test = control_test(req)
+    rules = [r.public() for r in w.server.rules.all() if test is None or r.test in (None, test)]
+    w.send_json(200, {"rules": rules, "count": len(rules), "strict": w.server.rules.strict})
+
+
+def handle_control_rules_clear(w, req):
+    w.send_json(200, {"cleared": w.server.rules.clear(control_test(req))})
+
+
+def handle_control_rule_delete(w, req):
+    try:
+        removed = w.server.rules.remove(req.params["rule_id"])
+    except RuleError as e:
+        raise HTTPError(409, str(e), "rule_from_file")
+    if not removed:
+        raise HTTPError(404, "no rule %r" % req.params["rule_id"], "not_found")
+    w.send_json(200, {"deleted": req.params["rule_id"]})
 
 
 def _float_arg(req, name, default, low, high):
@@ -3986,27 +4118,37 @@ _GEMINI_MODEL = "/models/{model}"
 _VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
 _EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
 
+def _gemini_reader(req):
+    return gemini_turn(req.json, req.params["model"])
+
+
 ROUTES = (
-    Route("POST", "/chat/completions", "chat", handle_openai_chat, OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/chat/completions", "chat", handle_openai_chat, OPENAI, BODY_JSON, STREAM_FLAG,
+          lambda req: openai_turn(req.json)),
     Route("POST", "/images/generations", "images", handle_openai_images, OPENAI, BODY_JSON),
-    Route("POST", "/embeddings", "embeddings", handle_openai_embeddings, OPENAI, BODY_JSON),
-    Route("POST", "/completions", "completions", handle_openai_completions, OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/embeddings", "embeddings", handle_openai_embeddings, OPENAI, BODY_JSON, reader=embeddings_turn),
+    Route("POST", "/completions", "completions", handle_openai_completions, OPENAI, BODY_JSON, STREAM_FLAG,
+          completion_turn),
     Route("POST", "/moderations", "moderations", handle_openai_moderations, OPENAI, BODY_JSON),
     Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
-    Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG,
+          lambda req: anthropic_turn(req.json)),
     Route("POST", "/messages/count_tokens", "messages_count_tokens", handle_anthropic_count_tokens, ANTHROPIC,
           BODY_JSON),
-    Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON),
-    Route("POST", _EXPRESS_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON,
+          reader=_gemini_reader),
+    Route("POST", _EXPRESS_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON,
+          reader=_gemini_reader),
     Route("POST", _GEMINI_MODEL + ":streamGenerateContent", "gemini_stream", handle_gemini_generate, GEMINI,
-          BODY_JSON, STREAM_ALWAYS),
+          BODY_JSON, STREAM_ALWAYS, _gemini_reader),
     Route("POST", _EXPRESS_MODEL + ":streamGenerateContent", "gemini_stream", handle_gemini_generate, GEMINI,
-          BODY_JSON, STREAM_ALWAYS),
+          BODY_JSON, STREAM_ALWAYS, _gemini_reader),
     Route("POST", _GEMINI_MODEL + ":countTokens", "gemini_count_tokens", handle_gemini_count_tokens, GEMINI,
           BODY_JSON),
-    Route("POST", _GEMINI_MODEL + ":embedContent", "gemini_embed", handle_gemini_embed, GEMINI, BODY_JSON),
+    Route("POST", _GEMINI_MODEL + ":embedContent", "gemini_embed", handle_gemini_embed, GEMINI, BODY_JSON,
+          reader=gemini_embed_turn),
     Route("POST", _GEMINI_MODEL + ":batchEmbedContents", "gemini_batch_embed", handle_gemini_batch_embed, GEMINI,
-          BODY_JSON),
+          BODY_JSON, reader=gemini_embed_turn),
     Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
     Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
     Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", handle_gemini_predict, GEMINI, BODY_JSON),
@@ -4023,6 +4165,10 @@ ROUTES = (
     Route("DELETE", "/_control/requests", "control_requests_clear", handle_control_requests_clear, DPMOCK),
     Route("GET", "/_control/schedules", "control_schedules", handle_control_schedules, DPMOCK),
     Route("POST", "/_control/reset", "control_reset", handle_control_reset, DPMOCK),
+    Route("POST", "/_control/rules", "control_rules_add", handle_control_rules_add, DPMOCK, BODY_STREAM),
+    Route("GET", "/_control/rules", "control_rules", handle_control_rules_list, DPMOCK),
+    Route("DELETE", "/_control/rules", "control_rules_clear", handle_control_rules_clear, DPMOCK),
+    Route("DELETE", "/_control/rules/{rule_id}", "control_rule_delete", handle_control_rule_delete, DPMOCK),
     Route("POST", "/_control/shutdown", "control_shutdown", handle_control_shutdown, DPMOCK),
     Route("POST", "/_control/restart", "control_restart", handle_control_restart, DPMOCK),
 )
@@ -4441,14 +4587,496 @@ def check_catalogue(routes):
 
 
 ################################################################################
+# Rules: answers a team defines, matched before dpmock's own
+################################################################################
+
+#: What a rule's ``match`` may say, and what its ``respond`` may give.
+RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_regex", "system", "tool", "tool_result", "turn",
+                   "stream", "key", "header", "body")
+RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding")
+RULE_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool", "content_filter": "filter"}
+_TEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class RuleError(ValueError):
+    """A rule that cannot be used; the message names the field."""
+
+
+def check_test_id(name, where="test id"):
+    if not isinstance(name, str) or not 1 <= len(name) <= 100 or not _TEST_ID_CHARS.issuperset(name):
+        raise RuleError("%s must be 1-100 letters, digits, '.', '_' or '-', not %r" % (where, str(name)[:40]))
+    return name
+
+
+class Rule:
+    """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
+
+    __slots__ = ("id", "priority", "times", "match", "respond", "test", "source", "order", "conds", "hits",
+                 "trigram", "regex")
+
+    def __init__(self, spec, order, test=None, source=None):
+        if not isinstance(spec, dict):
+            raise RuleError("a rule must be a JSON object with match and respond")
+        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test"}
+        if unknown:
+            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond" % sorted(unknown)[0])
+        self.id = spec.get("id")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise RuleError("id must be a non-empty string")
+        self.priority = _rule_int(spec, "priority", 0)
+        self.times = _rule_int(spec, "times", None, low=1)
+        self.test = check_test_id(spec["test"], "test") if spec.get("test") is not None else test
+        self.source, self.order, self.hits = source, order, {}
+        self.match = spec.get("match") or {}
+        if not isinstance(self.match, dict):
+            raise RuleError("match must be an object")
+        self.respond = spec.get("respond")
+        answers = self.respond if isinstance(self.respond, list) else [self.respond]
+        if not answers:
+            raise RuleError("respond must be an answer or a non-empty list of answers")
+        for i, a in enumerate(answers):
+            check_answer(a, "respond" if not isinstance(self.respond, list) else "respond[%d]" % i)
+        self.regex = None
+        self.trigram = None
+        self.conds = [self._condition(k, v) for k, v in self.match.items()]
+
+    def _condition(self, name, want):
+        if name not in RULE_MATCH_KEYS:
+            raise RuleError("unknown match field %r; known: %s" % (name, ", ".join(RULE_MATCH_KEYS)))
+        if name in ("provider", "route", "system", "text", "tool", "key"):
+            if not isinstance(want, str):
+                raise RuleError("match.%s must be a string" % name)
+            if name == "provider" and want not in (OPENAI, ANTHROPIC, GEMINI):
+                raise RuleError("match.provider must be openai, anthropic or gemini")
+            if name == "text" and len(want) >= 3:
+                self.trigram = want[len(want) // 2 - 1:len(want) // 2 + 2]
+        if name == "model":
+            if not isinstance(want, str):
+                raise RuleError("match.model must be a string (exact, or a glob with *)")
+            import fnmatch
+            return name, (lambda c, w=want: fnmatch.fnmatchcase(c.model, w)), want
+        if name == "text_regex":
+            try:
+                self.regex = re.compile(want)
+            except (re.error, TypeError) as e:
+                raise RuleError("match.text_regex is not a regular expression: %s" % e)
+            return name, (lambda c: self.regex.search(c.text) is not None), want
+        if name == "tool_result":
+            if not isinstance(want, (bool, str)):
+                raise RuleError("match.tool_result must be true, false or a tool name")
+            return name, (lambda c, w=want: (c.tool_result is not None) == w if isinstance(w, bool)
+                          else c.tool_result == w), want
+        if name == "turn":
+            if not isinstance(want, int) or isinstance(want, bool) or want < 0:
+                raise RuleError("match.turn must be a whole number (the count of user messages)")
+            return name, (lambda c, w=want: c.turn == w), want
+        if name == "stream":
+            if not isinstance(want, bool):
+                raise RuleError("match.stream must be true or false")
+            return name, (lambda c, w=want: c.stream == w), want
+        if name in ("header", "body"):
+            if not isinstance(want, dict) or not want:
+                raise RuleError("match.%s must be an object: %s" % (name, "name -> value" if name == "header" else
+                                                                       "JSON pointer -> value"))
+            if name == "body" and not all(k.startswith("/") or k == "" for k in want):
+                raise RuleError("match.body keys must be JSON pointers such as /temperature")
+            want = {k.lower(): v for k, v in want.items()} if name == "header" else want
+            return name, (lambda c, w=want: c.header_has(w)) if name == "header" else \
+                (lambda c, w=want: all(json_pointer(c.body, k) == v for k, v in w.items())), want
+        if name in ("system", "text"):
+            return name, (lambda c, n=name, w=want: w in getattr(c, n)), want
+        if name == "tool":
+            return name, (lambda c, w=want: w in c.tools), want
+        return name, (lambda c, n=name, w=want: getattr(c, n) == w), want
+
+    def first_miss(self, ctx):
+        """The first condition ctx fails (name, wanted), else None."""
+        for name, ok, want in self.conds:
+            if not ok(ctx):
+                return name, want
+        return None
+
+    def misses(self, ctx):
+        return [(name, want) for name, ok, want in self.conds if not ok(ctx)]
+
+    def public(self):
+        out = {"id": self.id, "priority": self.priority, "times": self.times, "match": self.match,
+               "respond": self.respond, "test": self.test, "source": self.source or "runtime",
+               "hits": sum(self.hits.values())}
+        if self.hits:
+            out["hits_by_test"] = {k or "": v for k, v in self.hits.items()}
+        return out
+
+
+def _rule_int(spec, name, default, low=None):
+    value = spec.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise RuleError("%s must be a whole number%s" % (name, " of at least %d" % low if low is not None else ""))
+    return value
+
+
+def check_answer(a, where):
+    """Refuse an answer a rule cannot give, naming the field."""
+    if not isinstance(a, dict) or not a:
+        raise RuleError("%s must be an object with text, tool_calls, json, error, scenario..." % where)
+    unknown = set(a) - set(RULE_RESPOND_KEYS)
+    if unknown:
+        raise RuleError("unknown field %s.%s; an answer has %s" % (where, sorted(unknown)[0], ", ".join(RULE_RESPOND_KEYS)))
+    if "text" in a and not isinstance(a["text"], str):
+        raise RuleError("%s.text must be a string" % where)
+    if "thinking" in a and not isinstance(a["thinking"], str):
+        raise RuleError("%s.thinking must be a string" % where)
+    calls = a.get("tool_calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
+                                              and isinstance(c.get("arguments", {}), dict) for c in calls):
+        raise RuleError("%s.tool_calls must be a list of {name, arguments (an object)}" % where)
+    if "finish" in a and a["finish"] not in RULE_FINISH:
+        raise RuleError("%s.finish must be one of %s" % (where, ", ".join(RULE_FINISH)))
+    usage = a.get("usage", {})
+    if not isinstance(usage, dict) or not all(k in ("input_tokens", "output_tokens") and isinstance(v, int)
+                                              and not isinstance(v, bool) and v >= 0 for k, v in usage.items()):
+        raise RuleError("%s.usage must be {input_tokens, output_tokens} whole numbers" % where)
+    err = a.get("error")
+    if err is not None and not (isinstance(err, dict) and isinstance(err.get("status"), int)
+                                and 400 <= err["status"] <= 599 and isinstance(err.get("message", ""), str)
+                                and isinstance(err.get("type", ""), str)):
+        raise RuleError("%s.error must be {status (400-599), message, type}" % where)
+    if "scenario" in a:
+        if not isinstance(a["scenario"], str):
+            raise RuleError("%s.scenario must be scenario text such as 'STREAM_SLOW; tps=5'" % where)
+        try:
+            scenarios.resolve(a["scenario"])
+        except KeyError as e:
+            raise RuleError("%s.scenario names no scenario: %r" % (where, e.args[0]))
+        except ValueError as e:
+            raise RuleError("%s.scenario: %s" % (where, e))
+    emb = a.get("embedding")
+    if emb is not None and not (isinstance(emb, list) and emb and all(isinstance(x, (int, float)) and
+                                                                      not isinstance(x, bool) for x in emb)):
+        raise RuleError("%s.embedding must be a non-empty list of numbers" % where)
+
+
+def json_pointer(doc, pointer):
+    """The value at an RFC 6901 JSON pointer, or a sentinel when there is none."""
+    if pointer == "":
+        return doc
+    for part in pointer[1:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return _NOTHING
+    return doc
+
+
+_NOTHING = object()
+
+
+class RuleContext:
+    """What a request asked, as rules see it (the same words on every provider)."""
+
+    __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
+                 "headers", "body", "_trigrams")
+
+    def __init__(self, req, turn):
+        self.provider, self.route = req.provider, req.route.name
+        self.model = turn.model if turn is not None else req.params.get("model") or _get(req.json, "model") or ""
+        self.text = turn.user_text if turn is not None else ""
+        self.system = turn.system if turn is not None else ""
+        self.tools = [name for name, _ in turn.tools] if turn is not None else []
+        self.tool_result = turn.tool_result[0] if turn is not None and turn.tool_result else None
+        self.turn = turn.user_turns if turn is not None else 0
+        self.stream = req.route.streaming(req)
+        self.key = request_key(req) or ""
+        self.headers, self.body = req.headers, req.json
+        self._trigrams = None
+
+    def header_has(self, want):
+        return all(self.headers.get(k) == v for k, v in want.items())
+
+    def trigrams(self):
+        if self._trigrams is None:
+            t = self.text
+            self._trigrams = {t[i:i + 3] for i in range(len(t) - 2)}
+        return self._trigrams
+
+
+class RuleBook:
+    """Every rule in force: from --rules files (reloaded when they change) and added at run time.
+
+    Matching looks only at the rules of the request's route and test (and the global ones);
+    a rule with a ``text`` condition is found through a trigram of its text, so a request
+    checks the few rules whose text could be in its prompt, not all of them.
+    """
+
+    def __init__(self, log, paths=(), strict=False):
+        self.log, self.paths, self.strict = log, list(paths), strict
+        self.lock = threading.Lock()
+        self.file_rules = {}  # file path -> [Rule]
+        self.runtime = []
+        self.mtimes = {}
+        self._order = itertools.count()
+        self._ids = itertools.count(1)
+        self.index = {}  # (test, route) -> ([rules without trigram], {trigram: [rules]})
+        self.count = 0
+        if self.paths:
+            self.reload(initial=True)
+
+    # ---------------------------------------------------------------- sources
+
+    def files(self):
+        out = []
+        for path in self.paths:
+            if os.path.isdir(path):
+                out += sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
+            else:
+                out.append(path)
+        return out
+
+    def reload(self, initial=False):
+        """Re-read every rules file that changed; a broken one keeps its old rules and logs one line."""
+        changed = False
+        current = self.files()
+        for path in current:
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except OSError as e:
+                if initial:
+                    raise StartError("cannot read rules file %s: %s" % (path, e.strerror))
+                continue
+            if self.mtimes.get(path) == mtime:
+                continue
+            self.mtimes[path] = mtime
+            try:
+                rules = self.load_file(path)
+            except (OSError, ValueError) as e:
+                if initial:
+                    raise StartError(str(e))
+                self.log.error("rules: %s", e)
+                continue
+            with self.lock:
+                self.file_rules[path] = rules
+            changed = True
+            self.log.info("rules: %d from %s", len(rules), path)
+        for path in set(self.file_rules) - set(current):
+            with self.lock:
+                del self.file_rules[path]
+            self.mtimes.pop(path, None)
+            changed = True
+        if changed:
+            self.rebuild()
+
+    def load_file(self, path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise ValueError("%s: line %s: %s" % (path, getattr(e, "lineno", "?"), getattr(e, "msg", e)))
+        test = None
+        if isinstance(doc, dict) and "rules" in doc:
+            test = doc.get("test")
+            doc = doc["rules"]
+        specs = doc if isinstance(doc, list) else [doc]
+        rules = []
+        for i, spec in enumerate(specs):
+            try:
+                if test is not None:
+                    check_test_id(test, "test")
+                rules.append(self.make(spec, test, path))
+            except RuleError as e:
+                raise ValueError("%s: rule %d: %s" % (path, i + 1, e))
+        return rules
+
+    def make(self, spec, test, source):
+        rule = Rule(spec, next(self._order), test, source)
+        if rule.id is None:
+            rule.id = "rule-%d" % next(self._ids)
+        return rule
+
+    def add(self, specs, test=None):
+        """Add rules at run time (all or none); returns their ids."""
+        specs = specs if isinstance(specs, list) else [specs]
+        if not specs:
+            raise RuleError("no rules given")
+        rules = []
+        for i, spec in enumerate(specs):
+            try:
+                rules.append(self.make(spec, test, None))
+            except RuleError as e:
+                raise RuleError("rule %d: %s" % (i + 1, e) if len(specs) > 1 else str(e))
+        with self.lock:
+            taken = {r.id for r in self.all()}
+            for r in rules:
+                if r.id in taken:
+                    raise RuleError("a rule with id %r exists; DELETE /_control/rules/%s first" % (r.id, r.id))
+                taken.add(r.id)
+            self.runtime.extend(rules)
+        self.rebuild()
+        return [r.id for r in rules]
+
+    def remove(self, rule_id):
+        with self.lock:
+            for r in self.runtime:
+                if r.id == rule_id:
+                    self.runtime.remove(r)
+                    break
+            else:
+                source = next((r.source for r in self.all() if r.id == rule_id), None)
+                if source:
+                    raise RuleError("rule %r comes from %s: edit that file instead" % (rule_id, source))
+                return False
+        self.rebuild()
+        return True
+
+    def clear(self, test=None):
+        with self.lock:
+            before = len(self.runtime)
+            self.runtime = [r for r in self.runtime if test is not None and r.test != test]
+        self.rebuild()
+        return before - len(self.runtime)
+
+    def reset_hits(self, test=None):
+        for r in self.all():
+            if test is None:
+                r.hits.clear()
+            else:
+                r.hits.pop(test, None)
+
+    def all(self):
+        return [r for rules in self.file_rules.values() for r in rules] + self.runtime
+
+    def rebuild(self):
+        """The index: per (test, route) and trigram, rules in priority order (higher first, then as defined)."""
+        with self.lock:
+            rules = sorted(self.all(), key=lambda r: (-r.priority, r.order))
+            index = {}
+            for r in rules:
+                route = r.match.get("route")
+                entry = index.setdefault((r.test, route), ([], {}))
+                if r.trigram is not None:
+                    entry[1].setdefault(r.trigram, []).append(r)
+                else:
+                    entry[0].append(r)
+            self.index, self.count = index, len(rules)
+
+    # ---------------------------------------------------------------- matching
+
+    def candidates(self, ctx, test):
+        """The rules that could match, in priority order."""
+        found = []
+        index = self.index
+        for key in ((test, ctx.route), (test, None), (None, ctx.route), (None, None)) if test else \
+                ((None, ctx.route), (None, None)):
+            entry = index.get(key)
+            if entry is None:
+                continue
+            found += entry[0]
+            by_gram = entry[1]
+            if by_gram:
+                grams = ctx.trigrams()
+                if len(by_gram) < len(grams):
+                    for gram, rules in by_gram.items():
+                        if gram in grams:
+                            found += rules
+                else:
+                    for gram in grams:
+                        found += by_gram.get(gram, ())
+        if len(found) > 1:
+            found.sort(key=lambda r: (-r.priority, r.order))
+        return found
+
+    def match(self, ctx, test):
+        """(rule, answer, groups) of the first rule that matches and may still fire, else None."""
+        for rule in self.candidates(ctx, test):
+            if rule.first_miss(ctx) is not None:
+                continue
+            with self.lock:
+                n = rule.hits.get(test, 0)
+                if rule.times is not None and n >= rule.times:
+                    continue
+                rule.hits[test] = n + 1
+            answers = rule.respond if isinstance(rule.respond, list) else [rule.respond]
+            groups = {}
+            if rule.regex is not None:
+                m = rule.regex.search(ctx.text)
+                groups = dict((str(i), g or "") for i, g in enumerate(m.groups(), 1))
+                groups.update((k, v or "") for k, v in m.groupdict().items())
+            return rule, answers[min(n, len(answers) - 1)], groups
+        return None
+
+    def nearest(self, ctx, test, n=3):
+        """The rules closest to matching, with the condition each failed (strict mode's diagnostic)."""
+        rules = [r for r in self.all() if r.test in (None, test)]
+        scored = sorted(((len(r.misses(ctx)), r.priority * -1, r.order, r) for r in rules), key=lambda x: x[:3])
+        out = []
+        for _, _, _, r in scored[:n]:
+            miss = r.first_miss(ctx)
+            if miss is None:
+                out.append("rule %r (used up: times=%s)" % (r.id, r.times))
+            else:
+                name = miss[0]
+                got = ({k: ctx.headers.get(k) for k in miss[1]} if name == "header" else
+                       {k: json_pointer(ctx.body, k) for k in miss[1]} if name == "body" else
+                       getattr(ctx, {"text_regex": "text"}.get(name, name), None))
+                out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
+                                                        json.dumps(got, default=lambda o: None)[:60]))
+        return out
+
+
+def render(value, ctx, groups):
+    """Fill {{text}}, {{model}}, {{1}} and named groups into the strings of an answer."""
+    if isinstance(value, str):
+        if "{{" not in value:
+            return value
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: {"text": ctx.text, "model": ctx.model}.get(
+            m.group(1), groups.get(m.group(1), m.group(0))), value)
+    if isinstance(value, list):
+        return [render(v, ctx, groups) for v in value]
+    if isinstance(value, dict):
+        return {k: render(v, ctx, groups) for k, v in value.items()}
+    return value
+
+
+def apply_rules(w, req):
+    """Step 7 of dispatch: the answer of the rule that matches this request, or None."""
+    book = w.server.rules
+    strict = book.strict or (req.headers.get("x-dp-strict") or "").lower() in ("1", "true", "yes")
+    if not book.count and not strict:
+        return None
+    ctx = RuleContext(req, read_turn(req))
+    hit = book.match(ctx, req.test)
+    if hit is None:
+        if strict and req.route.reader is not None:
+            near = book.nearest(ctx, req.test)
+            req.rule = "miss: " + ("; ".join(near) if near else "no rules")
+            raise HTTPError(400, "dpmock strict mode: no rule matched this request%s" % (
+                "; nearest: " + "; ".join(near) if near else " (no rules are loaded)"), "no_rule_matched")
+        return None
+    rule, answer, groups = hit
+    req.rule = rule.id
+    answer = render(answer, ctx, groups)
+    err = answer.get("error")
+    if err is not None:
+        raise HTTPError(err["status"], err.get("message") or "error from rule %s" % rule.id, err.get("code"),
+                        etype=err.get("type"))
+    return answer
+
+
+################################################################################
 # Dispatch: from a parsed request to its answer, in numbered steps
 ################################################################################
 
 def dispatch(w, req):
     """Answer one request whose head has been read, through its writer ``w``."""
     conn = w.conn
-    # 1. Route: the one function that answers this path (404, or 405 with Allow).
+    # 1. Route: the one function that answers this path (404, or 405 with Allow), in its test namespace.
     try:
+        take_test_id(req)
         req.route, req.params = ROUTER.match(req.method, req.path)
     except HTTPError as e:
         refuse_body(w, req, e)
@@ -4499,7 +5127,15 @@ def dispatch(w, req):
     elif route.body == BODY_NONE:
         refuse_body(w, req, None)
     conn.journal_entry(w)  # the request is in the journal from here on, even while a fault holds it
-    # 7. A fault shapes the ordinary answer; a fixed scenario answer replaces it.
+    # 7. Rules: the first matching rule's answer, error or scenario (strict mode: a miss is an error).
+    if route.provider != DPMOCK:
+        answer = apply_rules(w, req)
+        if answer is not None:
+            req.answer = answer
+            if "scenario" in answer:
+                value, params = scenario_for(w, req, answer["scenario"], *scenarios.resolve(answer["scenario"]))
+                fault = FAULTS[value.kind] if isinstance(value, scenarios.Fault) else None
+    # 8. A fault shapes the ordinary answer; a fixed scenario answer replaces it.
     if fault is not None:
         if (fault.streams_only and not route.streaming(req)) or (req.method == "HEAD" and fault.breaks_body):
             fault = None  # this fault leaves this answer alone
@@ -4508,10 +5144,33 @@ def dispatch(w, req):
             fault.before(w, req, params)
     elif value is not None:
         return answer_scenario(w, req, value, params)
-    # 8. The route's handler.
+    # 9. The route's handler.
     route.handler(w, req)
     if req.has_body() and not req.body_done:
         conn.close_connection = True  # the handler answered without reading the body
+
+
+def take_test_id(req):
+    """The test namespace: a /_t/NAME/ path prefix (for clients that can only set a base URL), else
+    an X-DP-Test-Id header. Each test's rules, counters and journal entries are its own."""
+    if req.path.startswith("/_t/"):
+        name, _, rest = req.path[4:].partition("/")
+        req.path = "/" + rest
+    else:
+        name = req.headers.get("x-dp-test-id")
+    if name is not None:
+        try:
+            req.test = check_test_id(name)
+        except RuleError as e:
+            raise HTTPError(400, str(e), "bad_test_id")
+
+
+def read_turn(req):
+    """The conversation of a route that has one (read once; handlers reuse it)."""
+    if req.turn is None and req.route.reader is not None and req.json is not None:
+        check_key(req)  # a missing or bad key is refused before the body's fields are judged
+        req.turn = req.route.reader(req)
+    return req.turn
 
 
 def check_control_access(req, client, config):
@@ -4549,9 +5208,15 @@ def choose_scenario(w, req):
     spec, scenario, params = select_scenario(req)
     if scenario is None:
         return None, {}
+    return scenario_for(w, req, spec, scenario, params)
+
+
+def scenario_for(w, req, spec, scenario, params):
+    """(answer, params) of a scenario on this request's route; a schedule counts per test and key."""
     req.scenario = spec
     if scenario.group == "schedule":
-        name, seed = w.server.schedules.step(request_key(req) or "", spec, scenario.answer.kind, params)
+        name, seed = w.server.schedules.step((req.test or "", request_key(req) or ""), spec, scenario.answer.kind,
+                                             params)
         if seed is not None:
             w.extra_headers = list(w.extra_headers) + [("x-dp-seed", str(seed))]
         if name is None:
@@ -4751,7 +5416,7 @@ class JournalEntry:
     """One request as the journal keeps it, raw: formatting waits until someone reads it."""
 
     __slots__ = ("seq", "time", "client", "method", "path", "query", "headers", "body", "body_bytes", "route",
-                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended")
+                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule")
 
     def __init__(self, client, req, reused):
         self.seq = 0
@@ -4764,6 +5429,8 @@ class JournalEntry:
         self.status, self.bytes_sent, self.duration_ms = None, 0, 0.0
         self.reused = reused
         self.ended = "pending"  #: until the answer is over
+        self.test = req.test
+        self.rule = None
 
 
 class _Waiter:
@@ -4809,11 +5476,17 @@ class Journal:
                 waiter.offer(entry)
         return entry
 
-    def clear(self):
+    def clear(self, test=None):
+        """Forget every entry, or those of one test."""
         with self.lock:
             n = len(self.entries)
+            if test is None:
+                self.entries.clear()
+                return n
+            kept = [e for e in self.entries if e.test != test]
             self.entries.clear()
-        return n
+            self.entries.extend(kept)
+        return n - len(kept)
 
     def wait(self, filters, since, want, timeout, stop_event):
         """(matching entries, last_seq, timed out?): at once, or once ``want`` match, or at the timeout or a stop."""
@@ -4847,6 +5520,10 @@ def entry_matches(e, filters):
         if name == "scenario" and (e.scenario or "").split(";")[0].strip() != value:
             return False
         if name == "key" and entry_key(e) != value:
+            return False
+        if name == "test" and e.test != value:
+            return False
+        if name == "rule" and e.rule != value:
             return False
     return True
 
@@ -4889,7 +5566,7 @@ def public_entry(e):
             "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
             "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
             "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended}
+            "ended": e.ended, "test": e.test, "rule": e.rule}
 
 
 class Schedules:
@@ -4923,14 +5600,18 @@ class Schedules:
             return verdict, seed
         return (params["fault"] if verdict else None), seed
 
-    def listing(self):
+    def listing(self, test=None):
         with self.lock:
-            return [{"key": mask_key(k) if k else "", "scenario": spec, "requests": c["count"]}
-                    for (k, spec), c in self.counters.items()]
+            return [{"test": t or None, "key": mask_key(k) if k else "", "scenario": spec, "requests": c["count"]}
+                    for ((t, k), spec), c in self.counters.items() if test is None or t == test]
 
-    def reset(self):
+    def reset(self, test=None):
         with self.lock:
-            self.counters.clear()
+            if test is None:
+                self.counters.clear()
+            else:
+                for name in [n for n in self.counters if n[0][0] == test]:
+                    del self.counters[name]
 
 
 class FileStore:
@@ -5303,7 +5984,7 @@ class MockServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # idle keep-alive threads must not hold up a stop; drain() closes them instead
 
-    def __init__(self, config, listeners, log, restarts=0):
+    def __init__(self, config, listeners, log, restarts=0, rules=None):
         """``listeners``: [(listening socket, TLS context or None)], the first one's URL is DP_MOCK_SERVER."""
         sock = listeners[0][0]
         socketserver.BaseServer.__init__(self, sock.getsockname(), MockHandler)
@@ -5327,6 +6008,8 @@ class MockServer(http.server.ThreadingHTTPServer):
         self.files = FileStore()
         self.journal = Journal(config.journal_size)
         self.schedules = Schedules(config.seed)
+        self.rules = rules or RuleBook(log)
+        self.reload_rules = threading.Event()  #: set by SIGHUP: the watcher re-reads the rules files
         self.last_activity = time.monotonic()
 
     @property
@@ -5568,6 +6251,7 @@ def install_signals(server):
         server.request_stop("signal %d" % signum)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_rules.set())
 
 
 def reexec(server, pidfile):
@@ -5722,8 +6406,14 @@ def write_port_file(path, port):
 
 
 def watch(server, config):
-    """Stop the server once it has been idle for --idle-exit seconds or --parent-pid has gone."""
+    """Stop the server once it has been idle for --idle-exit seconds or --parent-pid has gone;
+    re-read the rules files when one changed (checked every second) or on SIGHUP."""
+    ticks = 0
     while not server.stop_event.wait(0.1):
+        ticks += 1
+        if config.rules and (ticks % 10 == 0 or server.reload_rules.is_set()):
+            server.reload_rules.clear()
+            server.rules.reload()
         if config.parent_pid and not pid_alive(config.parent_pid):
             server.request_stop("parent process %d is gone" % config.parent_pid)
         elif config.idle_exit and server.active == 0 and \
@@ -5800,17 +6490,20 @@ def main(argv=None):
                 os.set_inheritable(pidfile.fd, False)
         ctx = tls_context(config) if any(tls for tls, _, _ in config.listens) else None
         listeners = [(s, ctx if tls else None) for s, (tls, _, _) in zip(socks, config.listens)]
+        rules = RuleBook(log, config.rules, config.strict)
         if config.port_file:
             write_port_file(config.port_file, socks[0].getsockname()[1])
     except StartError as e:
+        if pidfile is not None:
+            pidfile.release()
         if ready is not None:
             os.write(ready, ("error %s\n" % e).encode())
             os._exit(1)
         print("dpmock: %s" % e, file=sys.stderr)
         return 1
-    server = MockServer(config, listeners, log, restarts)
+    server = MockServer(config, listeners, log, restarts, rules)
     install_signals(server)
-    if config.idle_exit or config.parent_pid:
+    if config.idle_exit or config.parent_pid or config.rules:
         threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()
     if ready is not None:
         redirect_stdio()
