@@ -51,7 +51,7 @@ class Config:
 
     def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1,
                  port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None, listens=None,
-                 tls_cert=None, tls_key=None, io_timeout=120):
+                 tls_cert=None, tls_key=None, io_timeout=120, refuse_keys=()):
         self.host, self.port, self.foreground = host, port, foreground
         self.pidfile, self.logfile = pidfile, logfile
         self.verbosity = verbosity  #: 0 quiet (errors only), 1 one line per request, 2 debug
@@ -62,6 +62,7 @@ class Config:
         self.listens = listens or [(False, host, port)]
         self.tls_cert, self.tls_key = tls_cert, tls_key
         self.io_timeout = io_timeout  #: seconds a connection may sit without reading or writing
+        self.refuse_keys = tuple(refuse_keys)  #: --refuse-key prefixes, refused besides scenarios.BAD_KEY_*
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -84,6 +85,8 @@ class Config:
             argv += ["--parent-pid", str(self.parent_pid)]
         argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed),
                  "--io-timeout", str(self.io_timeout)]
+        for prefix in self.refuse_keys:
+            argv += ["--refuse-key", prefix]
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
         return argv
 
@@ -92,7 +95,7 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
-                 [-q | -v] [--version]"""
+                 [--refuse-key PREFIX]... [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
@@ -119,6 +122,8 @@ options:
   --journal-size N requests kept in the journal (default 1000; 0 keeps none)
   --seed N         seed for random scenario choices (default: random, shown in status)
   --io-timeout SECONDS  close a connection idle (or stalled) this long (default 120)
+  --refuse-key PREFIX  answer keys starting with PREFIX as invalid (401), like the
+                   built-in dummy_key and invalid... (repeatable)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -129,6 +134,7 @@ _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "-
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
                   "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
                   "--tls-cert": "tls_cert", "--tls-key": "tls_key"}
+_REPEATED = ("--listen", "--refuse-key")  #: options given once per value
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
 
 
@@ -157,7 +163,7 @@ def parse_args(argv):
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
               "tls_key": None, "io_timeout": "120"}
     flags = set()
-    listens, given = [], set()
+    listens, refuse, given = [], [], set()
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -168,7 +174,7 @@ def parse_args(argv):
             print("dpmock " + __version__)
             raise SystemExit(0)
         name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS or name == "--listen":
+        if name in _VALUE_OPTIONS or name in _REPEATED:
             if not eq:
                 if not args or args[0].startswith("-") and args[0] != "-":
                     raise UsageError("%s needs a value" % name)
@@ -176,6 +182,10 @@ def parse_args(argv):
             given.add(name)
             if name == "--listen":
                 listens.append(value)
+            elif name == "--refuse-key":
+                if not value:
+                    raise UsageError("--refuse-key needs a non-empty key prefix")
+                refuse.append(value)
             else:
                 values[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
@@ -212,7 +222,7 @@ def parse_args(argv):
                   pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
                   idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
                   journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
-                  io_timeout=number("--io-timeout", 1, 86400),
+                  io_timeout=number("--io-timeout", 1, 86400), refuse_keys=refuse,
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
 
 
@@ -583,8 +593,12 @@ def count_tokens(texts, media=0):
     return max(1, sum(len(re.findall(_WORDS, t)) for t in texts) + MEDIA_TOKENS * media)
 
 
+#: Key prefixes refused as invalid: scenarios.BAD_KEY_PREFIXES plus --refuse-key (set by main).
+REFUSED_KEY_PREFIXES = scenarios.BAD_KEY_PREFIXES
+
+
 def check_key(req):
-    """Refuse a missing key, or a bad one (scenarios.BAD_KEY_PREFIXES), as the provider does."""
+    """Refuse a missing key, or a bad one (scenarios.BAD_KEYS, REFUSED_KEY_PREFIXES), as the provider does."""
     key = request_key(req)
     p = req.provider
     if not key:
@@ -596,7 +610,7 @@ def check_key(req):
                                  "this API.", etype="PERMISSION_DENIED")
         raise HTTPError(401, "You didn't provide an API key. You need to provide your API key in an "
                              "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-    if key.startswith(scenarios.BAD_KEY_PREFIXES):
+    if key in scenarios.BAD_KEYS or key.startswith(REFUSED_KEY_PREFIXES):
         if p == ANTHROPIC:
             raise HTTPError(401, "invalid x-api-key", etype="authentication_error")
         if p == GEMINI:
@@ -3275,6 +3289,8 @@ def main(argv=None):
     except UsageError as e:
         print("dpmock.py: error: %s (see --help)" % e, file=sys.stderr)
         return 2
+    global REFUSED_KEY_PREFIXES
+    REFUSED_KEY_PREFIXES = scenarios.BAD_KEY_PREFIXES + config.refuse_keys
     inherited = os.environ.pop(ENV_LISTEN_FD, None)
     pid_fd = os.environ.pop(ENV_PIDFILE_FD, None)
     restarts = int(os.environ.pop(ENV_RESTARTS, "0") or 0)

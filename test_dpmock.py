@@ -2378,6 +2378,69 @@ class CatalogueTest(unittest.TestCase):
             self.assertFalse(os.path.exists(pidfile))
 
 
+# ----------------------------------------------------------------------------- vendoring, CLI and keys (issue 9)
+
+SHIPPED = ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile")  #: the README's required copy list
+
+
+def vendored_copy(test, names=SHIPPED):
+    """A temporary tests/mock-server/ holding those files; returns its path. Any daemon its Makefile
+    started (its pid file) is killed at cleanup."""
+    d = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, d, True)
+    dest = os.path.join(d, "tests", "mock-server")
+    os.makedirs(dest)
+    for name in names:
+        src = os.path.join(HERE, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name))
+        else:
+            shutil.copy(src, dest)
+    test.addCleanup(kill_pidfile, os.path.join(dest, "dpmock.pid"))
+    return dest
+
+
+def pid_of(pidfile):
+    with open(pidfile) as f:
+        return int(f.read())
+
+
+def lines_of(data):
+    """Output lines, without make's own 'make: ...' lines."""
+    return [line for line in data.decode().splitlines() if not line.startswith(("make:", "make["))]
+
+
+class RefuseKeyTest(unittest.TestCase):
+
+    def status_for(self, srv, key):
+        return srv.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer " + key})[0]
+
+    def test_default_refuses_only_dummy_key_and_invalid(self):
+        for key, status in (("dummy_key", 401), ("invalid-key", 401), ("invalid", 401), ("dummy", 200),
+                            ("dummy-key", 200), ("dummy_key2", 200), ("sk-dummy", 200), ("sk-test", 200)):
+            self.assertEqual(self.status_for(SERVER, key), status, key)
+        st, _, data = SERVER.request("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                              "messages": [{"role": "user", "content": "hi"}]},
+                                     {"x-api-key": "dummy", "anthropic-version": "2023-06-01"})
+        self.assertEqual(st, 200, data)
+
+    def test_refuse_key_is_repeatable_and_survives_restart(self):
+        srv = Server("--refuse-key", "sk-bad", "--refuse-key=placeholder")
+        self.addCleanup(srv.stop)
+        for _ in range(2):
+            for key, status in (("sk-bad-1", 401), ("placeholder", 401), ("dummy_key", 401), ("invalid-x", 401),
+                                ("sk-good", 200)):
+                self.assertEqual(self.status_for(srv, key), status, key)
+            r = run([PY, DPMOCKCTL, "restart", "--url", srv.url])
+            self.assertEqual(r.returncode, 0, r.stderr)
+        config = dpmock.parse_args(["--refuse-key", "a", "--refuse-key", "b"])
+        self.assertEqual(dpmock.parse_args(config.to_argv()).refuse_keys, ("a", "b"))
+        for args in (["--refuse-key"], ["--refuse-key="]):
+            r = run([PY, DPMOCK] + args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+
+
 # ----------------------------------------------------------------------------- runner
 
 def main():
