@@ -33,8 +33,55 @@ import threading
 import time
 from collections import namedtuple
 
-import scenarios
-from scenarios import ByProvider, Reply, Stream, Upload
+
+def _cannot_start(exc):
+    """Run as a script, the code cannot load (a broken scenarios.py, say): say why in one line, exit 1.
+
+    After a restart (re-exec) nobody reads stderr, so the line goes to --logfile too, and what the
+    old process left (the pid file, whose lock this process inherited, and the port file) is
+    removed: the server is gone, and nothing claims it runs. The environment names are ENV_* below.
+    """
+    if isinstance(exc, SyntaxError):
+        where, what = (exc.filename, exc.lineno), exc.msg
+    else:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where, what = (tb.tb_frame.f_code.co_filename, tb.tb_lineno), str(exc)
+    line = "cannot start: %s line %s: %s: %s" % (where[0], where[1], type(exc).__name__, what)
+    argv = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    paths = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--logfile", "--pidfile", "--port-file"):
+            paths[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    sys.stderr.write("dpmock: %s\n" % line)
+    if paths.get("--logfile"):
+        try:
+            with open(paths["--logfile"], "a", encoding="utf-8") as f:
+                f.write("%s dpmock[%d] %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), os.getpid(), line))
+        except OSError:
+            pass
+    inherited = os.environ.get("DPMOCK_PIDFILE_FD")
+    try:
+        if inherited and paths.get("--pidfile"):
+            held, named = os.fstat(int(inherited)), os.stat(paths["--pidfile"])
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                os.unlink(paths["--pidfile"])
+        if os.environ.get("DPMOCK_LISTEN_FD") and paths.get("--port-file"):
+            os.unlink(paths["--port-file"])
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(1)
+
+
+try:
+    import scenarios
+    from scenarios import ByProvider, Reply, Stream, Upload
+except Exception as e:  # noqa: BLE001 - whatever stops the catalogue loading stops the server
+    if __name__ != "__main__":
+        raise
+    _cannot_start(e)
 
 __version__ = "0.1.0"
 

@@ -2441,6 +2441,66 @@ class RefuseKeyTest(unittest.TestCase):
             self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
 
 
+class BrokenRestartTest(unittest.TestCase):
+    """A restart onto code that no longer loads: one line in the log, no pid file, dpmockctl says so."""
+
+    def break_catalogue(self, dest):
+        with open(os.path.join(dest, "scenarios.py"), "a") as f:
+            f.write("\nbroken = (\n")
+
+    def test_daemon_logs_why_removes_pid_file_and_ctl_reports_death(self):
+        dest = vendored_copy(self)
+        pidfile, log, portfile = (os.path.join(dest, n) for n in ("dpmock.pid", "dpmock.log", "dpmock.port"))
+        r = run([PY, os.path.join(dest, "dpmock.py"), "--port", "0", "--pidfile", pidfile, "--logfile", log,
+                 "--port-file", portfile])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        url = r.stdout.decode().strip().split("=", 1)[1]
+        pid = pid_of(pidfile)
+        self.break_catalogue(dest)
+        t0 = time.monotonic()
+        r = run([PY, DPMOCKCTL, "restart", "--url", url, "--timeout", "10"])
+        self.assertLess(time.monotonic() - t0, 5)  # told at once, not after the timeout
+        self.assertEqual(r.returncode, 1)
+        err = r.stderr.decode()
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("died", err)
+        self.assertTrue(wait_gone(pid))
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertFalse(os.path.exists(portfile))
+        with open(log) as f:
+            last = f.read().strip().splitlines()[-1]
+        self.assertIn("cannot start: %s line" % os.path.join(dest, "scenarios.py"), last)
+        self.assertIn("SyntaxError", last)
+        self.assertIn("dpmock[%d]" % pid, last)
+
+    def test_foreground_says_why_on_stderr(self):
+        dest = vendored_copy(self)
+        proc = subprocess.Popen([PY, os.path.join(dest, "dpmock.py"), "--foreground", "--port", "0", "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        url = proc.stdout.readline().decode().strip().split("=", 1)[1]
+        self.break_catalogue(dest)
+        self.assertEqual(run([PY, DPMOCKCTL, "restart", "--url", url]).returncode, 1)
+        self.assertEqual(proc.wait(10), 1)
+        err = proc.stderr.read().decode()
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("dpmock: cannot start: "), err)
+
+    def test_fresh_start_fails_in_one_line_and_leaves_others_pid_file(self):
+        dest = vendored_copy(self)
+        self.break_catalogue(dest)
+        pidfile = os.path.join(dest, "other.pid")
+        with open(pidfile, "w") as f:
+            f.write("1\n")
+        r = run([PY, os.path.join(dest, "dpmock.py"), "--port", "0", "--pidfile", pidfile])
+        self.assertEqual((r.returncode, r.stdout), (1, b""))
+        self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1, r.stderr)
+        self.assertNotIn(b"Traceback", r.stderr)
+        self.assertTrue(os.path.exists(pidfile))  # never ours: not removed
+
+
 class CtlCommandsTest(unittest.TestCase):
 
     def ctl(self, *args, **kw):
