@@ -33,6 +33,10 @@ import threading
 import time
 from collections import namedtuple
 
+if sys.version_info < (3, 8):  # checked before anything 3.7 lacks: one line, not an AttributeError
+    sys.stderr.write("dpmock needs Python 3.8 or newer (this is %d.%d)\n" % tuple(sys.version_info[:2]))
+    raise SystemExit(2)
+
 
 def _cannot_start(exc):
     """Run as a script, the code cannot load (a broken scenarios.py, say): say why in one line, exit 1.
@@ -223,7 +227,8 @@ def parse_args(argv):
         name, eq, value = arg.partition("=")
         if name in _VALUE_OPTIONS or name in _REPEATED:
             if not eq:
-                if not args or args[0].startswith("-") and args[0] != "-":
+                # "-1" is a (bad) value, not an option: the range check below says what is valid
+                if not args or args[0].startswith("-") and args[0] != "-" and not args[0][1:2].isdigit():
                     raise UsageError("%s needs a value" % name)
                 value = args.pop(0)
             given.add(name)

@@ -2410,6 +2410,46 @@ def lines_of(data):
     return [line for line in data.decode().splitlines() if not line.startswith(("make:", "make["))]
 
 
+class CliRangeTest(unittest.TestCase):
+
+    def test_negative_values_name_the_valid_range(self):
+        for args, valid in ((["--port", "-1"], "from 0 to 65535"), (["--idle-exit", "-5"], "from 0 to"),
+                            (["--journal-size", "-1"], "from 0 to 1000000"), (["--parent-pid", "-3"], "from 0"),
+                            (["--port=-1"], "from 0 to 65535")):
+            r = run([PY, DPMOCK] + args)
+            err = r.stderr.decode()
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(valid, err)
+            self.assertIn(repr(args[-1].split("=")[-1]), err)
+            self.assertNotIn("needs a value", err)
+        r = run([PY, DPMOCK, "--port", "--foreground"])  # an option is still not a value
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--port needs a value", r.stderr.decode())
+
+    def test_old_python_gets_one_line_and_exit_2(self):
+        # No 3.7 here: run the script as __main__ with sys.version_info patched as 3.7 would have it.
+        wrapper = ("import runpy, sys\n"
+                   "sys.version_info = (3, 7, 17, 'final', 0)\n"
+                   "sys.argv = [%r, '--port', '0']\n"
+                   "runpy.run_path(%r, run_name='__main__')\n" % (DPMOCK, DPMOCK))
+        r = run([PY, "-c", wrapper])
+        self.assertEqual((r.returncode, r.stdout), (2, b""))
+        self.assertEqual(r.stderr.decode(), "dpmock needs Python 3.8 or newer (this is 3.7)\n")
+        import ast
+        with open(DPMOCK, encoding="utf-8") as f:  # and 3.7 can compile the file to get that far
+            ast.parse(f.read(), DPMOCK, feature_version=(3, 7))
+
+    def test_scripts_are_executable(self):
+        for name in ("dpmock.py", "dpmockctl.py"):
+            self.assertTrue(os.access(os.path.join(HERE, name), os.X_OK), name)
+        r = run(["git", "-C", HERE, "ls-files", "-s", "dpmock.py", "dpmockctl.py"]) if shutil.which("git") else None
+        if r is not None and r.returncode == 0 and r.stdout:
+            self.assertEqual([line.split()[0] for line in r.stdout.decode().splitlines()], ["100755"] * 2)
+        r = run([os.path.join(HERE, "dpmockctl.py"), "--version"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+
 class RefuseKeyTest(unittest.TestCase):
 
     def status_for(self, srv, key):
