@@ -153,7 +153,8 @@ HELP = USAGE + """
 
 Mock the OpenAI, Gemini and Anthropic HTTP APIs. The sandbox form runs CMD offline, in new
 mount and network namespaces where the providers' hosts resolve to dpmock (HTTPS on 443,
-HTTP on 80 and 8080), and returns its exit status.
+HTTP on 80 and 8080), and returns its exit status. Started by a user other than root, CMD
+runs as uid 0 inside (a user namespace maps that user to root there, and only there).
 
 options:
   --host HOST      address to bind (default 127.0.0.1)
@@ -3242,7 +3243,10 @@ def sandbox_inner(argv):
     if not line.startswith("DP_MOCK_SERVER="):
         server.wait()
         return sandbox_unavailable("dpmock did not start inside the sandbox", "see its error above")
-    env = dict(os.environ, DP_MOCK_SERVER="http://127.0.0.1:8080")
+    # DP_MOCK_SERVER names the --port listener when one was asked for (so --port 0 gives its real
+    # port), else 8080 (the first plain listener dpmock reports is 80).
+    asked = any(o == "--port" or o.startswith("--port=") for o in options)
+    env = dict(os.environ, DP_MOCK_SERVER=line.split("=", 1)[1] if asked else "http://127.0.0.1:8080")
     bundle = bundles[0] if bundles else None
     if bundle:  # for clients that bring their own CA list (Python's certifi, requests, Node)
         env.update(SSL_CERT_FILE=bundle, REQUESTS_CA_BUNDLE=bundle, CURL_CA_BUNDLE=bundle)

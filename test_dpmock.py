@@ -2739,6 +2739,23 @@ class VendoredMakefileTest(unittest.TestCase):
             self.assertNotIn("can't open file", err[0])
 
 
+@unittest.skipUnless(_sandbox_available(), "user/mount/network namespaces are not available here")
+class SandboxPortTest(unittest.TestCase):
+
+    def test_port_0_exports_the_real_port(self):
+        script = ("import http.client, json, os\n"
+                  "url = os.environ['DP_MOCK_SERVER']\n"
+                  "host, port = url[7:].rsplit(':', 1)\n"
+                  "c = http.client.HTTPConnection(host, int(port), timeout=5)\n"
+                  "c.request('GET', '/_control/status')\n"
+                  "print(url, json.loads(c.getresponse().read())['url'])\n")
+        r = run([PY, DPMOCK, "sandbox", "--port", "0", "--", PY, "-c", script], timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        exported, served = r.stdout.decode().split()
+        self.assertEqual(exported, served)
+        self.assertNotEqual(exported, "http://127.0.0.1:8080")
+
+
 # ----------------------------------------------------------------------------- runner
 
 def main():
