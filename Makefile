@@ -54,13 +54,17 @@ bench:
 	@test -f $(HERE)/bench_dpmock.py || { echo "make bench: $(HERE)/bench_dpmock.py is missing (dpmock's benchmark, optional when vendoring: copy bench_dpmock.py to run it)" >&2; exit 1; }
 	cd $(HERE) && $(PYTHON) bench_dpmock.py $(BENCH_ARGS)
 
-# The sandbox's test CA and server certificate (for tests only: never trust them elsewhere).
+# The sandbox's test CA and server certificate (for tests only: never trust them elsewhere). The
+# CA may only vouch for the provider hosts and loopback (critical nameConstraints). Its key,
+# certs/ca.key, stays here for re-signing but is never committed (.gitignore); delete it at will.
+CA_NAMES = permitted;DNS:api.openai.com,permitted;DNS:api.anthropic.com,permitted;DNS:generativelanguage.googleapis.com,permitted;DNS:localhost,permitted;IP:127.0.0.0/255.0.0.0,permitted;IP:::1/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff
 certs:
 	@command -v openssl >/dev/null || { echo "make certs: the openssl command is not installed" >&2; exit 1; }
 	cd $(HERE)/certs && \
 	openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 36500 -keyout ca.key -out ca.pem \
 	  -subj "/O=dpmock/CN=dpmock test CA - never trust outside the sandbox" \
-	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" && \
+	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+	  -addext "nameConstraints=critical,$(CA_NAMES)" && \
 	openssl req -newkey rsa:2048 -nodes -sha256 -keyout server.key -out server.csr -subj "/O=dpmock/CN=dpmock test server" && \
 	openssl x509 -req -sha256 -days 36500 -in server.csr -CA ca.pem -CAkey ca.key -set_serial 0x$$(openssl rand -hex 8) \
 	  -extfile server.ext -out server.pem && \

@@ -2739,6 +2739,85 @@ class VendoredMakefileTest(unittest.TestCase):
             self.assertNotIn("can't open file", err[0])
 
 
+def _handshake(server_cert, server_key, cafile, name):
+    """Verify ``server_cert`` as ``name`` against ``cafile`` only; None if accepted, else the verify message."""
+    import ssl
+    a, b = socket.socketpair()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(server_cert, server_key)
+    client_ctx = ssl.create_default_context(cafile=cafile)
+
+    def serve():
+        try:
+            with server_ctx.wrap_socket(a, server_side=True):
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(b, server_hostname=name):
+            return None
+    except ssl.SSLCertVerificationError as e:
+        return e.verify_message
+    finally:
+        b.close()
+        a.close()
+        t.join(10)
+
+
+class CertsTest(unittest.TestCase):
+
+    def test_shipped_ca_is_name_constrained_and_its_key_not_shipped(self):
+        import base64
+        with open(CA) as f:
+            der = base64.b64decode("".join(line for line in f.read().splitlines() if not line.startswith("-----")))
+        self.assertIn(b"\x06\x03\x55\x1d\x1e\x01\x01\xff", der)  # id-ce-nameConstraints, critical TRUE
+        for name in dpmock.SANDBOX_HOSTS + ("localhost",):
+            self.assertIn(name.encode(), der)
+        self.assertIn(bytes([127, 0, 0, 0, 255, 0, 0, 0]), der)  # 127.0.0.0/8
+        self.assertIn(bytes(15) + b"\x01" + b"\xff" * 16, der)  # ::1/128
+        if shutil.which("openssl"):
+            text = run(["openssl", "x509", "-in", CA, "-noout", "-text"]).stdout.decode()
+            self.assertIn("X509v3 Name Constraints: critical", text)
+        if shutil.which("git") and run(["git", "-C", HERE, "rev-parse"]).returncode == 0:
+            self.assertEqual(run(["git", "-C", HERE, "ls-files", "certs/ca.key"]).stdout, b"")
+            self.assertEqual(run(["git", "-C", HERE, "check-ignore", "-q", "certs/ca.key"]).returncode, 0)
+        self.assertIsNone(_handshake(os.path.join(HERE, "certs", "server.pem"),
+                                     os.path.join(HERE, "certs", "server.key"), CA, "api.openai.com"))
+
+    @unittest.skipUnless(shutil.which("openssl") and shutil.which("make"), "the openssl command is not installed")
+    def test_make_certs_ca_refuses_to_vouch_for_other_names(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        os.makedirs(os.path.join(d, "certs"))
+        shutil.copy(os.path.join(HERE, "Makefile"), d)
+        shutil.copy(os.path.join(HERE, "certs", "server.ext"), os.path.join(d, "certs"))
+        r = run(["make", "-s", "certs"], cwd=d)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        c = os.path.join(d, "certs")
+        ca, ca_key = os.path.join(c, "ca.pem"), os.path.join(c, "ca.key")
+        for name in ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "localhost",
+                     "127.0.0.1", "::1"):
+            self.assertIsNone(_handshake(os.path.join(c, "server.pem"), os.path.join(c, "server.key"), ca, name))
+        # A certificate for another name, properly signed by that same CA: refused for the constraint.
+        evil_key, evil_csr, evil_pem, ext = (os.path.join(c, n) for n in ("evil.key", "evil.csr", "evil.pem",
+                                                                            "evil.ext"))
+        with open(ext, "w") as f:
+            f.write("basicConstraints = critical, CA:FALSE\nextendedKeyUsage = serverAuth\n"
+                    "subjectAltName = DNS:evil.example, IP:10.1.2.3\n")
+        for cmd in (["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", evil_key, "-out", evil_csr,
+                     "-subj", "/CN=evil.example"],
+                    ["openssl", "x509", "-req", "-in", evil_csr, "-CA", ca, "-CAkey", ca_key, "-set_serial", "7",
+                     "-days", "2", "-extfile", ext, "-out", evil_pem]):
+            r = run(cmd)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        for name in ("evil.example", "10.1.2.3"):
+            why = _handshake(evil_pem, evil_key, ca, name)
+            self.assertIsNotNone(why, name)
+            self.assertIn("permitted subtree violation", why)
+
+
 @unittest.skipUnless(_sandbox_available(), "user/mount/network namespaces are not available here")
 class SandboxPortTest(unittest.TestCase):
 
