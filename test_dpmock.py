@@ -2367,13 +2367,13 @@ class CatalogueTest(unittest.TestCase):
             pidfile = os.path.join(dest, "dpmock.pid")
             self.addCleanup(kill_pidfile, pidfile)
             r = run(["make", "-s", "-C", os.path.join(d, "tests"), "-f", "mock-server/Makefile", "start",
-                     "PORT=0"])
+                     "PORT=0"], env=make_env())
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn(b"DP_MOCK_SERVER=http://127.0.0.1:", r.stdout)
-            r = run(["make", "-s", "-C", dest, "status"])
+            r = run(["make", "-s", "-C", dest, "status"], env=make_env())
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertEqual(json.loads(r.stdout)["status"], "running")
-            r = run(["make", "-s", "-C", dest, "stop"])
+            r = run(["make", "-s", "-C", dest, "stop"], env=make_env())
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertFalse(os.path.exists(pidfile))
 
@@ -2398,6 +2398,14 @@ def vendored_copy(test, names=SHIPPED):
             shutil.copy(src, dest)
     test.addCleanup(kill_pidfile, os.path.join(dest, "dpmock.pid"))
     return dest
+
+
+def make_env(env=None):
+    """The environment for a make run: none of a calling make's flags (its -w would add "Entering
+    directory" lines) nor variables the Makefile reads."""
+    drop = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS", "URL", "HOST", "PORT", "PIDFILE", "LOGFILE",
+            "ENVFILE")
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in drop}
 
 
 def pid_of(pidfile):
@@ -2657,7 +2665,7 @@ class VendoredMakefileTest(unittest.TestCase):
 
     def make(self, dest, *args, env=None):
         # From inside the folder (no -C): make then prints only what the recipes print.
-        return run(["make"] + list(args), cwd=dest, env=env)
+        return run(["make"] + list(args), cwd=dest, env=make_env(env))
 
     def start(self, dest, *args):
         r = self.make(dest, "start", "PORT=0", *args)
@@ -2711,7 +2719,7 @@ class VendoredMakefileTest(unittest.TestCase):
         self.assertIn("not running", r.stdout.decode())
         for name in ("dpmock.pid", "dpmock.env"):
             self.assertFalse(os.path.exists(os.path.join(dest, name)), name)
-        nowhere = dict(os.environ, PORT=str(free_port()))  # no pid file: the URL (an unused port here)
+        nowhere = dict(make_env(), PORT=str(free_port()))  # no pid file: the URL (an unused port here)
         r = self.make(dest, "stop", env=nowhere)
         self.assertEqual(r.returncode, 0, r.stderr)
         r = self.make(dest, "status", env=nowhere)
@@ -2793,7 +2801,7 @@ class CertsTest(unittest.TestCase):
         os.makedirs(os.path.join(d, "certs"))
         shutil.copy(os.path.join(HERE, "Makefile"), d)
         shutil.copy(os.path.join(HERE, "certs", "server.ext"), os.path.join(d, "certs"))
-        r = run(["make", "-s", "certs"], cwd=d)
+        r = run(["make", "-s", "certs"], cwd=d, env=make_env())
         self.assertEqual(r.returncode, 0, r.stderr)
         c = os.path.join(d, "certs")
         ca, ca_key = os.path.join(c, "ca.pem"), os.path.join(c, "ca.key")
