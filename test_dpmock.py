@@ -2736,6 +2736,34 @@ class VendoredMakefileTest(unittest.TestCase):
         r = self.make(dest, "clean")  # nothing running, nothing to clean: fine
         self.assertEqual(r.returncode, 0, r.stderr)
 
+    def test_readme_automake_recipe(self):
+        """The README's AM_TESTS_ENVIRONMENT, as automake's test harness runs it: before each test, in its shell."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        recipe = re.search(r"```make\n(.*?PYTHON3 = python3\nAM_TESTS_ENVIRONMENT = .*?)```", readme, re.S).group(1)
+        dest = vendored_copy(self)
+        tests = os.path.dirname(dest)
+        with open(os.path.join(tests, "probe.py"), "w") as f:
+            f.write("import json, os, urllib.request\n"
+                    "url = os.environ.get('DP_MOCK_SERVER')\n"
+                    "pid = url and json.loads(urllib.request.urlopen(url + '/_control/status').read())['pid']\n"
+                    "print(url, pid)\n")
+        with open(os.path.join(tests, "Makefile"), "w") as f:
+            f.write("srcdir = .\n%s\ncheck:\n\t@$(AM_TESTS_ENVIRONMENT) $(PYTHON3) probe.py\n" % recipe)
+
+        def check(env):
+            r = run(["make", "-s", "check", "PYTHON3=" + PY], cwd=tests, env=make_env(env))
+            self.assertEqual(r.returncode, 0, r.stderr)
+            url, pid = r.stdout.decode().split()
+            return url, pid
+        env = {k: v for k, v in os.environ.items() if k != "DP_MOCK_SERVER"}
+        url, pid = check(env)  # a server of its own, exported to the test...
+        self.assertTrue(url.startswith("http://127.0.0.1:"), url)
+        self.assertTrue(wait_gone(int(pid), 3))  # ...and gone with the test's shell
+        self.assertEqual(check(dict(env, DP_MOCK_SERVER=SERVER.url)), (SERVER.url, str(SERVER.proc.pid)))
+        dead = "http://127.0.0.1:%d" % free_port()
+        self.assertEqual(check(dict(env, DP_MOCK_SERVER=dead)), ("None", "None"))  # unset: the test skips (77)
+
     def test_optional_files_missing_say_so_in_one_line(self):
         dest = vendored_copy(self)
         for target, missing in (("test", "test_dpmock.py"), ("check", "test_dpmock.py"), ("bench", "bench_dpmock.py")):
