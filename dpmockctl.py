@@ -332,8 +332,10 @@ def parser():
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
     p.add_argument("--url", metavar="URL", help="server base URL (default: $DP_MOCK_SERVER, else %s)" % DEFAULT_URL)
-    p.add_argument("--timeout", type=float, metavar="SECONDS", default=10.0, help="seconds to wait in all (default 10)")
-    p.add_argument("--pidfile", metavar="PATH", help="the server is the one holding this pid file (status, stop, restart)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=10.0,
+                   help="seconds to wait in all (default 10)")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="the server is the one holding this pid file (status, stop, restart)")
     p.add_argument("--json", action="store_true", help="wait, restart: print the status JSON, not one line")
     p.add_argument("--version", action="version", version="dpmockctl " + __version__)
     g = p.add_argument_group("requests filters")
@@ -343,15 +345,16 @@ def parser():
     g.add_argument("--key", help="the API key sent (unmasked)")
     g.add_argument("--since", type=_count, metavar="SEQ", help="only entries after this seq")
     g.add_argument("--limit", type=_count, metavar="N", help="the last N (default 100)")
-    g.add_argument("--wait-for", type=_count, dest="wait_for", metavar="N", help="hold the answer until N match (or --timeout)")
+    g.add_argument("--wait-for", type=_count, dest="wait_for", metavar="N",
+                   help="hold the answer until N match (or --timeout)")
     return p
 
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    if not a.timeout > 0:
-        p.error("--timeout must be positive")
+    if not 0 < a.timeout <= 86400:
+        p.error("--timeout must be a number of seconds above 0, at most 86400, not %r" % a.timeout)
     used = [name for name in FILTERS if getattr(a, name) is not None]
     if used and a.command != "requests":
         p.error("--%s goes with the requests command only" % used[0].replace("_", "-"))

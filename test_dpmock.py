@@ -2608,8 +2608,9 @@ class CtlCommandsTest(unittest.TestCase):
         r = self.ctl("requests", "--url", srv.url, "--route", "models_get", "--wait-for", "1", "--timeout", "5")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(json.loads(r.stdout)["count"], 1)
-        for args in (("status", "--path", "x"), ("requests", "--limit", "0"), ("requests", "--wait-for", "-1")):
-            r = self.ctl(*args, "--url", srv.url)
+        for args in (("status", "--path", "x"), ("requests", "--limit", "0"), ("requests", "--wait-for", "-1"),
+                     ("requests", "--since", "x"), ("status", "--timeout", "inf"), ("status", "--url", "http://h:99999")):
+            r = self.ctl("--url", srv.url, *args)
             self.assertEqual(r.returncode, 2, args)
             self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1, r.stderr)
 
