@@ -2359,23 +2359,19 @@ class CatalogueTest(unittest.TestCase):
             self.assertIn(route, names)
 
     def test_vendored_makefile(self):
-        with tempfile.TemporaryDirectory() as d:
-            dest = os.path.join(d, "tests", "mock-server")
-            os.makedirs(dest)
-            for name in ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile"):
-                shutil.copy(os.path.join(HERE, name), dest)
-            pidfile = os.path.join(dest, "dpmock.pid")
-            self.addCleanup(kill_pidfile, pidfile)
-            r = run(["make", "-s", "-C", os.path.join(d, "tests"), "-f", "mock-server/Makefile", "start",
-                     "PORT=0"], env=make_env())
-            self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertIn(b"DP_MOCK_SERVER=http://127.0.0.1:", r.stdout)
-            r = run(["make", "-s", "-C", dest, "status"], env=make_env())
-            self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertEqual(json.loads(r.stdout)["status"], "running")
-            r = run(["make", "-s", "-C", dest, "stop"], env=make_env())
-            self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertFalse(os.path.exists(pidfile))
+        dest = vendored_copy(self)  # its daemon is killed before its folder goes, even on a failure
+        d = os.path.dirname(os.path.dirname(dest))
+        pidfile = os.path.join(dest, "dpmock.pid")
+        r = run(["make", "-s", "-C", os.path.join(d, "tests"), "-f", "mock-server/Makefile", "start",
+                 "PORT=0"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(b"DP_MOCK_SERVER=http://127.0.0.1:", r.stdout)
+        r = run(["make", "-s", "-C", dest, "status"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["status"], "running")
+        r = run(["make", "-s", "-C", dest, "stop"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(pidfile))
 
 
 # ----------------------------------------------------------------------------- vendoring, CLI and keys (issue 9)
@@ -2646,15 +2642,16 @@ class CtlCommandsTest(unittest.TestCase):
         self.assertEqual((r.returncode, r.stdout.decode()), (0, "stopped pid %d\n" % pid), r.stderr)
         self.assertTrue(wait_gone(pid))
         self.assertFalse(os.path.exists(pidfile))
-        with open(pidfile, "w") as f:  # what a kill -9 leaves: a pid file nobody holds
+        stale = os.path.join(d, "stale.pid")  # not one kill_pidfile acts on: its pid may be reused
+        with open(stale, "w") as f:  # what a kill -9 leaves: a pid file nobody holds
             f.write("%d\n" % pid)
-        r = self.ctl("status", "--pidfile", pidfile, "--url", SERVER.url)  # a server there is not this one
+        r = self.ctl("status", "--pidfile", stale, "--url", SERVER.url)  # a server there is not this one
         self.assertEqual(r.returncode, 3, r.stderr)
-        self.assertTrue(os.path.exists(pidfile))  # status changes nothing
-        r = self.ctl("stop", "--pidfile", pidfile, "--url", SERVER.url)
+        self.assertTrue(os.path.exists(stale))  # status changes nothing
+        r = self.ctl("stop", "--pidfile", stale, "--url", SERVER.url)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("not running", r.stdout.decode())
-        self.assertFalse(os.path.exists(pidfile))
+        self.assertFalse(os.path.exists(stale))
         self.assertEqual(SERVER.request("GET", "/_control/status")[0], 200)  # never touched
         r = self.ctl("stop", "--url", nowhere)
         self.assertEqual(r.returncode, 0, r.stderr)
@@ -2711,6 +2708,8 @@ class VendoredMakefileTest(unittest.TestCase):
         _, pid = self.start(dest)
         os.kill(pid, signal.SIGKILL)
         self.assertTrue(wait_gone(pid))
+        pidfile = os.path.join(dest, "dpmock.pid")  # stale now: never let the cleanup kill a reused pid
+        self.addCleanup(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
         r = self.make(dest, "status")
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("dpmockctl: not running: no live process holds the pid file", r.stderr.decode())
