@@ -38,8 +38,59 @@ import threading
 import time
 from collections import namedtuple
 
-import scenarios
-from scenarios import ByProvider, Reply, Stream, Upload
+if sys.version_info < (3, 8):  # checked before anything 3.7 lacks: one line, not an AttributeError
+    sys.stderr.write("dpmock needs Python 3.8 or newer (this is %d.%d)\n" % tuple(sys.version_info[:2]))
+    raise SystemExit(2)
+
+
+def _cannot_start(exc):
+    """Run as a script, the code cannot load (a broken scenarios.py, say): say why in one line, exit 1.
+
+    After a restart (re-exec) nobody reads stderr, so the line goes to --logfile too, and what the
+    old process left (the pid file, whose lock this process inherited, and the port file) is
+    removed: the server is gone, and nothing claims it runs. The environment names are ENV_* below.
+    """
+    if isinstance(exc, SyntaxError):
+        where, what = (exc.filename, exc.lineno), exc.msg
+    else:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        where, what = (tb.tb_frame.f_code.co_filename, tb.tb_lineno), str(exc)
+    line = "cannot start: %s line %s: %s: %s" % (where[0], where[1], type(exc).__name__, what)
+    argv = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    paths = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--logfile", "--pidfile", "--port-file"):
+            paths[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    sys.stderr.write("dpmock: %s\n" % line)
+    if paths.get("--logfile"):
+        try:
+            with open(paths["--logfile"], "a", encoding="utf-8") as f:
+                f.write("%s dpmock[%d] %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), os.getpid(), line))
+        except OSError:
+            pass
+    inherited = os.environ.get("DPMOCK_PIDFILE_FD")
+    try:
+        if inherited and paths.get("--pidfile"):
+            held, named = os.fstat(int(inherited)), os.stat(paths["--pidfile"])
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                os.unlink(paths["--pidfile"])
+        if os.environ.get("DPMOCK_LISTEN_FD") and paths.get("--port-file"):
+            os.unlink(paths["--port-file"])
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(1)
+
+
+try:
+    import scenarios
+    from scenarios import ByProvider, Reply, Stream, Upload
+except Exception as e:  # noqa: BLE001 - whatever stops the catalogue loading stops the server
+    if __name__ != "__main__":
+        raise
+    _cannot_start(e)
 
 __version__ = "0.1.0"
 
@@ -56,7 +107,7 @@ class Config:
 
     def __init__(self, host="127.0.0.1", port=8080, foreground=False, pidfile=None, logfile=None, verbosity=1,
                  port_file=None, idle_exit=0.0, parent_pid=0, journal_size=1000, seed=None, listens=None,
-                 tls_cert=None, tls_key=None, io_timeout=120):
+                 tls_cert=None, tls_key=None, io_timeout=120, refuse_keys=()):
         self.host, self.port, self.foreground = host, port, foreground
         self.pidfile, self.logfile = pidfile, logfile
         self.verbosity = verbosity  #: 0 quiet (errors only), 1 one line per request, 2 debug
@@ -70,6 +121,7 @@ class Config:
         self.control_from = ()  #: networks (beyond loopback) whose clients may use the control routes
         self.rules = ()  #: --rules files and folders
         self.strict = False  #: --strict: a conversation request no rule matches is an error
+        self.refuse_keys = tuple(refuse_keys)  #: --refuse-key prefixes, refused besides scenarios.BAD_KEY_*
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -92,6 +144,8 @@ class Config:
             argv += ["--parent-pid", str(self.parent_pid)]
         argv += ["--journal-size", str(self.journal_size), "--seed", str(self.seed),
                  "--io-timeout", str(self.io_timeout)]
+        for prefix in self.refuse_keys:
+            argv += ["--refuse-key", prefix]
         argv += {0: ["-q"], 1: [], 2: ["-v"]}[self.verbosity]
         for net in self.control_from:
             argv += ["--control-from", str(net)]
@@ -106,14 +160,16 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--tls-cert PATH --tls-key PATH] [--foreground] [--pidfile PATH]
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
-                 [--control-from CIDR]... [--rules PATH]... [--strict] [-q | -v] [--version]"""
+                 [--refuse-key PREFIX]... [--control-from CIDR]... [--rules PATH]... [--strict]
+                 [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
 
 Mock the OpenAI, Gemini and Anthropic HTTP APIs. The sandbox form runs CMD offline, in new
 mount and network namespaces where the providers' hosts resolve to dpmock (HTTPS on 443,
-HTTP on 80 and 8080), and returns its exit status.
+HTTP on 80 and 8080), and returns its exit status. Started by a user other than root, CMD
+runs as uid 0 inside (a user namespace maps that user to root there, and only there).
 
 options:
   --host HOST      address to bind (default 127.0.0.1)
@@ -133,6 +189,8 @@ options:
   --journal-size N requests kept in the journal (default 1000; 0 keeps none)
   --seed N         seed for random scenario choices (default: random, shown in status)
   --io-timeout SECONDS  close a connection idle (or stalled) this long (default 120)
+  --refuse-key PREFIX  answer keys starting with PREFIX as invalid (401), like the
+                   built-in dummy_key and invalid... (repeatable)
   --control-from CIDR  let clients from this network use /_control/ (repeatable; default:
                    loopback only)
   --rules PATH     answer with the rules in this JSON file, or the *.json files of this
@@ -149,6 +207,7 @@ _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "-
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
                   "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
                   "--tls-cert": "tls_cert", "--tls-key": "tls_key"}
+_REPEATED = ("--listen", "--refuse-key", "--control-from", "--rules")  #: options given once per value
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose",
           "--strict": "strict"}
 
@@ -178,7 +237,7 @@ def parse_args(argv):
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
               "tls_key": None, "io_timeout": "120"}
     flags = set()
-    listens, given, control_from, rules = [], set(), [], []
+    listens, refuse, given, control_from, rules = [], [], set(), [], []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -189,14 +248,19 @@ def parse_args(argv):
             print("dpmock " + __version__)
             raise SystemExit(0)
         name, eq, value = arg.partition("=")
-        if name in _VALUE_OPTIONS or name in ("--listen", "--control-from", "--rules"):
+        if name in _VALUE_OPTIONS or name in _REPEATED:
             if not eq:
-                if not args or args[0].startswith("-") and args[0] != "-":
+                # "-1" is a (bad) value, not an option: the range check below says what is valid
+                if not args or args[0].startswith("-") and args[0] != "-" and not args[0][1:2].isdigit():
                     raise UsageError("%s needs a value" % name)
                 value = args.pop(0)
             given.add(name)
             if name == "--listen":
                 listens.append(value)
+            elif name == "--refuse-key":
+                if not value:
+                    raise UsageError("--refuse-key needs a non-empty key prefix")
+                refuse.append(value)
             elif name == "--control-from":
                 control_from.append(value)
             elif name == "--rules":
@@ -237,13 +301,13 @@ def parse_args(argv):
                   pidfile=path("pidfile"), logfile=path("logfile"), port_file=path("port_file"),
                   idle_exit=number("--idle-exit", 0, 10 ** 7, float), parent_pid=number("--parent-pid", 0, 2 ** 31),
                   journal_size=number("--journal-size", 0, 10 ** 6), seed=seed,
-                  io_timeout=number("--io-timeout", 1, 86400),
+                  io_timeout=number("--io-timeout", 1, 86400), refuse_keys=refuse,
                   verbosity=0 if "quiet" in flags else 2 if "verbose" in flags else 1)
     config.control_from = tuple(parse_network(spec) for spec in control_from)
     config.rules, config.strict = tuple(rules), "strict" in flags
-    for path in config.rules:
-        if not os.path.exists(path):
-            raise UsageError("--rules %s: no such file or folder" % path)
+    for rules_path in config.rules:
+        if not os.path.exists(rules_path):
+            raise UsageError("--rules %s: no such file or folder" % rules_path)
     return config
 
 
@@ -1198,12 +1262,16 @@ def detect_provider(req):
     return OPENAI
 
 
+#: Key prefixes refused as invalid: scenarios.BAD_KEY_PREFIXES plus --refuse-key (set by main).
+REFUSED_KEY_PREFIXES = scenarios.BAD_KEY_PREFIXES
+
+
 def check_key(req):
-    """Refuse a missing key, or a bad one (scenarios.BAD_KEY_PREFIXES), as the provider does."""
+    """Refuse a missing key, or a bad one (scenarios.BAD_KEYS, REFUSED_KEY_PREFIXES), as the provider does."""
     key = request_key(req)
     if not key:
         raise PROVIDERS[req.provider].missing_key()
-    if key.startswith(scenarios.BAD_KEY_PREFIXES):
+    if key in scenarios.BAD_KEYS or key.startswith(REFUSED_KEY_PREFIXES):
         raise PROVIDERS[req.provider].bad_key(key)
 
 
@@ -6346,7 +6414,10 @@ def sandbox_inner(argv):
     if not line.startswith("DP_MOCK_SERVER="):
         server.wait()
         return sandbox_unavailable("dpmock did not start inside the sandbox", "see its error above")
-    env = dict(os.environ, DP_MOCK_SERVER="http://127.0.0.1:8080")
+    # DP_MOCK_SERVER names the --port listener when one was asked for (so --port 0 gives its real
+    # port), else 8080 (the first plain listener dpmock reports is 80).
+    asked = any(o == "--port" or o.startswith("--port=") for o in options)
+    env = dict(os.environ, DP_MOCK_SERVER=line.split("=", 1)[1] if asked else "http://127.0.0.1:8080")
     bundle = bundles[0] if bundles else None
     if bundle:  # for clients that bring their own CA list (Python's certifi, requests, Node)
         env.update(SSL_CERT_FILE=bundle, REQUESTS_CA_BUNDLE=bundle, CURL_CA_BUNDLE=bundle)
@@ -6460,6 +6531,8 @@ def main(argv=None):
     except UsageError as e:
         print("dpmock.py: error: %s (see --help)" % e, file=sys.stderr)
         return 2
+    global REFUSED_KEY_PREFIXES
+    REFUSED_KEY_PREFIXES = scenarios.BAD_KEY_PREFIXES + config.refuse_keys
     inherited = os.environ.pop(ENV_LISTEN_FD, None)
     pid_fd = os.environ.pop(ENV_PIDFILE_FD, None)
     restarts = int(os.environ.pop(ENV_RESTARTS, "0") or 0)

@@ -409,9 +409,11 @@ SCENARIOS = {s.name: s for s in _CATALOGUE + _FAULTS}
 #: A model id containing this is unknown to every provider (404); every other id exists.
 MISSING_MODEL_MARK = "does-not-exist"
 
-#: Keys starting with these are refused as a real provider refuses a bad key (placeholder keys
-#: such as Disaster Party's "dummy_key" included); every other key is accepted.
-BAD_KEY_PREFIXES = ("invalid", "dummy")
+#: Refused as a real provider refuses a bad key: exactly the placeholder Disaster Party's tests
+#: send (BAD_KEYS), and keys starting with BAD_KEY_PREFIXES (plus dpmock.py's --refuse-key
+#: prefixes). Every other key is accepted, "dummy" and "sk-dummy" included.
+BAD_KEYS = frozenset({"dummy_key"})
+BAD_KEY_PREFIXES = ("invalid",)
 
 #: OpenAI models: (id, created, owned_by).
 OPENAI_MODELS = (

@@ -2427,7 +2427,7 @@ class DaemonTest(unittest.TestCase):
         try:
             boots = set()
             for _ in range(3):
-                r = run([PY, DPMOCKCTL, "restart", "--url", url])
+                r = run([PY, DPMOCKCTL, "restart", "--url", url, "--json"])
                 self.assertEqual(r.returncode, 0, r.stderr)
                 boots.add(json.loads(r.stdout)["boot_id"])
         finally:
@@ -3431,23 +3431,516 @@ class CatalogueTest(unittest.TestCase):
             self.assertIn(route, names)
 
     def test_vendored_makefile(self):
-        with tempfile.TemporaryDirectory() as d:
-            dest = os.path.join(d, "tests", "mock-server")
-            os.makedirs(dest)
-            for name in ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile"):
-                shutil.copy(os.path.join(HERE, name), dest)
-            pidfile = os.path.join(dest, "dpmock.pid")
-            self.addCleanup(kill_pidfile, pidfile)
-            r = run(["make", "-s", "-C", os.path.join(d, "tests"), "-f", "mock-server/Makefile", "start",
-                     "PORT=0"])
+        dest = vendored_copy(self)  # its daemon is killed before its folder goes, even on a failure
+        d = os.path.dirname(os.path.dirname(dest))
+        pidfile = os.path.join(dest, "dpmock.pid")
+        r = run(["make", "-s", "-C", os.path.join(d, "tests"), "-f", "mock-server/Makefile", "start",
+                 "PORT=0"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(b"DP_MOCK_SERVER=http://127.0.0.1:", r.stdout)
+        r = run(["make", "-s", "-C", dest, "status"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["status"], "running")
+        r = run(["make", "-s", "-C", dest, "stop"], env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(pidfile))
+
+
+# ----------------------------------------------------------------------------- vendoring, CLI and keys (issue 9)
+
+SHIPPED = ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile")  #: the README's required copy list
+
+
+def vendored_copy(test, names=SHIPPED):
+    """A temporary tests/mock-server/ holding those files; returns its path. Any daemon its Makefile
+    started (its pid file) is killed at cleanup."""
+    d = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, d, True)
+    dest = os.path.join(d, "tests", "mock-server")
+    os.makedirs(dest)
+    for name in names:
+        src = os.path.join(HERE, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name))
+        else:
+            shutil.copy(src, dest)
+    test.addCleanup(kill_pidfile, os.path.join(dest, "dpmock.pid"))
+    return dest
+
+
+def make_env(env=None):
+    """The environment for a make run: none of a calling make's flags (its -w would add "Entering
+    directory" lines) nor variables the Makefile reads."""
+    drop = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS", "URL", "HOST", "PORT", "PIDFILE", "LOGFILE",
+            "ENVFILE")
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in drop}
+
+
+def pid_of(pidfile):
+    with open(pidfile) as f:
+        return int(f.read())
+
+
+def lines_of(data):
+    """Output lines, without make's own 'make: ...' lines."""
+    return [line for line in data.decode().splitlines() if not line.startswith(("make:", "make["))]
+
+
+class CliRangeTest(unittest.TestCase):
+
+    def test_negative_values_name_the_valid_range(self):
+        for args, valid in ((["--port", "-1"], "from 0 to 65535"), (["--idle-exit", "-5"], "from 0 to"),
+                            (["--journal-size", "-1"], "from 0 to 1000000"), (["--parent-pid", "-3"], "from 0"),
+                            (["--port=-1"], "from 0 to 65535")):
+            r = run([PY, DPMOCK] + args)
+            err = r.stderr.decode()
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(valid, err)
+            self.assertIn(repr(args[-1].split("=")[-1]), err)
+            self.assertNotIn("needs a value", err)
+        r = run([PY, DPMOCK, "--port", "--foreground"])  # an option is still not a value
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--port needs a value", r.stderr.decode())
+
+    def test_old_python_gets_one_line_and_exit_2(self):
+        # No 3.7 here: run the script as __main__ with sys.version_info patched as 3.7 would have it.
+        wrapper = ("import runpy, sys\n"
+                   "sys.version_info = (3, 7, 17, 'final', 0)\n"
+                   "sys.argv = [%r, '--port', '0']\n"
+                   "runpy.run_path(%r, run_name='__main__')\n" % (DPMOCK, DPMOCK))
+        r = run([PY, "-c", wrapper])
+        self.assertEqual((r.returncode, r.stdout), (2, b""))
+        self.assertEqual(r.stderr.decode(), "dpmock needs Python 3.8 or newer (this is 3.7)\n")
+        import ast
+        with open(DPMOCK, encoding="utf-8") as f:  # and 3.7 can compile the file to get that far
+            ast.parse(f.read(), DPMOCK, feature_version=(3, 7))
+
+    def test_scripts_are_executable(self):
+        for name in ("dpmock.py", "dpmockctl.py"):
+            self.assertTrue(os.access(os.path.join(HERE, name), os.X_OK), name)
+        r = run(["git", "-C", HERE, "ls-files", "-s", "dpmock.py", "dpmockctl.py"]) if shutil.which("git") else None
+        if r is not None and r.returncode == 0 and r.stdout:
+            self.assertEqual([line.split()[0] for line in r.stdout.decode().splitlines()], ["100755"] * 2)
+        r = run([os.path.join(HERE, "dpmockctl.py"), "--version"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+
+class RefuseKeyTest(unittest.TestCase):
+
+    def status_for(self, srv, key):
+        return srv.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer " + key})[0]
+
+    def test_default_refuses_only_dummy_key_and_invalid(self):
+        for key, status in (("dummy_key", 401), ("invalid-key", 401), ("invalid", 401), ("dummy", 200),
+                            ("dummy-key", 200), ("dummy_key2", 200), ("sk-dummy", 200), ("sk-test", 200)):
+            self.assertEqual(self.status_for(SERVER, key), status, key)
+        st, _, data = SERVER.request("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                              "messages": [{"role": "user", "content": "hi"}]},
+                                     {"x-api-key": "dummy", "anthropic-version": "2023-06-01"})
+        self.assertEqual(st, 200, data)
+
+    def test_refuse_key_is_repeatable_and_survives_restart(self):
+        srv = Server("--refuse-key", "sk-bad", "--refuse-key=placeholder")
+        self.addCleanup(srv.stop)
+        for _ in range(2):
+            for key, status in (("sk-bad-1", 401), ("placeholder", 401), ("dummy_key", 401), ("invalid-x", 401),
+                                ("sk-good", 200)):
+                self.assertEqual(self.status_for(srv, key), status, key)
+            r = run([PY, DPMOCKCTL, "restart", "--url", srv.url])
             self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertIn(b"DP_MOCK_SERVER=http://127.0.0.1:", r.stdout)
-            r = run(["make", "-s", "-C", dest, "status"])
+        config = dpmock.parse_args(["--refuse-key", "a", "--refuse-key", "b"])
+        self.assertEqual(dpmock.parse_args(config.to_argv()).refuse_keys, ("a", "b"))
+        for args in (["--refuse-key"], ["--refuse-key="]):
+            r = run([PY, DPMOCK] + args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+
+
+class BrokenRestartTest(unittest.TestCase):
+    """A restart onto code that no longer loads: one line in the log, no pid file, dpmockctl says so."""
+
+    def break_catalogue(self, dest):
+        with open(os.path.join(dest, "scenarios.py"), "a") as f:
+            f.write("\nbroken = (\n")
+
+    def test_daemon_logs_why_removes_pid_file_and_ctl_reports_death(self):
+        dest = vendored_copy(self)
+        pidfile, log, portfile = (os.path.join(dest, n) for n in ("dpmock.pid", "dpmock.log", "dpmock.port"))
+        r = run([PY, os.path.join(dest, "dpmock.py"), "--port", "0", "--pidfile", pidfile, "--logfile", log,
+                 "--port-file", portfile])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        url = r.stdout.decode().strip().split("=", 1)[1]
+        pid = pid_of(pidfile)
+        self.break_catalogue(dest)
+        t0 = time.monotonic()
+        r = run([PY, DPMOCKCTL, "restart", "--url", url, "--timeout", "10"])
+        self.assertLess(time.monotonic() - t0, 5)  # told at once, not after the timeout
+        self.assertEqual(r.returncode, 1)
+        err = r.stderr.decode()
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("died", err)
+        self.assertTrue(wait_gone(pid))
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertFalse(os.path.exists(portfile))
+        with open(log) as f:
+            last = f.read().strip().splitlines()[-1]
+        self.assertIn("cannot start: %s line" % os.path.join(dest, "scenarios.py"), last)
+        self.assertIn("SyntaxError", last)
+        self.assertIn("dpmock[%d]" % pid, last)
+
+    def test_foreground_says_why_on_stderr(self):
+        dest = vendored_copy(self)
+        proc = subprocess.Popen([PY, os.path.join(dest, "dpmock.py"), "--foreground", "--port", "0", "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        url = proc.stdout.readline().decode().strip().split("=", 1)[1]
+        self.break_catalogue(dest)
+        self.assertEqual(run([PY, DPMOCKCTL, "restart", "--url", url]).returncode, 1)
+        self.assertEqual(proc.wait(10), 1)
+        err = proc.stderr.read().decode()
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith("dpmock: cannot start: "), err)
+
+    def test_fresh_start_fails_in_one_line_and_leaves_others_pid_file(self):
+        dest = vendored_copy(self)
+        self.break_catalogue(dest)
+        pidfile = os.path.join(dest, "other.pid")
+        with open(pidfile, "w") as f:
+            f.write("1\n")
+        r = run([PY, os.path.join(dest, "dpmock.py"), "--port", "0", "--pidfile", pidfile])
+        self.assertEqual((r.returncode, r.stdout), (1, b""))
+        self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1, r.stderr)
+        self.assertNotIn(b"Traceback", r.stderr)
+        self.assertTrue(os.path.exists(pidfile))  # never ours: not removed
+
+
+class CtlCommandsTest(unittest.TestCase):
+
+    def ctl(self, *args, **kw):
+        return run([PY, DPMOCKCTL] + list(args), **kw)
+
+    def test_version(self):
+        r = self.ctl("--version")
+        self.assertEqual((r.returncode, r.stdout.decode()), (0, "dpmockctl %s\n" % dpmock.__version__))
+
+    def test_a_reader_that_leaves_early_is_no_error(self):
+        rfd, wfd = os.pipe()
+        os.close(rfd)  # like `status | head -3` once head has gone
+        try:
+            r = subprocess.run([PY, DPMOCKCTL, "status", "--url", SERVER.url], stdout=wfd, stderr=subprocess.PIPE,
+                               timeout=30)
+        finally:
+            os.close(wfd)
+        self.assertEqual((r.returncode, r.stderr), (0, b""))
+
+    def test_wait_and_restart_print_one_line_or_json(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        pid = srv.proc.pid
+        for cmd in ("wait", "restart"):
+            r = self.ctl(cmd, "--url", srv.url)
             self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertEqual(json.loads(r.stdout)["status"], "running")
-            r = run(["make", "-s", "-C", dest, "stop"])
+            self.assertEqual(r.stdout.decode(), "ready %s pid %d\n" % (srv.url, pid))
+            r = self.ctl(cmd, "--url", srv.url, "--json")
+            self.assertEqual(json.loads(r.stdout)["pid"], pid)
+
+    def test_requests_filters_and_wait_for(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        srv.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer sk-one"})
+        srv.request("GET", "/v1/models", None, {"Authorization": "Bearer sk-two"})
+        srv.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer RATE_LIMIT_COMPLETION"})
+
+        def journal(*args):
+            r = self.ctl("requests", "--url", srv.url, *args)
             self.assertEqual(r.returncode, 0, r.stderr)
-            self.assertFalse(os.path.exists(pidfile))
+            return [(e["seq"], e["path"]) for e in json.loads(r.stdout)["requests"]]
+        self.assertEqual(len(journal()), 3)
+        self.assertEqual(journal("--path", "/models"), [(2, "/v1/models")])
+        self.assertEqual(journal("--route", "chat", "--limit", "1"), [(3, "/v1/chat/completions")])
+        self.assertEqual(journal("--scenario", "RATE_LIMIT_COMPLETION"), [(3, "/v1/chat/completions")])
+        self.assertEqual(journal("--key", "sk-two"), [(2, "/v1/models")])
+        self.assertEqual(journal("--since", "2"), [(3, "/v1/chat/completions")])
+        t0 = time.monotonic()
+        r = self.ctl("requests", "--url", srv.url, "--path", "/messages", "--wait-for", "1", "--timeout", "1")
+        self.assertEqual(r.returncode, 1)
+        self.assertLess(time.monotonic() - t0, 3)
+        self.assertTrue(json.loads(r.stdout)["timed_out"])
+        self.assertIn("0 of 1", r.stderr.decode())
+        later = threading.Timer(0.3, srv.request, ("GET", "/v1/models/gpt-4o", None, OA))
+        later.start()
+        self.addCleanup(later.join)
+        r = self.ctl("requests", "--url", srv.url, "--route", "models_get", "--wait-for", "1", "--timeout", "5")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["count"], 1)
+        for args in (("status", "--path", "x"), ("requests", "--limit", "0"), ("requests", "--wait-for", "-1"),
+                     ("requests", "--since", "x"), ("status", "--timeout", "inf"), ("status", "--url", "http://h:99999")):
+            r = self.ctl("--url", srv.url, *args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1, r.stderr)
+
+    def test_schedules_and_reset(self):
+        srv = Server()
+        self.addCleanup(srv.stop)
+        srv.request("POST", "/v1/chat/completions", chat_body(),
+                    {"Authorization": "Bearer sk-ctl-key", "X-DP-Scenario": "FAIL_FIRST; n=1"})
+        r = self.ctl("schedules", "--url", srv.url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(len(json.loads(r.stdout)["counters"]), 1)
+        r = self.ctl("reset", "--url", srv.url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout), {"cleared_requests": 1, "cleared_counters": 1, "test": None})
+        self.assertEqual(json.loads(self.ctl("schedules", "--url", srv.url).stdout)["counters"], [])
+
+    def test_stop_and_status_by_pid_file(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        pidfile = os.path.join(d, "x.pid")
+        self.addCleanup(kill_pidfile, pidfile)
+        nowhere = "http://127.0.0.1:%d" % free_port()
+        r = self.ctl("status", "--pidfile", pidfile, "--url", nowhere)  # no pid file, nothing listens
+        self.assertEqual(r.returncode, 3, r.stderr)
+        self.assertIn("not running", r.stderr.decode())
+        self.assertEqual(self.ctl("status", "--url", nowhere).returncode, 2)  # without --pidfile: as before
+        r = run([PY, DPMOCK, "--port", "0", "--pidfile", pidfile])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        url = r.stdout.decode().strip().split("=", 1)[1]
+        pid = pid_of(pidfile)
+        self.assertEqual(self.ctl("status", "--pidfile", pidfile, "--url", url).returncode, 0)
+        r = self.ctl("stop", "--pidfile", pidfile)  # by the pid file alone: no URL needed
+        self.assertEqual((r.returncode, r.stdout.decode()), (0, "stopped pid %d\n" % pid), r.stderr)
+        self.assertTrue(wait_gone(pid))
+        self.assertFalse(os.path.exists(pidfile))
+        stale = os.path.join(d, "stale.pid")  # not one kill_pidfile acts on: its pid may be reused
+        with open(stale, "w") as f:  # what a kill -9 leaves: a pid file nobody holds
+            f.write("%d\n" % pid)
+        r = self.ctl("status", "--pidfile", stale, "--url", SERVER.url)  # a server there is not this one
+        self.assertEqual(r.returncode, 3, r.stderr)
+        self.assertTrue(os.path.exists(stale))  # status changes nothing
+        r = self.ctl("stop", "--pidfile", stale, "--url", SERVER.url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("not running", r.stdout.decode())
+        self.assertFalse(os.path.exists(stale))
+        self.assertEqual(SERVER.request("GET", "/_control/status")[0], 200)  # never touched
+        r = self.ctl("stop", "--url", nowhere)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(self.ctl("shutdown", "--url", nowhere).returncode, 2)  # shutdown stays strict
+
+
+class VendoredMakefileTest(unittest.TestCase):
+    """The Makefile's targets, run from a temporary copy of the folder, as a vendoring project has it."""
+
+    def make(self, dest, *args, env=None):
+        # From inside the folder (no -C): make then prints only what the recipes print.
+        return run(["make"] + list(args), cwd=dest, env=make_env(env))
+
+    def start(self, dest, *args):
+        r = self.make(dest, "start", "PORT=0", *args)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(len(r.stdout.decode().splitlines()), 1, r.stdout)  # only the DP_MOCK_SERVER= line
+        self.assertTrue(r.stdout.startswith(b"DP_MOCK_SERVER=http://127.0.0.1:"), r.stdout)
+        return r.stdout.decode().strip().split("=", 1)[1], pid_of(os.path.join(dest, "dpmock.pid"))
+
+    def test_start_passes_args_and_prints_one_line(self):
+        dest = vendored_copy(self)
+        url, pid = self.start(dest, "ARGS=--listen 127.0.0.1:0 --refuse-key sk-refused -v")
+        st = json.loads(self.make(dest, "status").stdout)
+        self.assertEqual((st["pid"], len(st["urls"])), (pid, 2))
+        self.assertEqual(self.make(dest, "restart").stdout.decode(), "ready %s pid %d\n" % (url, pid))
+        r = run([CURL or "false", "-s", "-o", "/dev/null", "-w", "%{http_code}", url + "/v1/models",
+                 "-H", "Authorization: Bearer sk-refused-1"]) if CURL else None
+        if r is not None:
+            self.assertEqual(r.stdout, b"401")  # ARGS survive the restart
+        self.assertEqual(self.make(dest, "stop").returncode, 0)
+        self.assertTrue(wait_gone(pid))
+        left = sorted(set(os.listdir(dest)) - {"__pycache__"})
+        self.assertEqual(left, sorted(list(SHIPPED) + ["dpmock.log"]))  # no dpmock.pid, no dpmock.env
+
+    def test_explicit_port_wins_over_dpmock_env(self):
+        dest = vendored_copy(self)
+        url, pid = self.start(dest)
+        other = Server()
+        self.addCleanup(other.stop)
+        r = self.make(dest, "stop", "PORT=%d" % other.port)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(other.proc.wait(10), 0)  # the one on PORT stopped...
+        st = json.loads(self.make(dest, "status").stdout)
+        self.assertEqual(st["pid"], pid)  # ...ours runs on, still known
+        r = self.make(dest, "status", "URL=" + other.url)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(self.make(dest, "stop", "URL=" + url).returncode, 0)
+        self.assertTrue(wait_gone(pid))
+        self.assertFalse(os.path.exists(os.path.join(dest, "dpmock.env")))
+
+    def test_after_kill_9_stop_cleans_up_and_status_says_not_running(self):
+        dest = vendored_copy(self)
+        _, pid = self.start(dest)
+        os.kill(pid, signal.SIGKILL)
+        self.assertTrue(wait_gone(pid))
+        pidfile = os.path.join(dest, "dpmock.pid")  # stale now: never let the cleanup kill a reused pid
+        self.addCleanup(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
+        r = self.make(dest, "status")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("dpmockctl: not running: no live process holds the pid file", r.stderr.decode())
+        self.assertIn("Error 3", r.stderr.decode())  # dpmockctl's own code, under make's 2
+        r = self.make(dest, "stop")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("not running", r.stdout.decode())
+        for name in ("dpmock.pid", "dpmock.env"):
+            self.assertFalse(os.path.exists(os.path.join(dest, name)), name)
+        nowhere = dict(make_env(), PORT=str(free_port()))  # no pid file: the URL (an unused port here)
+        r = self.make(dest, "stop", env=nowhere)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = self.make(dest, "status", env=nowhere)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("not running", r.stderr.decode())
+
+    def test_clean_stops_its_server_first(self):
+        dest = vendored_copy(self)
+        _, pid = self.start(dest)
+        r = self.make(dest, "clean")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(wait_gone(pid))
+        self.assertEqual(sorted(os.listdir(dest)), sorted(SHIPPED))
+        r = self.make(dest, "clean")  # nothing running, nothing to clean: fine
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_readme_automake_recipe(self):
+        """The README's AM_TESTS_ENVIRONMENT, as automake's test harness runs it: before each test, in its shell."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        recipe = re.search(r"```make\n(.*?PYTHON3 = python3\nAM_TESTS_ENVIRONMENT = .*?)```", readme, re.S).group(1)
+        dest = vendored_copy(self)
+        tests = os.path.dirname(dest)
+        with open(os.path.join(tests, "probe.py"), "w") as f:
+            f.write("import json, os, urllib.request\n"
+                    "url = os.environ.get('DP_MOCK_SERVER')\n"
+                    "pid = url and json.loads(urllib.request.urlopen(url + '/_control/status').read())['pid']\n"
+                    "print(url, pid)\n")
+        with open(os.path.join(tests, "Makefile"), "w") as f:
+            f.write("srcdir = .\n%s\ncheck:\n\t@$(AM_TESTS_ENVIRONMENT) $(PYTHON3) probe.py\n" % recipe)
+
+        def check(env):
+            r = run(["make", "-s", "check", "PYTHON3=" + PY], cwd=tests, env=make_env(env))
+            self.assertEqual(r.returncode, 0, r.stderr)
+            url, pid = r.stdout.decode().split()
+            return url, pid
+        env = {k: v for k, v in os.environ.items() if k != "DP_MOCK_SERVER"}
+        url, pid = check(env)  # a server of its own, exported to the test...
+        self.assertTrue(url.startswith("http://127.0.0.1:"), url)
+        self.assertTrue(wait_gone(int(pid), 3))  # ...and gone with the test's shell
+        self.assertEqual(check(dict(env, DP_MOCK_SERVER=SERVER.url)), (SERVER.url, str(SERVER.proc.pid)))
+        dead = "http://127.0.0.1:%d" % free_port()
+        self.assertEqual(check(dict(env, DP_MOCK_SERVER=dead)), ("None", "None"))  # unset: the test skips (77)
+
+    def test_optional_files_missing_say_so_in_one_line(self):
+        dest = vendored_copy(self)
+        for target, missing in (("test", "test_dpmock.py"), ("check", "test_dpmock.py"), ("bench", "bench_dpmock.py")):
+            r = self.make(dest, target)
+            self.assertNotEqual(r.returncode, 0, target)
+            err = lines_of(r.stderr)
+            self.assertEqual(len(err), 1, err)
+            self.assertIn("%s is missing" % missing, err[0])
+            self.assertNotIn("can't open file", err[0])
+
+
+def _handshake(server_cert, server_key, cafile, name):
+    """Verify ``server_cert`` as ``name`` against ``cafile`` only; None if accepted, else the verify message."""
+    import ssl
+    a, b = socket.socketpair()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(server_cert, server_key)
+    client_ctx = ssl.create_default_context(cafile=cafile)
+
+    def serve():
+        try:
+            with server_ctx.wrap_socket(a, server_side=True):
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(b, server_hostname=name):
+            return None
+    except ssl.SSLCertVerificationError as e:
+        return e.verify_message
+    finally:
+        b.close()
+        a.close()
+        t.join(10)
+
+
+class CertsTest(unittest.TestCase):
+
+    def test_shipped_ca_is_name_constrained_and_its_key_not_shipped(self):
+        import base64
+        with open(CA) as f:
+            der = base64.b64decode("".join(line for line in f.read().splitlines() if not line.startswith("-----")))
+        self.assertIn(b"\x06\x03\x55\x1d\x1e\x01\x01\xff", der)  # id-ce-nameConstraints, critical TRUE
+        for name in dpmock.SANDBOX_HOSTS + ("localhost",):
+            self.assertIn(name.encode(), der)
+        self.assertIn(bytes([127, 0, 0, 0, 255, 0, 0, 0]), der)  # 127.0.0.0/8
+        self.assertIn(bytes(15) + b"\x01" + b"\xff" * 16, der)  # ::1/128
+        if shutil.which("openssl"):
+            text = run(["openssl", "x509", "-in", CA, "-noout", "-text"]).stdout.decode()
+            self.assertIn("X509v3 Name Constraints: critical", text)
+        if shutil.which("git") and run(["git", "-C", HERE, "rev-parse"]).returncode == 0:
+            self.assertEqual(run(["git", "-C", HERE, "ls-files", "certs/ca.key"]).stdout, b"")
+            self.assertEqual(run(["git", "-C", HERE, "check-ignore", "-q", "certs/ca.key"]).returncode, 0)
+        self.assertIsNone(_handshake(os.path.join(HERE, "certs", "server.pem"),
+                                     os.path.join(HERE, "certs", "server.key"), CA, "api.openai.com"))
+
+    @unittest.skipUnless(shutil.which("openssl") and shutil.which("make"), "the openssl command is not installed")
+    def test_make_certs_ca_refuses_to_vouch_for_other_names(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        os.makedirs(os.path.join(d, "certs"))
+        shutil.copy(os.path.join(HERE, "Makefile"), d)
+        shutil.copy(os.path.join(HERE, "certs", "server.ext"), os.path.join(d, "certs"))
+        r = run(["make", "-s", "certs"], cwd=d, env=make_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        c = os.path.join(d, "certs")
+        ca, ca_key = os.path.join(c, "ca.pem"), os.path.join(c, "ca.key")
+        for name in ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "localhost",
+                     "127.0.0.1", "::1"):
+            self.assertIsNone(_handshake(os.path.join(c, "server.pem"), os.path.join(c, "server.key"), ca, name))
+        # A certificate for another name, properly signed by that same CA: refused for the constraint.
+        evil_key, evil_csr, evil_pem, ext = (os.path.join(c, n) for n in ("evil.key", "evil.csr", "evil.pem",
+                                                                            "evil.ext"))
+        with open(ext, "w") as f:
+            f.write("basicConstraints = critical, CA:FALSE\nextendedKeyUsage = serverAuth\n"
+                    "subjectAltName = DNS:evil.example, IP:10.1.2.3\n")
+        for cmd in (["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", evil_key, "-out", evil_csr,
+                     "-subj", "/CN=evil.example"],
+                    ["openssl", "x509", "-req", "-in", evil_csr, "-CA", ca, "-CAkey", ca_key, "-set_serial", "7",
+                     "-days", "2", "-extfile", ext, "-out", evil_pem]):
+            r = run(cmd)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        for name in ("evil.example", "10.1.2.3"):
+            why = _handshake(evil_pem, evil_key, ca, name)
+            self.assertIsNotNone(why, name)
+            self.assertIn("permitted subtree violation", why)
+
+
+@unittest.skipUnless(_sandbox_available(), "user/mount/network namespaces are not available here")
+class SandboxPortTest(unittest.TestCase):
+
+    def test_port_0_exports_the_real_port(self):
+        script = ("import http.client, json, os\n"
+                  "url = os.environ['DP_MOCK_SERVER']\n"
+                  "host, port = url[7:].rsplit(':', 1)\n"
+                  "c = http.client.HTTPConnection(host, int(port), timeout=5)\n"
+                  "c.request('GET', '/_control/status')\n"
+                  "print(url, json.loads(c.getresponse().read())['url'])\n")
+        r = run([PY, DPMOCK, "sandbox", "--port", "0", "--", PY, "-c", script], timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        exported, served = r.stdout.decode().split()
+        self.assertEqual(exported, served)
+        self.assertNotEqual(exported, "http://127.0.0.1:8080")
 
 
 # ----------------------------------------------------------------------------- runner
