@@ -4145,7 +4145,7 @@ def handle_control_rules_clear(w, req):
 
 def handle_control_rule_delete(w, req):
     try:
-        removed = w.server.rules.remove(req.params["rule_id"])
+        removed = w.server.rules.remove(req.params["rule_id"], control_test(req))
     except RuleError as e:
         raise HTTPError(409, str(e), "rule_from_file")
     if not removed:
@@ -4978,23 +4978,24 @@ class RuleBook:
             except RuleError as e:
                 raise RuleError("rule %d: %s" % (i + 1, e) if len(specs) > 1 else str(e))
         with self.lock:
-            taken = {r.id for r in self.all()}
+            taken = {(r.test, r.id) for r in self.all()}
             for r in rules:
-                if r.id in taken:
-                    raise RuleError("a rule with id %r exists; DELETE /_control/rules/%s first" % (r.id, r.id))
-                taken.add(r.id)
+                if (r.test, r.id) in taken:
+                    raise RuleError("a rule with id %r exists%s; DELETE /_control/rules/%s first" % (
+                        r.id, " in test %s" % r.test if r.test else "", r.id))
+                taken.add((r.test, r.id))
             self.runtime.extend(rules)
         self.rebuild()
         return [r.id for r in rules]
 
-    def remove(self, rule_id):
+    def remove(self, rule_id, test=None):
         with self.lock:
             for r in self.runtime:
-                if r.id == rule_id:
+                if r.id == rule_id and r.test == test:
                     self.runtime.remove(r)
                     break
             else:
-                source = next((r.source for r in self.all() if r.id == rule_id), None)
+                source = next((r.source for r in self.all() if r.id == rule_id and r.test == test), None)
                 if source:
                     raise RuleError("rule %r comes from %s: edit that file instead" % (rule_id, source))
                 return False

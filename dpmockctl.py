@@ -6,7 +6,9 @@ Usage:
     python3 dpmockctl.py requests [--path TEXT] [--route NAME] [--scenario NAME] [--key KEY]
                                   [--since SEQ] [--limit N] [--wait-for N] [--url URL] [--timeout SECONDS]
 
-Commands: status, wait, restart, shutdown, stop, requests, reset, schedules (see --help).
+    python3 dpmockctl.py rules add FILE|- | rules list | rules clear [--test NAME]
+
+Commands: status, wait, restart, shutdown, stop, requests, reset, schedules, rules (see --help).
 --url defaults to $DP_MOCK_SERVER, else http://127.0.0.1:8080.
 Exit codes: 0 success; 1 the server answered with an error, did not finish in time, or died
 in a restart; 2 the server could not be reached (or bad command line); 3 not running (status
@@ -50,7 +52,7 @@ in a restart; 2 unreachable, or a bad command line; 3 not running (status and re
 
 #: requests' filters: option -> query parameter of GET /_control/requests
 FILTERS = {"path": "path", "route": "route", "scenario": "scenario", "key": "key", "since": "since",
-           "limit": "limit", "wait_for": "wait_for"}
+           "limit": "limit", "wait_for": "wait_for", "rule": "rule"}
 
 
 class Unreachable(Exception):
@@ -72,14 +74,17 @@ def parse_url(url):
     return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def call(url, method, path, timeout):
+def call(url, method, path, timeout, body=None):
     """One request; returns (status, parsed JSON or text). Raises Unreachable."""
     scheme, host, port = parse_url(url)
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     conn = cls(host, port, timeout=timeout)
+    headers = {"Connection": "close", "User-Agent": "dpmockctl"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     try:
-        conn.request(method, path, body=b"" if method == "POST" else None,
-                     headers={"Connection": "close", "User-Agent": "dpmockctl"})
+        conn.request(method, path, body=body if body is not None else b"" if method == "POST" else None,
+                     headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
     except ConnectionRefusedError as e:
@@ -94,9 +99,9 @@ def call(url, method, path, timeout):
         return resp.status, raw.decode("utf-8", "replace")
 
 
-def get_json(url, method, path, timeout):
+def get_json(url, method, path, timeout, data=None):
     """A control request that must answer 200 with a JSON object."""
-    status, body = call(url, method, path, timeout)
+    status, body = call(url, method, path, timeout, data)
     if status != 200 or not isinstance(body, dict):
         raise Answered("server answered HTTP %d: %s" % (status, body if isinstance(body, str) else json.dumps(body)))
     return body
@@ -279,6 +284,8 @@ def cmd_restart(a):
 
 def cmd_requests(a):
     query = {param: getattr(a, name) for name, param in FILTERS.items() if getattr(a, name) is not None}
+    if a.test:
+        query["test"] = a.test
     if a.wait_for:
         query["timeout"] = "%g" % min(60.0, max(0.0, a.timeout - 0.5))  # the answer comes before ours gives up
     body = get_json(a.url, "GET", "/_control/requests" + ("?" + urlencode(query) if query else ""), a.timeout)
@@ -289,16 +296,41 @@ def cmd_requests(a):
     return body
 
 
+def _test_query(a):
+    return "?" + urlencode({"test": a.test}) if a.test else ""
+
+
 def cmd_reset(a):
-    return get_json(a.url, "POST", "/_control/reset", a.timeout)
+    return get_json(a.url, "POST", "/_control/reset" + _test_query(a), a.timeout)
 
 
 def cmd_schedules(a):
-    return get_json(a.url, "GET", "/_control/schedules", a.timeout)
+    return get_json(a.url, "GET", "/_control/schedules" + _test_query(a), a.timeout)
+
+
+def cmd_rules(a):
+    """rules add FILE|- (a rule or a list, as JSON), rules list, rules clear; --test NAME for one test."""
+    if a.action == "list":
+        return get_json(a.url, "GET", "/_control/rules" + _test_query(a), a.timeout)
+    if a.action == "clear":
+        return get_json(a.url, "DELETE", "/_control/rules" + _test_query(a), a.timeout)
+    try:
+        if a.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(a.file, encoding="utf-8") as f:
+                text = f.read()
+        json.loads(text)
+    except OSError as e:
+        raise Answered("cannot read %s: %s" % (a.file, e.strerror))
+    except ValueError as e:
+        raise Answered("%s is not JSON: %s" % (a.file, e))
+    return get_json(a.url, "POST", "/_control/rules" + _test_query(a), a.timeout, text.encode("utf-8"))
 
 
 COMMANDS = {"status": cmd_status, "wait": cmd_wait, "restart": cmd_restart, "shutdown": cmd_shutdown,
-            "stop": cmd_stop, "requests": cmd_requests, "reset": cmd_reset, "schedules": cmd_schedules}
+            "stop": cmd_stop, "requests": cmd_requests, "reset": cmd_reset, "schedules": cmd_schedules,
+            "rules": cmd_rules}
 
 
 def emit(text):
@@ -331,6 +363,9 @@ def parser():
     p = _Parser(prog="dpmockctl.py", description="Control a running dpmock server.", epilog=HELP,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    p.add_argument("action", nargs="?", metavar="ACTION", help="rules: add FILE|-, list or clear")
+    p.add_argument("file", nargs="?", metavar="FILE", help="rules add: a JSON file of rules, or - for stdin")
+    p.add_argument("--test", metavar="NAME", help="rules, requests, reset, schedules: one test's namespace")
     p.add_argument("--url", metavar="URL", help="server base URL (default: $DP_MOCK_SERVER, else %s)" % DEFAULT_URL)
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=10.0,
                    help="seconds to wait in all (default 10)")
@@ -343,6 +378,7 @@ def parser():
     g.add_argument("--route", metavar="NAME", help="route name (chat, messages, gemini_generate, ...)")
     g.add_argument("--scenario", metavar="NAME", help="scenario name")
     g.add_argument("--key", help="the API key sent (unmasked)")
+    g.add_argument("--rule", metavar="ID", help="answered by this rule")
     g.add_argument("--since", type=_count, metavar="SEQ", help="only entries after this seq")
     g.add_argument("--limit", type=_count, metavar="N", help="the last N (default 100)")
     g.add_argument("--wait-for", type=_count, dest="wait_for", metavar="N",
@@ -360,6 +396,13 @@ def main(argv=None):
         p.error("--%s goes with the requests command only" % used[0].replace("_", "-"))
     if a.limit == 0:
         p.error("--limit must be at least 1")
+    if a.command == "rules":
+        if a.action not in ("add", "list", "clear"):
+            p.error("rules takes add FILE|-, list or clear")
+        if (a.action == "add") != (a.file is not None):
+            p.error("rules add takes one FILE (or - for stdin); list and clear take none")
+    elif a.action is not None:
+        p.error("unrecognized argument %r" % a.action)
     a.url_given = a.url is not None
     a.url = (a.url or os.environ.get("DP_MOCK_SERVER") or DEFAULT_URL).rstrip("/")
     try:
