@@ -551,7 +551,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule")
+                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -575,6 +575,7 @@ class Request:
         self.turn = None  #: the conversation, once a route's reader has read it
         self.answer = None  #: a matching rule's answer
         self.rule = None  #: the id of the rule that answered (or why none did, in strict mode)
+        self.server = None  #: the MockServer answering it (its stores: files, threads...)
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -3216,7 +3217,31 @@ ANTHROPIC_MESSAGES_SHAPE = {
     "stream": bool, "temperature": float, "top_p": float, "top_k": int, "stop_sequences": [str],
     "thinking": {"type": str, "budget_tokens": int}, "metadata": dict, "service_tier": str,
     "output_config": {"format": dict, "effort": str}, "output_format": dict,
+    "thread": {"type": str, "previous_message_id": str},
 }
+
+
+def anthropic_reader(req):
+    """The route's reader: a server-held thread (``thread: continue``) is resumed first."""
+    return anthropic_turn(thread_messages(req))
+
+
+def thread_messages(req):
+    """The body, with a continued thread's earlier messages in front of the new turn's."""
+    body = req.json
+    thread = body.get("thread")
+    if thread is None:
+        return body
+    validate(ANTHROPIC, body, {"thread": {"type": str, "previous_message_id": str}})
+    if thread.get("type") not in ("create", "continue"):
+        raise invalid("thread.type: Input should be 'create' or 'continue'")
+    if thread["type"] == "create":
+        return body
+    earlier = req.server.threads.get(thread.get("previous_message_id"))
+    if earlier is None:
+        raise HTTPError(404, "thread.previous_message_id: no stored message %r (dpmock holds the last %d)" % (
+            thread.get("previous_message_id"), ThreadStore.LIMIT), etype="not_found_error")
+    return dict(body, messages=earlier + list(body.get("messages") or []))
 
 
 def anthropic_turn(body, need_max_tokens=True):
@@ -3334,6 +3359,9 @@ def handle_anthropic_messages(w, req):
     blocks = anthropic_blocks(plan)
     out = plan.output_tokens + plan.thinking_tokens
     message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
+    if req.json.get("thread") is not None:  # the server holds the conversation under this answer's id
+        w.server.threads.put(message["id"], thread_messages(req)["messages"] +
+                             [{"role": "assistant", "content": blocks}])
     if not req.route.streaming(req):
         w.send_json(200, dict(message, content=blocks, stop_reason=_ANTHROPIC_STOP[plan.finish], stop_sequence=None,
                               usage=anthropic_usage(plan, out)))
@@ -4200,7 +4228,7 @@ ROUTES = (
     Route("POST", "/moderations", "moderations", handle_openai_moderations, OPENAI, BODY_JSON),
     Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
     Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG,
-          lambda req: anthropic_turn(req.json)),
+          anthropic_reader),
     Route("POST", "/messages/count_tokens", "messages_count_tokens", handle_anthropic_count_tokens, ANTHROPIC,
           BODY_JSON),
     Route("POST", _GEMINI_MODEL + ":generateContent", "gemini_generate", handle_gemini_generate, GEMINI, BODY_JSON,
@@ -5683,6 +5711,27 @@ class Schedules:
                     del self.counters[name]
 
 
+class ThreadStore:
+    """Conversations the server holds for Anthropic's threads (``thread: create / continue``), bounded."""
+
+    LIMIT = 1000
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.messages = {}  # message id -> the conversation up to and including that answer
+
+    def put(self, message_id, messages):
+        with self.lock:
+            self.messages[message_id] = messages
+            while len(self.messages) > self.LIMIT:
+                self.messages.pop(next(iter(self.messages)))
+
+    def get(self, message_id):
+        with self.lock:
+            found = self.messages.get(message_id)
+        return list(found) if found is not None else None
+
+
 class FileStore:
     """Uploaded files' metadata (never their bytes), bounded, shared by every connection."""
 
@@ -5937,6 +5986,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         """http.server's hook, with dpmock's stricter parser; raises HTTPError when malformed."""
         req = self.reader.head(self.raw_requestline)
         req.scheme = "https" if self.tls else "http"
+        req.server = self.server
         self.req = self.writer.req = req
         self.command, self.path, self.request_version = req.method, req.target, req.version
         self.headers = req.headers
@@ -6075,6 +6125,7 @@ class MockServer(http.server.ThreadingHTTPServer):
         self.request_count = 0
         self.active = 0
         self.files = FileStore()
+        self.threads = ThreadStore()
         self.journal = Journal(config.journal_size)
         self.schedules = Schedules(config.seed)
         self.rules = rules or RuleBook(log)

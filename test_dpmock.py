@@ -877,6 +877,23 @@ class AnthropicRoutesTest(unittest.TestCase):
                 self.assertIn(needle, r["error"]["message"])
                 self.assertEqual(r["request_id"], hdrs["request-id"])
 
+    def test_server_held_threads(self):
+        """thread: create holds the conversation under the answer's id; continue sends only the new turn."""
+        tools = [{"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]
+        st, _, r = jpost("/v1/messages", dict(self.BODY, tools=tools, thread={"type": "create"}), AN)
+        use = r["content"][0]
+        self.assertEqual((st, use["type"]), (200, "tool_use"))
+        turn = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "42"}]}
+        st, _, r2 = jpost("/v1/messages", dict(self.BODY, tools=tools, messages=[turn],
+                                               thread={"type": "continue", "previous_message_id": r["id"]}), AN)
+        self.assertEqual((st, r2["content"][0]["text"]), (200, "The lookup tool returned: 42"))
+        st, _, r3 = jpost("/v1/messages", dict(self.BODY, messages=[{"role": "user", "content": "and then?"}],
+                                               thread={"type": "continue", "previous_message_id": r2["id"]}), AN)
+        self.assertGreater(r3["usage"]["input_tokens"], r2["usage"]["input_tokens"])  # the whole thread counts
+        st, _, r = jpost("/v1/messages", dict(self.BODY, thread={"type": "continue", "previous_message_id": "msg_x"}),
+                         AN)
+        self.assertEqual((st, r["error"]["type"]), (404, "not_found_error"))
+
     def test_models_paging(self):
         ids = [m[0] for m in scenarios.ANTHROPIC_MODELS]
         get = lambda q: json.loads(SERVER.request("GET", "/v1/models" + q, None, AN)[2])  # noqa: E731
@@ -3026,6 +3043,162 @@ class GeminiSdkTest(unittest.TestCase):
         with self.assertRaises(e.ClientError) as cm:
             limited.models.generate_content(model="gemini-2.5-flash", contents="x")
         self.assertEqual((cm.exception.code, cm.exception.status), (429, "RESOURCE_EXHAUSTED"))
+
+
+@unittest.skipUnless(_have("openai") and _have("pydantic"), "the openai package is not installed (optional)")
+class OpenAIStructuredSdkTest(unittest.TestCase):
+    """chat.completions.parse with nested pydantic models, embeddings.create, and a rule-driven tool loop."""
+
+    def setUp(self):
+        openai = importlib.import_module("openai")
+        self.client = openai.OpenAI(api_key="sk-test", base_url=SERVER.url + "/v1", max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_parse_a_nested_model(self):
+        pd = importlib.import_module("pydantic")
+        typing = importlib.import_module("typing")
+
+        class Actor(pd.BaseModel):
+            name: str
+            role: typing.Literal["lead", "support"]
+            age: typing.Optional[int] = None
+
+        class Review(pd.BaseModel):
+            title: str
+            rating: int = pd.Field(ge=1, le=5)
+            cast: typing.List[Actor]
+            tags: typing.List[str] = pd.Field(min_length=2)
+
+        done = self.client.chat.completions.parse(model="gpt-4o", response_format=Review,
+                                                  messages=[{"role": "user", "content": "Review Alien"}])
+        review = done.choices[0].message.parsed
+        self.assertIsInstance(review, Review)
+        self.assertEqual(review.title, "dpmock reply to: Review Alien")
+        self.assertTrue(1 <= review.rating <= 5 and len(review.tags) >= 2)
+        with self.client.chat.completions.stream(model="gpt-4o", response_format=Review,
+                                                 messages=[{"role": "user", "content": "Review Alien"}]) as s:
+            final = s.get_final_completion()
+        self.assertEqual(final.choices[0].message.parsed, review)
+
+    def test_embeddings(self):
+        r = self.client.embeddings.create(model="text-embedding-3-small",
+                                          input=["the cat sat on the mat", "a cat on a mat", "stock prices fell"])
+        a, b, c = (d.embedding for d in r.data)
+        self.assertEqual((len(a), r.usage.prompt_tokens), (1536, 14))
+        self.assertGreater(cosine(a, b), cosine(a, c))
+        r = self.client.embeddings.create(model="text-embedding-3-large", input="x", dimensions=256)  # SDK: base64
+        self.assertEqual(len(r.data[0].embedding), 256)
+
+    def test_tool_loop_from_rules(self):
+        rules = [{"id": "sdk-ask", "match": {"text": "weather in Oslo", "tool_result": False},
+                  "respond": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}},
+                 {"id": "sdk-done", "match": {"tool_result": "get_weather"}, "respond": {"text": "Cold in Oslo"}}]
+        self.assertEqual(SERVER.request("POST", "/_control/rules?test=sdk-openai", json.dumps(rules).encode())[0], 200)
+        client = self.client.with_options(default_headers={"X-DP-Test-Id": "sdk-openai"})
+        msgs = [{"role": "user", "content": "What is the weather in Oslo?"}]
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+        r = client.chat.completions.create(model="gpt-4o", messages=msgs, tools=tools)
+        call = r.choices[0].message.tool_calls[0]
+        self.assertEqual((call.function.name, json.loads(call.function.arguments)), ("get_weather", {"city": "Oslo"}))
+        msgs += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "-5C"}]
+        r = client.chat.completions.create(model="gpt-4o", messages=msgs, tools=tools)
+        self.assertEqual(r.choices[0].message.content, "Cold in Oslo")
+
+
+@unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")
+class AnthropicStructuredSdkTest(unittest.TestCase):
+
+    def setUp(self):
+        anthropic = importlib.import_module("anthropic")
+        self.client = anthropic.Anthropic(api_key="sk-ant-test", base_url=SERVER.url, max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_structured_output_and_streamed_usage(self):
+        schema = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "integer"}},
+                  "required": ["answer", "score"], "additionalProperties": False}
+        kwargs = dict(model="claude-sonnet-4-5", max_tokens=200, messages=[{"role": "user", "content": "Rate it"}],
+                      extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}})
+        m = self.client.messages.create(**kwargs)
+        self.assertEqual(json.loads(m.content[0].text), {"answer": "dpmock reply to: Rate it", "score": 1})
+        with self.client.messages.stream(**kwargs) as s:
+            events = list(s)
+            final = s.get_final_message()
+        delta = [e for e in events if e.type == "message_delta"][0]
+        self.assertEqual(delta.usage.input_tokens, m.usage.input_tokens)
+        self.assertEqual(final.usage.input_tokens, m.usage.input_tokens)
+        self.assertEqual(json.loads(final.content[0].text), json.loads(m.content[0].text))
+
+    def test_the_sdk_tool_runner_against_rules(self):
+        anthropic = importlib.import_module("anthropic")
+        rules = [{"id": "a-ask", "match": {"text": "Kyoto", "tool_result": False},
+                  "respond": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Kyoto"}}]}},
+                 {"id": "a-done", "match": {"tool_result": "get_weather"}, "respond": {"text": "Kyoto is mild"}}]
+        self.assertEqual(SERVER.request("POST", "/_control/rules?test=sdk-anthropic", json.dumps(rules).encode())[0],
+                         200)
+        seen = []
+
+        @anthropic.beta_tool
+        def get_weather(city: str) -> str:
+            """The weather of a city."""
+            seen.append(city)
+            return "mild"
+        client = self.client.with_options(default_headers={"X-DP-Test-Id": "sdk-anthropic"})
+        runner = client.beta.messages.tool_runner(model="claude-sonnet-4-5", max_tokens=100, tools=[get_weather],
+                                                  messages=[{"role": "user", "content": "Weather in Kyoto?"}])
+        last = None
+        for message in runner:
+            last = message
+        self.assertEqual((seen, last.content[0].text), (["Kyoto"], "Kyoto is mild"))
+
+
+@unittest.skipUnless(_have("google.genai") and _have("pydantic"), "the google-genai package is not installed (optional)")
+class GeminiStructuredSdkTest(unittest.TestCase):
+
+    def setUp(self):
+        self.genai, self.types = (importlib.import_module(m) for m in ("google.genai", "google.genai.types"))
+        self.client = self.genai.Client(api_key="k", http_options=self.types.HttpOptions(base_url=SERVER.url))
+
+    def test_response_schema_and_embed_content(self):
+        pd = importlib.import_module("pydantic")
+        typing = importlib.import_module("typing")
+
+        class Recipe(pd.BaseModel):
+            name: str
+            minutes: int
+            steps: typing.List[str]
+
+        r = self.client.models.generate_content(
+            model="gemini-2.5-flash", contents="A pancake recipe",
+            config=self.types.GenerateContentConfig(response_mime_type="application/json", response_schema=Recipe))
+        self.assertIsInstance(r.parsed, Recipe)
+        self.assertEqual(r.parsed.name, "dpmock reply to: A pancake recipe")
+        e = self.client.models.embed_content(model="gemini-embedding-001",
+                                             contents=["the cat sat", "the cat sat down", "tax law"],
+                                             config=self.types.EmbedContentConfig(output_dimensionality=64))
+        a, b, c = (x.values for x in e.embeddings)
+        self.assertEqual(len(a), 64)
+        self.assertGreater(cosine(a, b), cosine(a, c))
+
+    def test_automatic_function_calling_against_rules(self):
+        rules = {"rules": [{"id": "g-ask", "match": {"text": "Lisbon", "tool_result": False},
+                            "respond": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Lisbon"}}]}},
+                           {"id": "g-done", "match": {"tool_result": "get_weather"},
+                            "respond": {"text": "Lisbon: {{text}} was asked"}}]}
+        self.assertEqual(SERVER.request("POST", "/_control/rules?test=sdk-gemini", json.dumps(rules).encode())[0],
+                         200)
+        seen = []
+
+        def get_weather(city: str) -> dict:
+            """The weather of a city."""
+            seen.append(city)
+            return {"forecast": "sunny"}
+        client = self.genai.Client(api_key="k", http_options=self.types.HttpOptions(
+            base_url=SERVER.url, headers={"X-DP-Test-Id": "sdk-gemini"}))
+        r = client.models.generate_content(model="gemini-2.5-flash", contents="Weather in Lisbon?",
+                                           config=self.types.GenerateContentConfig(tools=[get_weather]))
+        self.assertEqual(seen, ["Lisbon"])
+        self.assertEqual(r.text, "Lisbon: Weather in Lisbon? was asked")
 
 
 # ----------------------------------------------------------------------------- schema instances and embeddings
