@@ -817,9 +817,27 @@ class Answered(ClientGone):
     """The answer was given (or deliberately broken) and the connection must end: stop quietly."""
 
 
-#: JSON encoders made once (json.dumps with options builds a new encoder at every call).
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_SPACED = json.JSONEncoder(separators=(", ", ": "), ensure_ascii=False).encode
+def _encoder(item_sep, key_sep):
+    """A JSON encoder made once: json.dumps with options builds a new encoder at every call, and
+    even JSONEncoder.encode builds the C encoder per call; this calls the C one directly."""
+    c_make = getattr(json.encoder, "c_make_encoder", None)
+    plain = json.JSONEncoder(separators=(item_sep, key_sep), ensure_ascii=False)
+    if c_make is None:  # pragma: no cover - CPython always has it
+        return plain.encode
+
+    def fail(o):
+        raise TypeError("Object of type %s is not JSON serializable" % o.__class__.__name__)
+    fast = c_make(None, fail, json.encoder.encode_basestring, None, key_sep, item_sep, False, False, True)
+
+    def encode(obj):
+        if isinstance(obj, str):
+            return plain.encode(obj)
+        return "".join(fast(obj, 0))
+    return encode
+
+
+_COMPACT = _encoder(",", ":")
+_SPACED = _encoder(", ", ": ")
 
 
 def encode_body(body, compact=False):
@@ -1018,6 +1036,11 @@ class ResponseWriter:
         else:
             text = "data: %s%s" % (payload, sep)
         fault, p = self.fault
+        if fault is _ORDINARY:  # the common case, in one write without the hooks' calls
+            self.events += 1
+            data = text.encode("utf-8")
+            self.put(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            return
         text = fault.item(self, self.events, text, payload, event, p)
         if text is None:
             return
@@ -4358,6 +4381,7 @@ class NoFault(FaultKind):
 
 
 NO_FAULT = (NoFault(), None)
+_ORDINARY = NO_FAULT[0]
 _HTML_PAGE = b"<html><body><h1>200 OK</h1><p>A page, not the JSON or event stream you asked for.</p></body></html>"
 _EOL = {"crlf": "\r\n", "lf": "\n", "cr": "\r"}
 
