@@ -5839,6 +5839,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         self.req = None
         self.writer = None
         self._head = b""
+        self._poller = None
         ctx = self.server.attach(self)
         self.tls = ctx is not None
         if self.tls:
@@ -5929,9 +5930,11 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         seconds = max(0.0, min(seconds, 300.0))
         if seconds <= 0 or self.server.stopping:
             return
-        poller = select.poll()
-        poller.register(self.connection.fileno(), _POLLRDHUP)
-        poller.register(self.server.wake_fd, select.POLLIN)
+        poller = self._poller
+        if poller is None:  # made once per connection: a paced stream pauses at every event
+            poller = self._poller = select.poll()
+            poller.register(self.connection.fileno(), _POLLRDHUP)
+            poller.register(self.server.wake_fd, select.POLLIN)
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
