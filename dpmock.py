@@ -323,28 +323,32 @@ class Router:
                 segments = segments[1:]
                 versioned = True
         stripped = ("/upload/" if upload else "/") + "/".join(segments)
-        found = None
-        methods = self._exact.get(stripped)
-        if methods is not None:
-            found = (methods, {})
-        else:
-            for pattern, methods in self._patterns.get(stripped.count("/") + 1, ()):
-                params = _match_segments(pattern, stripped.split("/"))
-                if params is not None:
-                    found = (methods, params)
-                    break
-        if found is not None:
-            methods, params = found
+        allowed = set()
+        for methods, params in self._candidates(stripped):
             route = methods.get("GET" if method == "HEAD" else method)
             if route is not None and (route.versioned or not versioned):
                 return route, params
-            allowed = sorted({m for m, r in methods.items() if r.versioned or not versioned})
-            if allowed:
-                if "GET" in allowed:
-                    allowed.append("HEAD")
-                raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
-                                "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
+            allowed.update(m for m, r in methods.items() if r.versioned or not versioned)
+        if allowed:
+            allowed = sorted(allowed) + (["HEAD"] if "GET" in allowed else [])
+            raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
+                            "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
         raise HTTPError(404, "no route for %s %s" % (method, path), "not_found")
+
+    def _candidates(self, path):
+        """({method: route}, params) of the exact path, then of the first pattern it fits.
+
+        An exact path wins, but only for its own methods: ``GET /responses/input_tokens`` is
+        ``GET /responses/{response_id}``, as the provider sees it, not a 405 from the exact row.
+        """
+        methods = self._exact.get(path)
+        if methods is not None:
+            yield methods, {}
+        for pattern, methods in self._patterns.get(path.count("/") + 1, ()):
+            params = _match_segments(pattern, path.split("/"))
+            if params is not None:
+                yield methods, params
+                return
 
     def scenario_routes(self, scenario):
         """Names of the routes a scenario answers on: its own rows, or every route of its kind."""

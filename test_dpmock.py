@@ -1655,6 +1655,21 @@ class HTTPBehaviourTest(unittest.TestCase):
         st, hdrs, _ = SERVER.request("DELETE", "/models")
         self.assertEqual((st, hdrs["allow"]), (405, "GET, HEAD"))
 
+    def test_exact_path_wins_only_for_its_own_methods(self):
+        routes = [dpmock.Route("POST", "/things/count", "count", None, dpmock.OPENAI),
+                  dpmock.Route("GET", "/things/{thing_id}", "get", None, dpmock.OPENAI),
+                  dpmock.Route("DELETE", "/things/{thing_id}", "delete", None, dpmock.OPENAI)]
+        router = dpmock.Router(routes)
+        self.assertEqual(router.match("POST", "/v1/things/count"), (routes[0], {}))
+        self.assertEqual(router.match("GET", "/things/count"), (routes[1], {"thing_id": "count"}))
+        self.assertEqual(router.match("DELETE", "/v1/things/t1"), (routes[2], {"thing_id": "t1"}))
+        with self.assertRaises(dpmock.HTTPError) as cm:
+            router.match("PUT", "/things/count")
+        self.assertEqual((cm.exception.status, dict(cm.exception.headers)["Allow"]), (405, "DELETE, GET, POST, HEAD"))
+        with self.assertRaises(dpmock.HTTPError) as cm:
+            router.match("POST", "/things/t1")
+        self.assertEqual((cm.exception.status, dict(cm.exception.headers)["Allow"]), (405, "DELETE, GET, HEAD"))
+
     def test_head_answers_like_get_without_body(self):
         st, hdrs, data = SERVER.request("HEAD", "/_control/status")
         self.assertEqual(st, 200)
