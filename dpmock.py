@@ -3216,6 +3216,66 @@ def _stream_output_item(emit, index, item, plan):
     emit("response.output_item.done", output_index=index, item=item)
 
 
+def _stored_response(w, req):
+    record = w.server.responses.get(req.params["response_id"])
+    if record is None:
+        raise HTTPError(404, "Response with id '%s' not found." % req.params["response_id"])
+    return record
+
+
+def handle_responses_get(w, req):
+    check_key(req)
+    w.send_json(200, _stored_response(w, req).response)
+
+
+def handle_responses_delete(w, req):
+    check_key(req)
+    _stored_response(w, req)
+    w.server.responses.remove(req.params["response_id"])
+    w.send_json(200, {"id": req.params["response_id"], "object": "response.deleted", "deleted": True})
+
+
+def handle_responses_cancel(w, req):
+    """Only a background response can be cancelled; dpmock's have finished by then, and a finished
+    one is answered as it is."""
+    check_key(req)
+    record = _stored_response(w, req)
+    if not record.response["background"]:
+        raise invalid("Only responses created with background=true can be cancelled.", "response_id")
+    w.send_json(200, record.response)
+
+
+def handle_responses_input_items(w, req):
+    check_key(req)
+    items = list(_stored_response(w, req).input)
+    order = req.arg("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("Invalid value: '%s'. Supported values are: 'asc' and 'desc'." % order, "order", "invalid_value")
+    if order == "desc":
+        items.reverse()
+    limit = _int_arg(req, "limit", 20, 1, 100)
+    after = req.arg("after")
+    ids = [item["id"] for item in items]
+    if after is not None and after not in ids:
+        raise invalid("Invalid 'after': no input item with id '%s' in this response." % after, "after")
+    start = ids.index(after) + 1 if after is not None else 0
+    page = items[start:start + limit]
+    w.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                      "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
+
+
+def handle_responses_input_tokens(w, req):
+    """What POST /responses would count as its input_tokens, without answering it."""
+    check_key(req)
+    body = req.json
+    validate(OPENAI, body, RESPONSES_SHAPE)
+    model = body.get("model") or "gpt-4o"
+    check_model(req, model)
+    history, _ = responses_history(w.server.responses, body.get("previous_response_id"))
+    turn = responses_turn(body, model, history + responses_input(body.get("input")))
+    w.send_json(200, {"object": "response.input_tokens", "input_tokens": count_tokens(turn.texts, turn.media)})
+
+
 def responses_stream_error(w):
     """The Responses stream's own error event, numbered as the next event would have been."""
     return "event: error\ndata: %s\n\n" % _compact({
@@ -4108,6 +4168,13 @@ ROUTES = (
     Route("POST", "/chat/completions", "chat", handle_openai_chat, OPENAI, BODY_JSON, STREAM_FLAG),
     Route("POST", "/images/generations", "images", handle_openai_images, OPENAI, BODY_JSON),
     Route("POST", "/responses", "responses", handle_openai_responses, OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/responses/input_tokens", "responses_input_tokens", handle_responses_input_tokens, OPENAI,
+          BODY_JSON),
+    Route("GET", "/responses/{response_id}", "responses_get", handle_responses_get, OPENAI),
+    Route("DELETE", "/responses/{response_id}", "responses_delete", handle_responses_delete, OPENAI),
+    Route("POST", "/responses/{response_id}/cancel", "responses_cancel", handle_responses_cancel, OPENAI),
+    Route("GET", "/responses/{response_id}/input_items", "responses_input_items", handle_responses_input_items,
+          OPENAI),
     Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
     Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG),
     Route("POST", "/messages/count_tokens", "messages_count_tokens", handle_anthropic_count_tokens, ANTHROPIC,

@@ -828,6 +828,77 @@ class ResponsesRoutesTest(unittest.TestCase):
         r = self.create(dict(self.BODY, previous_response_id=unstored["id"]), status=400)
         self.assertEqual(r["error"]["code"], "previous_response_not_found")
 
+    def test_stored_response_routes(self):
+        items = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                 {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "three"}]}]
+        r = self.create({"model": "gpt-4o", "input": items})
+        path = "/v1/responses/" + r["id"]
+        st, _, data = SERVER.request("GET", path, None, OA)
+        self.assertEqual((st, json.loads(data)), (200, r))
+        st, _, data = SERVER.request("GET", path + "/input_items", None, OA)
+        page = json.loads(data)
+        self.assertEqual((st, page["object"], page["has_more"]), (200, "list", False))
+        self.assertEqual([(i["type"], i["role"], i["content"][0]["text"]) for i in page["data"]],
+                         [("message", "user", "three"), ("message", "assistant", "two"), ("message", "user", "one")])
+        self.assertEqual(page["data"][1]["content"][0]["type"], "output_text")
+        ids = [i["id"] for i in page["data"]]
+        self.assertEqual((page["first_id"], page["last_id"]), (ids[0], ids[-1]))
+        self.assertTrue(all(i.startswith("msg_") for i in ids) and len(set(ids)) == 3)
+        page = json.loads(SERVER.request("GET", path + "/input_items?order=asc&limit=2", None, OA)[2])
+        self.assertEqual(([i["id"] for i in page["data"]], page["has_more"]), (ids[::-1][:2], True))
+        page = json.loads(SERVER.request("GET", path + "/input_items?order=asc&after=" + page["last_id"], None, OA)[2])
+        self.assertEqual(([i["id"] for i in page["data"]], page["has_more"]), ([ids[0]], False))
+        for query in ("?order=sideways", "?after=msg_nope", "?limit=0"):
+            self.assertEqual(SERVER.request("GET", path + "/input_items" + query, None, OA)[0], 400, query)
+        # input_tokens counts as the answer did, previous responses included
+        st, _, data = SERVER.request("POST", "/v1/responses/input_tokens", {"model": "gpt-4o", "input": items}, OA)
+        self.assertEqual((st, json.loads(data)), (200, {"object": "response.input_tokens",
+                                                        "input_tokens": r["usage"]["input_tokens"]}))
+        nxt = self.create({"model": "gpt-4o", "input": "four", "previous_response_id": r["id"]})
+        count = json.loads(SERVER.request("POST", "/v1/responses/input_tokens", {
+            "model": "gpt-4o", "input": "four", "previous_response_id": r["id"]}, OA)[2])
+        self.assertEqual(count["input_tokens"], nxt["usage"]["input_tokens"])
+        # delete, then every route says 404
+        st, _, data = SERVER.request("DELETE", path, None, OA)
+        self.assertEqual((st, json.loads(data)), (200, {"id": r["id"], "object": "response.deleted", "deleted": True}))
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/input_items"), ("POST", "/cancel")):
+            st, _, data = SERVER.request(method, path + suffix, b"" if method == "POST" else None, OA)
+            err = json.loads(data)["error"]
+            self.assertEqual((st, err["message"], err["type"]),
+                             (404, "Response with id '%s' not found." % r["id"], "invalid_request_error"), suffix)
+        unstored = self.create(dict(self.BODY, store=False))
+        self.assertEqual(SERVER.request("GET", "/v1/responses/" + unstored["id"], None, OA)[0], 404)
+
+    def test_background_and_cancel(self):
+        done = self.create(self.BODY)
+        st, _, data = SERVER.request("POST", "/v1/responses/%s/cancel" % done["id"], b"", OA)
+        self.assertEqual((st, json.loads(data)["error"]["param"]), (400, "response_id"))
+        queued = self.create(dict(self.BODY, background=True))
+        self.assertEqual((queued["status"], queued["output"], queued["usage"], queued["background"]),
+                         ("queued", [], None, True))
+        st, _, data = SERVER.request("GET", "/v1/responses/" + queued["id"], None, OA)
+        later = json.loads(data)
+        self.assertEqual((later["status"], later["output"][0]["content"][0]["text"]),
+                         ("completed", "dpmock reply to: Hi there"))
+        st, _, data = SERVER.request("POST", "/v1/responses/%s/cancel" % queued["id"], b"", OA)
+        self.assertEqual((st, json.loads(data)), (200, later))  # already finished: answered as it is
+        r = self.create(dict(self.BODY, background=True, store=False), status=400)
+        self.assertEqual(r["error"]["param"], "background")
+
+    def test_paths_beside_the_stored_responses(self):
+        # the exact path does not hide the pattern's methods, nor the other way round
+        st, _, data = SERVER.request("GET", "/v1/responses/input_tokens", None, OA)
+        self.assertEqual((st, json.loads(data)["error"]["message"]), (404, "Response with id 'input_tokens' not found."))
+        st, hdrs, _ = SERVER.request("POST", "/v1/responses/resp_x", b"{}", OA)
+        self.assertEqual((st, hdrs["allow"]), (405, "DELETE, GET, HEAD"))
+        st, hdrs, _ = SERVER.request("PUT", "/responses/input_tokens", b"{}", OA)
+        self.assertEqual((st, hdrs["allow"]), (405, "DELETE, GET, POST, HEAD"))
+        r = self.create(self.BODY)
+        st, hdrs, data = SERVER.request("HEAD", "/responses/" + r["id"], None, OA)
+        self.assertEqual((st, data), (200, b""))
+        for path in ("/responses", "/v1beta/responses"):
+            self.assertEqual(jpost(path, self.BODY, OA)[0], 200, path)
+
     def test_errors_in_openai_shape(self):
         cases = [
             ({"input": "x"}, OA, 400, "model", None),
