@@ -4492,9 +4492,10 @@ class StreamCut(FaultKind):
 class StreamNoEnd(FaultKind):
     kind = "STREAM_NO_END"
     streams_only = True
+    ends = frozenset(("message_stop", "response.completed", "response.incomplete"))  #: events that end a stream
 
     def item(self, w, n, text, payload, event, p):
-        return None if payload == "[DONE]" or event == "message_stop" else text
+        return None if payload == "[DONE]" or event in self.ends else text
 
 
 class SseSplit(FaultKind):

@@ -899,6 +899,50 @@ class ResponsesRoutesTest(unittest.TestCase):
         for path in ("/responses", "/v1beta/responses"):
             self.assertEqual(jpost(path, self.BODY, OA)[0], 200, path)
 
+    def test_faults_on_the_responses_stream(self):
+        stream = dict(self.BODY, stream=True)
+
+        def post(spec, body=stream):
+            return post_raw(body, "/v1/responses", dict(OA, **{"X-DP-Scenario": spec}))
+        raw = post("STREAM_CUT; events=3")
+        parts = decode_chunks(raw.partition(b"\r\n\r\n")[2], strict=False)[0]
+        self.assertEqual([sse_events(p)[0][0] for p in parts],
+                         ["response.created", "response.in_progress", "response.output_item.added"])
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))
+        for after in (4, 1000):  # inside the stream, and beyond its end (then at its end)
+            with self.subTest(after=after):
+                raw = post("STREAM_ERROR; after=%d" % after)
+                hdrs, chunks = sse_chunks(raw)
+                name, data = sse_events(chunks[-1])[0]
+                err = json.loads(data)
+                self.assertEqual((name, err["type"], err["code"], err["param"], hdrs["connection"]),
+                                 ("error", "error", "server_error", None, "close"))
+                self.assertEqual(err["sequence_number"], len(chunks) - 1)
+                self.assertEqual(len(chunks), 5 if after == 4 else 14)
+        events = responses_events(post("STREAM_NO_END"))
+        self.assertEqual(events[-1][0], "response.output_item.done")
+        self.assertNotIn("response.completed", [n for n, _ in events])
+        events = responses_events(post("STREAM_NO_END", dict(stream, input=self.LONG, max_output_tokens=16)))
+        self.assertEqual(events[-1][0], "response.output_item.done")
+        r = json.loads(split_response(post("STREAM_CUT; events=1", self.BODY))[2])  # not a stream: left alone
+        self.assertEqual(r["status"], "completed")
+        events = responses_events(post("SSE_MANY_EVENTS; n=50"))
+        self.assertEqual(len([n for n, _ in events if n == "response.output_text.delta"]), 50)
+        self.assertEqual([d["sequence_number"] for _, d in events], list(range(len(events))))
+
+    def test_rate_limited_on_every_route(self):
+        r = self.create(self.BODY)
+        routes = [("POST", "/v1/responses", self.BODY), ("POST", "/v1/responses", dict(self.BODY, stream=True)),
+                  ("POST", "/v1/responses/input_tokens", self.BODY), ("GET", "/v1/responses/" + r["id"], None),
+                  ("DELETE", "/v1/responses/" + r["id"], None), ("POST", "/v1/responses/%s/cancel" % r["id"], b""),
+                  ("GET", "/v1/responses/%s/input_items" % r["id"], None)]
+        for method, path, body in routes:
+            with self.subTest(method=method, path=path):
+                st, hdrs, data = SERVER.request(method, path, body, scen("RATE_LIMITED; retry_after=2"))
+                self.assertEqual((st, json.loads(data)["error"]["code"], hdrs["retry-after"]),
+                                 (429, "rate_limit_exceeded", "2"))
+        self.assertEqual(SERVER.request("GET", "/v1/responses/" + r["id"], None, OA)[0], 200)  # never deleted
+
     def test_errors_in_openai_shape(self):
         cases = [
             ({"input": "x"}, OA, 400, "model", None),
