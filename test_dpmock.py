@@ -2815,6 +2815,118 @@ class OpenAISdkTest(unittest.TestCase):
                                                 extra_headers={"X-DP-Scenario": "RATE_LIMITED"})
 
 
+@unittest.skipUnless(_have("openai"), "the openai package is not installed (optional)")
+class OpenAIResponsesSdkTest(unittest.TestCase):
+    TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
+              "parameters": dict(WEATHER, required=["city", "days"], additionalProperties=False)}]
+
+    def setUp(self):
+        openai = self.openai = importlib.import_module("openai")
+        self.client = openai.OpenAI(api_key="sk-test", base_url=SERVER.url + "/v1", max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_create_and_stream(self):
+        r = self.client.responses.create(model="gpt-4o-mini", input="Hi there", instructions="Be brief")
+        self.assertEqual((r.output_text, r.status, r.object), ("dpmock reply to: Hi there", "completed", "response"))
+        self.assertEqual((r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens), (4, 5, 9))
+        self.assertTrue(r._request_id.startswith("req_"))
+        with self.client.responses.stream(model="gpt-4o-mini", input="Hi stream",
+                                          reasoning={"effort": "low", "summary": "auto"}) as s:
+            events = list(s)
+            final = s.get_final_response()
+        self.assertEqual([e.sequence_number for e in events], list(range(len(events))))
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        self.assertEqual(deltas[-1].snapshot, "dpmock reply to: Hi stream")  # the helper's accumulated text
+        self.assertEqual((final.output_text, [o.type for o in final.output]), ("dpmock reply to: Hi stream",
+                                                                                ["reasoning", "message"]))
+        self.assertEqual(final.output[0].summary[0].text, "Thinking about: Hi stream")
+        self.assertEqual(final.id, events[0].response.id)
+        raw = list(self.client.responses.create(model="gpt-4o-mini", input="raw", stream=True))
+        self.assertEqual((raw[0].type, raw[-1].type, raw[-1].response.output_text),
+                         ("response.created", "response.completed", "dpmock reply to: raw"))
+
+    def test_function_call_round_trips(self):
+        r = self.client.responses.create(model="gpt-4o", input="Weather in Paris?", tools=self.TOOLS)
+        [call] = r.output
+        self.assertEqual((call.type, call.name, call.status), ("function_call", "get_weather", "completed"))
+        self.assertEqual(json.loads(call.arguments), {"city": "example", "days": 1})
+        with self.client.responses.stream(model="gpt-4o", input="Weather in Paris?", tools=self.TOOLS) as s:
+            streamed = s.get_final_response().output[0]
+        self.assertEqual((streamed.name, json.loads(streamed.arguments)), ("get_weather", {"city": "example", "days": 1}))
+        result = {"type": "function_call_output", "call_id": call.call_id, "output": "22 degrees and sunny"}
+        chained = self.client.responses.create(model="gpt-4o", tools=self.TOOLS, previous_response_id=r.id,
+                                               input=[result])
+        self.assertEqual(chained.output_text, "The get_weather tool returned: 22 degrees and sunny")
+        items = [{"role": "user", "content": "Weather in Paris?"}] + [o.model_dump(exclude_none=True) for o in r.output]
+        explicit = self.client.responses.create(model="gpt-4o", tools=self.TOOLS, store=False,
+                                                input=items + [dict(result, output="18 degrees")])
+        self.assertEqual(explicit.output_text, "The get_weather tool returned: 18 degrees")
+
+    def test_parse_structured_output_with_nested_models(self):
+        pydantic = importlib.import_module("pydantic")
+
+        class City(pydantic.BaseModel):
+            name: str
+            population: int
+
+        class Report(pydantic.BaseModel):
+            city: City
+            tags: __import__("typing").List[str]
+            rating: float
+
+        r = self.client.responses.parse(model="gpt-4o", input="Tell me about Paris", text_format=Report)
+        self.assertIsInstance(r.output_parsed, Report)
+        self.assertEqual(r.output_parsed.city, City(name="dpmock reply to: Tell me about Paris", population=1))
+        self.assertEqual(r.text.format.type, "json_schema")
+        with self.client.responses.stream(model="gpt-4o", input="Paris", text_format=Report) as s:
+            done = [e for e in s if e.type == "response.output_text.done"]
+            final = s.get_final_response()
+        self.assertEqual((done[0].parsed, final.output_parsed.city.name), (final.output_parsed, "dpmock reply to: Paris"))
+
+    def test_previous_response_id_and_stored_responses(self):
+        o = self.openai
+        first = self.client.responses.create(model="gpt-4o", input="one two")
+        second = self.client.responses.create(model="gpt-4o", input="three", previous_response_id=first.id)
+        self.assertEqual((second.output_text, second.previous_response_id, second.usage.input_tokens),
+                         ("dpmock reply to: three", first.id, 8))
+        count = self.client.responses.input_tokens.count(model="gpt-4o", input="three", previous_response_id=first.id)
+        self.assertEqual((count.object, count.input_tokens), ("response.input_tokens", 8))
+        self.assertEqual(self.client.responses.retrieve(second.id).output_text, "dpmock reply to: three")
+        three = self.client.responses.create(model="gpt-4o", input=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+        items = list(self.client.responses.input_items.list(three.id, limit=1))  # auto-paging, one a page
+        self.assertEqual([(i.type, i.role, i.content[0].text) for i in items],
+                         [("message", "user", "c"), ("message", "assistant", "b"), ("message", "user", "a")])
+        with self.assertRaises(o.BadRequestError) as cm:
+            self.client.responses.create(model="gpt-4o", input="x", previous_response_id="resp_missing")
+        self.assertEqual((cm.exception.code, cm.exception.param), ("previous_response_not_found", "previous_response_id"))
+        with self.assertRaises(o.BadRequestError):
+            self.client.responses.cancel(second.id)  # not a background response
+        background = self.client.responses.create(model="gpt-4o", input="later", background=True)
+        self.assertEqual(background.status, "queued")
+        self.assertEqual(self.client.responses.cancel(background.id).output_text, "dpmock reply to: later")
+        self.client.responses.delete(second.id)
+        with self.assertRaises(o.NotFoundError):
+            self.client.responses.retrieve(second.id)
+
+    def test_incomplete_and_stream_faults(self):
+        words = " ".join("w%d" % i for i in range(30))
+        r = self.client.responses.create(model="gpt-4o", input=words, max_output_tokens=16)
+        self.assertEqual((r.status, r.incomplete_details.reason, len(r.output_text.split())),
+                         ("incomplete", "max_output_tokens", 16))
+        with self.client.responses.stream(model="gpt-4o", input="x",
+                                          extra_headers={"X-DP-Scenario": "STREAM_ERROR; after=3"}) as s:
+            events = list(s)
+            self.assertEqual((events[-1].type, events[-1].code, events[-1].sequence_number), ("error", "server_error", 3))
+            with self.assertRaises(RuntimeError):  # no response.completed
+                s.get_final_response()
+        with self.client.responses.stream(model="gpt-4o", input="x", extra_headers={"X-DP-Scenario": "STREAM_NO_END"}) as s:
+            with self.assertRaises(RuntimeError):
+                s.get_final_response()
+        with self.assertRaises(self.openai.RateLimitError):
+            self.client.responses.create(model="gpt-4o", input="x", extra_headers={"X-DP-Scenario": "RATE_LIMITED"})
+
+
 @unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")
 class AnthropicSdkTest(unittest.TestCase):
 
