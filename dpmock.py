@@ -3230,8 +3230,8 @@ def handle_responses_get(w, req):
 
 def handle_responses_delete(w, req):
     check_key(req)
-    _stored_response(w, req)
-    w.server.responses.remove(req.params["response_id"])
+    if w.server.responses.remove(req.params["response_id"]) is None:
+        _stored_response(w, req)  # its 404
     w.send_json(200, {"id": req.params["response_id"], "object": "response.deleted", "deleted": True})
 
 
