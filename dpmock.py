@@ -862,9 +862,12 @@ class ResponseWriter:
 
     def note_end(self, pending):
         """The answer's last bytes are next: the journal says so before the client can read them."""
-        if self.entry is not None:
-            self.entry.bytes_sent = self.sent + pending
-            self.entry.ended = self.ended or "ok"
+        e = self.entry
+        if e is not None:
+            e.bytes_sent = self.sent + pending
+            e.ended = self.ended or "ok"
+            if self.req is not None and e.body_bytes != self.req.body_bytes:  # a body read by the handler
+                e.body, e.body_bytes = bytes(self.req.captured), self.req.body_bytes
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
