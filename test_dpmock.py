@@ -23,6 +23,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import typing
 import unittest
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -284,6 +285,17 @@ def sse_chunks(raw):
 def jpost(path, body, headers):
     st, hdrs, data = SERVER.request("POST", path, body, headers)
     return st, hdrs, json.loads(data)
+
+
+def responses_events(raw):
+    """[(event name, data object)] of a raw Responses stream; asserts the framing of every event."""
+    out = []
+    for c in sse_chunks(raw)[1]:
+        text = c.decode()
+        assert text.startswith("event: ") and text.endswith("\n\n") and text.count("\n") == 3, text[:200]
+        name, data = sse_events(c)[0]
+        out.append((name, json.loads(data)))
+    return out
 
 
 OA = {"Authorization": "Bearer sk-test"}
@@ -644,17 +656,6 @@ class OpenAIRoutesTest(unittest.TestCase):
         self.assertEqual((st, hdrs["content-type"], data[:4]), (200, "image/png", b"\x89PNG"))
         st, _, r = jpost("/v1/images/generations", {"model": "dall-e-3"}, OA)
         self.assertEqual((st, r["error"]["param"]), (400, "prompt"))
-
-
-def responses_events(raw):
-    """[(event name, data object)] of a raw Responses stream; asserts the framing of every event."""
-    out = []
-    for c in sse_chunks(raw)[1]:
-        text = c.decode()
-        assert text.startswith("event: ") and text.endswith("\n\n") and text.count("\n") == 3, text[:200]
-        name, data = sse_events(c)[0]
-        out.append((name, json.loads(data)))
-    return out
 
 
 class ResponsesRoutesTest(unittest.TestCase):
@@ -2871,7 +2872,7 @@ class OpenAIResponsesSdkTest(unittest.TestCase):
 
         class Report(pydantic.BaseModel):
             city: City
-            tags: __import__("typing").List[str]
+            tags: typing.List[str]
             rating: float
 
         r = self.client.responses.parse(model="gpt-4o", input="Tell me about Paris", text_format=Report)
