@@ -405,28 +405,32 @@ class Router:
                 segments = segments[1:]
                 versioned = True
         stripped = ("/upload/" if upload else "/") + "/".join(segments)
-        found = None
-        methods = self._exact.get(stripped)
-        if methods is not None:
-            found = (methods, {})
-        else:
-            for pattern, methods in self._patterns.get(stripped.count("/") + 1, ()):
-                params = _match_segments(pattern, stripped.split("/"))
-                if params is not None:
-                    found = (methods, params)
-                    break
-        if found is not None:
-            methods, params = found
+        allowed = set()
+        for methods, params in self._candidates(stripped):
             route = methods.get("GET" if method == "HEAD" else method)
             if route is not None and (route.versioned or not versioned):
                 return route, params
-            allowed = sorted({m for m, r in methods.items() if r.versioned or not versioned})
-            if allowed:
-                if "GET" in allowed:
-                    allowed.append("HEAD")
-                raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
-                                "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
+            allowed.update(m for m, r in methods.items() if r.versioned or not versioned)
+        if allowed:
+            allowed = sorted(allowed) + (["HEAD"] if "GET" in allowed else [])
+            raise HTTPError(405, "method %s is not allowed on %s; allowed: %s" % (method, path, ", ".join(allowed)),
+                            "method_not_allowed", headers=(("Allow", ", ".join(allowed)),))
         raise HTTPError(404, "no route for %s %s" % (method, path), "not_found")
+
+    def _candidates(self, path):
+        """({method: route}, params) of the exact path, then of the first pattern it fits.
+
+        An exact path wins, but only for its own methods: ``GET /responses/input_tokens`` is
+        ``GET /responses/{response_id}``, as the provider sees it, not a 405 from the exact row.
+        """
+        methods = self._exact.get(path)
+        if methods is not None:
+            yield methods, {}
+        for pattern, methods in self._patterns.get(path.count("/") + 1, ()):
+            params = _match_segments(pattern, path.split("/"))
+            if params is not None:
+                yield methods, params
+                return
 
     def scenario_routes(self, scenario):
         """Names of the routes a scenario answers on: its own rows, or every route of its kind."""
@@ -858,7 +862,7 @@ class ResponseWriter:
     """
 
     __slots__ = ("conn", "server", "req", "fault", "sent", "status", "events", "headers_sent", "chunked",
-                 "extra_headers", "json_array", "entry", "ended", "request_id")
+                 "extra_headers", "json_array", "entry", "ended", "request_id", "stream_error")
 
     def __init__(self, conn, req):
         self.conn = conn  #: the MockHandler: the socket, its files, and the connection's state
@@ -875,6 +879,7 @@ class ResponseWriter:
         self.entry = None  #: this request's journal entry, once it has one
         self.ended = None  #: how the answer ended, when not simply
         self.request_id = None
+        self.stream_error = None  #: ``f(writer)`` -> this stream's own error event, when not the provider's
 
     # ---------------------------------------------------------------- the lowest level
 
@@ -1049,8 +1054,7 @@ class ResponseWriter:
 
     def send_stream_error(self):
         """The provider's own in-stream error, then the end of the stream (the connection closes)."""
-        provider = PROVIDERS[self.req.provider]
-        text = provider.stream_error()
+        text = self.stream_error(self) if self.stream_error else PROVIDERS[self.req.provider].stream_error()
         if self.json_array:
             text = "%s%s]" % ("[" if self.events == 0 else ",\r\n", text)
         elif not text.startswith(("data:", "event:")):
@@ -2981,13 +2985,12 @@ def openai_output(fmt, name):
         raise invalid("Invalid value: '%s'. Supported values are: 'text', 'json_object' and 'json_schema'."
                       % fmt.get("type"), name + ".type", "invalid_value")
     spec = fmt.get("json_schema", fmt)  # Chat nests it under json_schema, Responses does not
+    where = name if spec is fmt and name == "text.format" else name + ".json_schema"  # the field the error names
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise invalid("Missing required parameter: '%s.json_schema.name'." % name, name + ".json_schema.name",
-                      "missing_required_parameter")
+        raise invalid("Missing required parameter: '%s.name'." % where, where + ".name", "missing_required_parameter")
     if schema is not None and not isinstance(schema, dict):
-        raise invalid("Invalid type for '%s.json_schema.schema': expected an object." % name,
-                      name + ".json_schema.schema", "invalid_type")
+        raise invalid("Invalid type for '%s.schema': expected an object." % where, where + ".schema", "invalid_type")
     return schema if schema else JSON_OBJECT
 
 
@@ -2997,7 +3000,7 @@ def _openai_content(content, turn):
         return content
     texts = []
     for part in content if isinstance(content, list) else ():
-        if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
             texts.append(str(part.get("text", "")))
             turn.add_text(texts[-1])
         elif isinstance(part, dict):
@@ -3221,6 +3224,343 @@ def handle_openai_moderations(w, req):
                         "category_applied_input_types": {c: ["text"] for c in categories}})
     w.send_json(200, {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest",
                       "results": results})
+
+
+################################################################################
+# OpenAI Responses
+################################################################################
+
+_RESPONSES_PART = {"type": str, "text": str, "image_url": (str, _NULL), "file_id": (str, _NULL), "file_data": str,
+                   "file_url": str, "filename": str, "detail": str, "annotations": list, "logprobs": list}
+_RESPONSES_ITEM = {"type": str, "id": str, "role": str, "status": (str, _NULL),
+                   "content": Shape.of(str, _NULL, [_RESPONSES_PART]), "call_id": str, "name": str, "arguments": str,
+                   "output": Shape.of(str, [_RESPONSES_PART]), "summary": [{"type": str, "text": str}]}
+#: /responses fields typed as the SDKs type them (``tools`` are flat: no ``function`` object as in Chat).
+RESPONSES_SHAPE = {
+    "model": str, "input": Shape.of(str, [_RESPONSES_ITEM]), "instructions": (str, _NULL),
+    "tools": [{"type": str, "name": str, "description": (str, _NULL), "parameters": (dict, _NULL),
+               "strict": (bool, _NULL)}],
+    "tool_choice": Shape.of(str, {"type": str, "name": str}),
+    "reasoning": Shape.of(_NULL, {"effort": (str, _NULL), "summary": (str, _NULL), "generate_summary": (str, _NULL)}),
+    "text": Shape.of(_NULL, {"format": {"type": str, "name": str, "schema": dict, "strict": (bool, _NULL),
+                                        "description": str}, "verbosity": (str, _NULL)}),
+    "max_output_tokens": (int, _NULL), "max_tool_calls": (int, _NULL), "store": (bool, _NULL),
+    "background": (bool, _NULL), "previous_response_id": (str, _NULL), "metadata": (dict, _NULL),
+    "temperature": (float, _NULL), "top_p": (float, _NULL), "top_logprobs": (int, _NULL),
+    "parallel_tool_calls": (bool, _NULL), "stream": (bool, _NULL), "stream_options": (dict, _NULL),
+    "truncation": (str, _NULL), "include": (list, _NULL), "user": str, "service_tier": (str, _NULL),
+    "prompt_cache_key": (str, _NULL), "safety_identifier": (str, _NULL),
+}
+MIN_OUTPUT_TOKENS = 16  #: the API refuses a smaller max_output_tokens
+_ITEM_IDS = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+def _missing(name):
+    return invalid("Missing required parameter: '%s'." % name, name, "missing_required_parameter")
+
+
+def responses_input(value):
+    """The request's ``input`` as the items the API stores: each with a type, an id and a status."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    items = []
+    for i, raw in enumerate(value):
+        kind = raw.get("type") or ("message" if "role" in raw else None)
+        where = "input[%d]" % i
+        if kind is None:
+            raise _missing(where + ".type")
+        item = dict(raw, type=kind, id=raw.get("id") or new_id(_ITEM_IDS.get(kind, "item_"), 24))
+        if kind == "message":
+            role, content = raw.get("role"), raw.get("content")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise invalid("Invalid value: '%s'. Supported values are: 'assistant', 'system', 'developer', and "
+                              "'user'." % role, where + ".role", "invalid_value")
+            if content is None:
+                raise _missing(where + ".content")
+            if isinstance(content, str):
+                content = [{"type": "output_text", "text": content, "annotations": []} if role == "assistant" else
+                           {"type": "input_text", "text": content}]
+            item["content"] = content
+        for field in {"function_call": ("call_id", "name", "arguments"),
+                      "function_call_output": ("call_id", "output")}.get(kind, ()):
+            if raw.get(field) is None:
+                raise _missing("%s.%s" % (where, field))
+        if kind in ("message", "function_call", "function_call_output"):
+            item["status"] = raw.get("status") or "completed"
+        items.append(item)
+    return items
+
+
+def responses_turn(body, model, items):
+    """Read a /responses body (its items: previous ones, then this input) into a Turn."""
+    turn = Turn(model)
+    turn.add_text(body.get("instructions"))
+    turn.system = body.get("instructions") or ""
+    names = {}  # call_id -> function name
+    for item in items:
+        kind = item["type"]
+        if kind == "message":
+            text = _openai_content(item["content"], turn)
+            if item["role"] == "user":
+                turn.user_text = text
+                turn.user_turns += 1
+            elif item["role"] in ("system", "developer"):
+                turn.system = (turn.system + "\n" + text).strip("\n")
+        elif kind == "function_call":
+            names[item["call_id"]] = item["name"]
+            turn.add_text(item["arguments"])
+        elif kind == "function_call_output":
+            result = _openai_content(item["output"], turn)
+    if items and items[-1]["type"] == "function_call_output":
+        last = items[-1]
+        turn.tool_result = (names.get(last["call_id"]) or last.get("name") or "tool", result)
+    for i, t in enumerate(body.get("tools") or ()):
+        if t.get("type") == "function":
+            if not t.get("name"):
+                raise _missing("tools[%d].name" % i)
+            turn.tools.append((t["name"], t.get("parameters") or {"type": "object", "properties": {}}))
+    choice = body.get("tool_choice")
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        raise invalid("Invalid value: '%s'. Supported values are: 'none', 'auto', and 'required'." % choice,
+                      "tool_choice", "invalid_value")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if choice.get("name") not in dict(turn.tools):
+            raise invalid("Tool choice 'function' not found in 'tools' parameter.", "tool_choice")
+        turn.forced_tool = choice["name"]
+    turn.tools_off = choice == "none"
+    if choice == "required" or turn.forced_tool:
+        turn.tool_result = None  # the model must call a tool, even right after a tool's result
+    reasoning = body.get("reasoning")
+    turn.thinking = isinstance(reasoning, dict) and reasoning.get("effort") != "none"
+    limit = body.get("max_output_tokens")
+    if limit is not None and limit < MIN_OUTPUT_TOKENS:
+        raise invalid("Invalid 'max_output_tokens': integer below minimum value. Expected a value >= %d, but got %d "
+                      "instead." % (MIN_OUTPUT_TOKENS, limit), "max_output_tokens", "integer_below_min_value")
+    turn.max_tokens = limit
+    turn.output = openai_output(_get(body.get("text"), "format"), "text.format")
+    return turn
+
+
+def responses_history(store, previous_id):
+    """The items a previous response carries into this one (its conversation, input and output), and
+    what they cost the store."""
+    if previous_id is None:
+        return [], 0
+    record = store.get(previous_id)
+    if record is None:
+        raise HTTPError(400, "Previous response with id '%s' not found." % previous_id, "previous_response_not_found",
+                        param="previous_response_id")
+    return record.context, record.size
+
+
+def responses_output(plan, summary):
+    """The answer's output items: reasoning (when asked for), then one message or the function calls."""
+    output = []
+    if plan.thinking:
+        output.append({"id": new_id("rs_", 24), "type": "reasoning",
+                       "summary": [{"type": "summary_text", "text": plan.thinking}] if summary else []})
+    for cid, name, args in plan.calls:
+        output.append({"id": new_id("fc_", 24), "type": "function_call", "status": "completed",
+                       "arguments": _COMPACT(args), "call_id": "call_" + cid, "name": name})
+    if not plan.calls:
+        output.append({"id": new_id("msg_", 24), "type": "message",
+                       "status": "incomplete" if plan.finish == "length" else "completed",
+                       "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": plan.text}],
+                       "role": "assistant"})
+    return output
+
+
+def responses_usage(plan):
+    out = plan.output_tokens + plan.thinking_tokens
+    return {"input_tokens": plan.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": plan.thinking_tokens},
+            "total_tokens": plan.prompt_tokens + out}
+
+
+def _given(body, name, default):
+    value = body.get(name)
+    return default if value is None else value
+
+
+def responses_object(body, model, plan, output):
+    """The Response object, every field the SDK types (the SDK computes ``output_text`` itself)."""
+    now = int(time.time())
+    status = "incomplete" if plan.finish == "length" else "completed"
+    reasoning = body.get("reasoning") or {}
+    text = body.get("text") or {}
+    tools = [dict(t, description=t.get("description"), parameters=t.get("parameters"), strict=_given(t, "strict", True))
+             if t.get("type") == "function" else t for t in body.get("tools") or ()]
+    return {"id": new_id("resp_", 24), "object": "response", "created_at": now, "status": status,
+            "background": body.get("background") is True, "completed_at": now if status == "completed" else None,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "max_tool_calls": body.get("max_tool_calls"), "model": model, "output": output,
+            "parallel_tool_calls": _given(body, "parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"), "prompt_cache_key": body.get("prompt_cache_key"),
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+            "safety_identifier": body.get("safety_identifier"), "service_tier": "default",
+            "store": body.get("store") is not False, "temperature": _given(body, "temperature", 1.0),
+            "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+            "tool_choice": _given(body, "tool_choice", "auto"), "tools": tools,
+            "top_logprobs": _given(body, "top_logprobs", 0), "top_p": _given(body, "top_p", 1.0),
+            "truncation": _given(body, "truncation", "disabled"), "usage": responses_usage(plan),
+            "user": body.get("user"), "metadata": _given(body, "metadata", {})}
+
+
+def responses_reader(req):
+    """The route's reader: the conversation, a previous response's items first."""
+    body = req.json
+    validate(OPENAI, body, RESPONSES_SHAPE)
+    model = _require_model(body)
+    if body.get("input") is None:
+        raise _missing("input")
+    history, _ = responses_history(req.server.responses, body.get("previous_response_id"))
+    return responses_turn(body, model, history + responses_input(body["input"]))
+
+
+def handle_openai_responses(w, req):
+    check_key(req)
+    body = req.json
+    turn = read_turn(req)
+    model = turn.model
+    store = body.get("store") is not False
+    if body.get("background") is True and not store:
+        raise invalid("Background mode requires 'store' to be true.", "background")
+    history, inherited = responses_history(w.server.responses, body.get("previous_response_id"))
+    items = responses_input(body["input"])
+    check_model(req, model)
+    plan = Plan(turn, w.fault, req.answer)
+    reasoning = body.get("reasoning") or {}
+    response = responses_object(body, model, plan, responses_output(plan, reasoning.get("summary") or
+                                                                    reasoning.get("generate_summary")))
+    if store:
+        cost = inherited + req.body_bytes + len(plan.text)  # a context holds its ancestors' items
+        w.server.responses.add(StoredResponse(response, items, history + items + response["output"], cost))
+    if req.route.streaming(req):
+        send_responses_stream(w, response, plan)
+    elif response["background"]:  # asked to run in the background: it is queued, and done when next asked
+        w.send_json(200, dict(response, status="queued", output=[], usage=None, completed_at=None,
+                              incomplete_details=None))
+    else:
+        w.send_json(200, response)
+
+
+def send_responses_stream(w, response, plan):
+    """response.created and .in_progress, each output item's events, then response.completed (or
+    .incomplete) with the whole response; every event carries its type and a sequence number."""
+    seq = itertools.count()
+
+    def emit(kind, where=None, **fields):
+        event = {"type": kind, "sequence_number": next(seq)}
+        event.update(where or ())
+        event.update(fields)
+        w.send_sse_event(event, event=kind)
+    w.stream_error = responses_stream_error
+    w.start_stream(200, scenarios.SSE)
+    head = dict(response, status="in_progress", output=[], usage=None, completed_at=None, incomplete_details=None)
+    emit("response.created", response=head)
+    emit("response.in_progress", response=head)
+    for index, item in enumerate(response["output"]):
+        _stream_output_item(emit, index, item, plan)
+    emit("response." + response["status"], response=response)
+    w.end_stream()
+
+
+def _stream_output_item(emit, index, item, plan):
+    """The events of one output item, from output_item.added to output_item.done."""
+    kind = item["type"]
+    where = {"item_id": item["id"], "output_index": index}
+    if kind == "message":
+        part = item["content"][0]
+        emit("response.output_item.added", output_index=index, item=dict(item, status="in_progress", content=[]))
+        emit("response.content_part.added", where, content_index=0, part=dict(part, text=""))
+        for piece in plan.pieces:
+            emit("response.output_text.delta", where, content_index=0, delta=piece, logprobs=[])
+        emit("response.output_text.done", where, content_index=0, text=part["text"], logprobs=[])
+        emit("response.content_part.done", where, content_index=0, part=part)
+    elif kind == "function_call":
+        emit("response.output_item.added", output_index=index, item=dict(item, status="in_progress", arguments=""))
+        for fragment in json_fragments(item["arguments"]):
+            emit("response.function_call_arguments.delta", where, delta=fragment)
+        emit("response.function_call_arguments.done", where, name=item["name"], arguments=item["arguments"])
+    else:  # reasoning: its summary parts
+        emit("response.output_item.added", output_index=index, item=dict(item, summary=[]))
+        for i, part in enumerate(item["summary"]):
+            emit("response.reasoning_summary_part.added", where, summary_index=i, part=dict(part, text=""))
+            for piece in re.findall(_PIECES, part["text"]):
+                emit("response.reasoning_summary_text.delta", where, summary_index=i, delta=piece)
+            emit("response.reasoning_summary_text.done", where, summary_index=i, text=part["text"])
+            emit("response.reasoning_summary_part.done", where, summary_index=i, part=part)
+    emit("response.output_item.done", output_index=index, item=item)
+
+
+def _stored_response(w, req):
+    record = w.server.responses.get(req.params["response_id"])
+    if record is None:
+        raise HTTPError(404, "Response with id '%s' not found." % req.params["response_id"])
+    return record
+
+
+def handle_responses_get(w, req):
+    check_key(req)
+    w.send_json(200, _stored_response(w, req).response)
+
+
+def handle_responses_delete(w, req):
+    check_key(req)
+    if w.server.responses.remove(req.params["response_id"]) is None:
+        _stored_response(w, req)  # its 404
+    w.send_json(200, {"id": req.params["response_id"], "object": "response.deleted", "deleted": True})
+
+
+def handle_responses_cancel(w, req):
+    """Only a background response can be cancelled; dpmock's have finished by then, and a finished
+    one is answered as it is."""
+    check_key(req)
+    record = _stored_response(w, req)
+    if not record.response["background"]:
+        raise invalid("Only responses created with background=true can be cancelled.", "response_id")
+    w.send_json(200, record.response)
+
+
+def handle_responses_input_items(w, req):
+    check_key(req)
+    items = list(_stored_response(w, req).input)
+    order = req.arg("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid("Invalid value: '%s'. Supported values are: 'asc' and 'desc'." % order, "order", "invalid_value")
+    if order == "desc":
+        items.reverse()
+    limit = _int_arg(req, "limit", 20, 1, 100)
+    after = req.arg("after")
+    ids = [item["id"] for item in items]
+    if after is not None and after not in ids:
+        raise invalid("Invalid 'after': no input item with id '%s' in this response." % after, "after")
+    start = ids.index(after) + 1 if after is not None else 0
+    page = items[start:start + limit]
+    w.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                      "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
+
+
+def handle_responses_input_tokens(w, req):
+    """What POST /responses would count as its input_tokens, without answering it."""
+    check_key(req)
+    body = req.json
+    validate(OPENAI, body, RESPONSES_SHAPE)
+    model = body.get("model") or "gpt-4o"
+    check_model(req, model)
+    history, _ = responses_history(w.server.responses, body.get("previous_response_id"))
+    turn = responses_turn(body, model, history + responses_input(body.get("input")))
+    w.send_json(200, {"object": "response.input_tokens", "input_tokens": count_tokens(turn.texts, turn.media)})
+
+
+def responses_stream_error(w):
+    """The Responses stream's own error event, numbered as the next event would have been."""
+    return "event: error\ndata: %s\n\n" % _compact({
+        "type": "error", "code": "server_error", "param": None, "sequence_number": w.events,
+        "message": "The server had an error while processing your request. Sorry about that!"})
 
 
 ################################################################################
@@ -4249,6 +4589,15 @@ ROUTES = (
     Route("POST", "/completions", "completions", handle_openai_completions, OPENAI, BODY_JSON, STREAM_FLAG,
           completion_turn),
     Route("POST", "/moderations", "moderations", handle_openai_moderations, OPENAI, BODY_JSON),
+    Route("POST", "/responses", "responses", handle_openai_responses, OPENAI, BODY_JSON, STREAM_FLAG,
+          responses_reader),
+    Route("POST", "/responses/input_tokens", "responses_input_tokens", handle_responses_input_tokens, OPENAI,
+          BODY_JSON),
+    Route("GET", "/responses/{response_id}", "responses_get", handle_responses_get, OPENAI),
+    Route("DELETE", "/responses/{response_id}", "responses_delete", handle_responses_delete, OPENAI),
+    Route("POST", "/responses/{response_id}/cancel", "responses_cancel", handle_responses_cancel, OPENAI),
+    Route("GET", "/responses/{response_id}/input_items", "responses_input_items", handle_responses_input_items,
+          OPENAI),
     Route("POST", "/files", "files", handle_openai_file_upload, OPENAI, BODY_STREAM),
     Route("POST", "/messages", "messages", handle_anthropic_messages, ANTHROPIC, BODY_JSON, STREAM_FLAG,
           anthropic_reader),
@@ -4578,9 +4927,10 @@ class StreamCut(FaultKind):
 class StreamNoEnd(FaultKind):
     kind = "STREAM_NO_END"
     streams_only = True
+    ends = frozenset(("message_stop", "response.completed", "response.incomplete"))  #: events that end a stream
 
     def item(self, w, n, text, payload, event, p):
-        return None if payload == "[DONE]" or event == "message_stop" else text
+        return None if payload == "[DONE]" or event in self.ends else text
 
 
 class SseSplit(FaultKind):
@@ -5530,7 +5880,7 @@ class Log:
 
 
 ################################################################################
-# State: the journal, schedule counters and files, shared by every connection
+# State: the journal, schedule counters, files and stored responses, shared by every connection
 ################################################################################
 
 class JournalEntry:
@@ -5798,6 +6148,49 @@ class FileStore:
     def end_upload(self, upload_id):
         with self.lock:
             self.uploads.pop(upload_id, None)
+
+
+class StoredResponse:
+    """One stored Responses API answer: the response, its input items, and the conversation so far."""
+
+    __slots__ = ("response", "input", "context", "size")
+
+    def __init__(self, response, items, context, size):
+        self.response = response
+        self.input = items  #: this request's input items, with their ids
+        self.context = context  #: every item a response continuing this one sees first
+        self.size = size  #: bytes it holds, counted with its ancestors' (its context shares their items)
+
+
+class ResponseStore:
+    """Responses API answers made with ``store`` (for previous_response_id, GET, input_items): the
+    last LIMIT of them, holding at most BYTES, shared by every connection."""
+
+    LIMIT = 1000
+    BYTES = 64 * scenarios.MIB
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.records = {}  # response id -> StoredResponse, oldest first
+        self.size = 0
+
+    def add(self, record):
+        with self.lock:
+            self.records[record.response["id"]] = record
+            self.size += record.size
+            while len(self.records) > self.LIMIT or (self.size > self.BYTES and len(self.records) > 1):
+                self.size -= self.records.pop(next(iter(self.records))).size
+
+    def get(self, response_id):
+        with self.lock:
+            return self.records.get(response_id)
+
+    def remove(self, response_id):
+        with self.lock:
+            record = self.records.pop(response_id, None)
+            if record is not None:
+                self.size -= record.size
+            return record
 
 
 ################################################################################
@@ -6153,6 +6546,7 @@ class MockServer(http.server.ThreadingHTTPServer):
         self.active = 0
         self.files = FileStore()
         self.threads = ThreadStore()
+        self.responses = ResponseStore()
         self.journal = Journal(config.journal_size)
         self.schedules = Schedules(config.seed)
         self.rules = rules or RuleBook(log)

@@ -319,8 +319,9 @@ _FAULTS = (
         ("INVALID_ARGUMENT", "Request payload size exceeds the limit: 20971520 bytes."))), group="fault"),
     # in-stream errors
     Scenario("STREAM_ERROR", "200 stream, then the provider's in-stream error: Anthropic `event: error` "
-             "(`overloaded_error`), an OpenAI `data: {\"error\": ...}`, a Gemini `{\"error\": ...}` element; "
-             "then the stream ends", On(STREAMED, Fault("STREAM_ERROR")), [_AFTER], "fault"),
+             "(`overloaded_error`), an OpenAI `data: {\"error\": ...}` (Responses: `event: error` with `type`, "
+             "`code` and `sequence_number`), a Gemini `{\"error\": ...}` element; then the stream ends",
+             On(STREAMED, Fault("STREAM_ERROR")), [_AFTER], "fault"),
     # pacing
     Scenario("STREAM_SLOW", "the stream paced: first event after `ttft_ms`, then `tps` events a second",
              On(STREAMED, Fault("STREAM_SLOW")),
@@ -378,7 +379,8 @@ _FAULTS = (
              On(ANY_PROVIDER_ROUTE, Fault("INVALID_JSON_200")), group="fault"),
     Scenario("HTML_200", "200 `text/html` page, also to a streaming request",
              On(ANY_PROVIDER_ROUTE, Fault("HTML_200")), group="fault"),
-    Scenario("STREAM_NO_END", "a stream without its `data: [DONE]` (OpenAI) or `message_stop` (Anthropic)",
+    Scenario("STREAM_NO_END", "a stream without its `data: [DONE]` (OpenAI Chat), `response.completed` "
+             "(OpenAI Responses) or `message_stop` (Anthropic)",
              On(STREAMED, Fault("STREAM_NO_END"), ("openai", "anthropic")), group="fault"),
     # Expect: 100-continue
     Scenario("EXPECT_REJECT", "the answer `status` at once, without `100 Continue` and without reading the body "
