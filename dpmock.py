@@ -5599,7 +5599,8 @@ def dispatch(w, req):
         refuse_body(w, req, None)
     conn.journal_entry(w)  # the request is in the journal from here on, even while a fault holds it
     # 7. Rules: the first matching rule's answer, error or scenario (strict mode: a miss is an error).
-    if route.provider != DPMOCK:
+    #    A scenario's fixed answer, asked for by the request itself, comes before any rule.
+    if route.provider != DPMOCK and (value is None or fault is not None):
         answer = apply_rules(w, req)
         if answer is not None:
             req.answer = answer

@@ -1647,6 +1647,16 @@ class RulesTest(unittest.TestCase):
         self.assertEqual(errors, [])
         self.assertEqual(json.loads(self.srv.request("GET", "/_control/rules")[2])["count"], 3)
 
+    def test_a_requested_scenario_answer_comes_before_the_rules(self):
+        self.assertEqual(self.srv.request("POST", "/_control/rules", json.dumps(
+            {"match": {}, "respond": {"text": "from a rule"}}).encode())[0], 200)
+        st, _, body = self.srv.request("POST", "/v1/chat/completions", b"{}",
+                                       {"Authorization": "Bearer RATE_LIMIT_COMPLETION"})
+        self.assertEqual((st, json.loads(body)), (429, scenarios.RATE_LIMIT))  # the Flask mock's answer, unread
+        raw = self.srv.raw(raw_request("/v1/chat/completions", scen("STREAM_CUT; events=2"), chat_body(True)))
+        self.assertIn(b"from", raw)  # a fault shapes the rule's answer
+        self.assertEqual(len(decode_chunks(raw.partition(b"\r\n\r\n")[2], strict=False)[0]), 2)
+
     def test_dpmockctl_rules_commands(self):
         env = dict(os.environ, DP_MOCK_SERVER=self.srv.url)
         r = subprocess.run([PY, DPMOCKCTL, "rules", "add", "-", "--test", "ctl"], env=env, timeout=20,
