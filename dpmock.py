@@ -5123,8 +5123,11 @@ class Rule:
         if name == "model":
             if not isinstance(want, str):
                 raise RuleError("match.model must be a string (exact, or a glob with *)")
+            if not any(ch in want for ch in "*?["):
+                return name, (lambda c, w=want: c.model == w), want
             import fnmatch
-            return name, (lambda c, w=want: fnmatch.fnmatchcase(c.model, w)), want
+            glob = re.compile(fnmatch.translate(want)).match  # compiled once, not at every request
+            return name, (lambda c: glob(c.model) is not None), want
         if name == "text_regex":
             try:
                 self.regex = re.compile(want)
