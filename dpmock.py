@@ -978,7 +978,7 @@ class ResponseWriter:
             e.status, e.bytes_sent = self.status or None, self.sent + pending
             e.duration_ms = (time.monotonic() - req.t0) * 1000
             e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
-            e.rule = req.rule
+            e.rule, e.scenario = req.rule, req.scenario
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -1260,7 +1260,7 @@ def count_tokens(texts, media=0):
 
 
 def _bearer(value):
-    return value[7:] if value[:7].lower() == "bearer " else value
+    return value[7:] if value[:7].lower() == "bearer " else "" if value.lower() == "bearer" else value
 
 
 def request_key(req):
@@ -1275,7 +1275,7 @@ def find_key(h, route, query):
     for name in order:
         value = h.get(name)
         if value is not None:
-            return _bearer(value.strip())
+            return _bearer(value.strip()).strip() or None  # "Bearer " with nothing after it is no key
     values = query.get("key")  # names are percent-decoded: ?%6Bey= is ?key=
     return values[0].strip() if values else None
 
@@ -1558,7 +1558,8 @@ MAX_DEPTH = 16          # nesting depth from which only the cheapest valid value
 MAX_REF_REPEAT = 2      # a $ref may recur this often on one path before cheap mode
 HARD_DEPTH = 48         # past this depth generation gives up (None)
 MAX_ITEMS = 1000        # clamp for minItems / minProperties
-MAX_STRING = 10000      # clamp for minLength and regex repeats
+MAX_STRING = 10000
+MAX_PATTERN_CHECK = 100  # longer strings are never checked against a pattern (re can backtrack exponentially)      # clamp for minLength and regex repeats
 BUDGET = 20000          # values generated per call before cheap mode (twice that: give up)
 STEP_LIMIT = 200000     # schema resolutions + validation steps per call
 UNION_TRIALS = 8        # anyOf / oneOf branches tried
@@ -1976,6 +1977,8 @@ def _ok_string(value, s):
         return False
     pattern = s.get("pattern")
     if isinstance(pattern, str):
+        if len(value) > MAX_PATTERN_CHECK:  # re backtracks exponentially on some patterns: never on long text
+            return False
         rx = _regex(pattern)
         if rx is not None and rx.search(value) is None:
             return False
@@ -2331,13 +2334,25 @@ def _patterns(view):
     return [p for p in found if isinstance(p, str)]
 
 
+_NESTED_QUANTIFIER = r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]"
+
+
+def _text_may_meet(pattern, text):
+    """Whether the client's text may be checked against a pattern: not when it is long, nor when the
+    pattern quantifies a quantified group (re can backtrack exponentially on those, holding the GIL)."""
+    if not isinstance(pattern, str):
+        return True
+    return len(text) <= MAX_PATTERN_CHECK and re.search(_NESTED_QUANTIFIER, pattern) is None
+
+
 def _gen_string(view, ctx, variant, preferred):
     """text (first string field only), a preferred value, the format sample, "example",
     then strings generated from the patterns: the first that validates."""
     candidates = []
     if not ctx.text_used:
         ctx.text_used = True
-        candidates.append(_fit(ctx.text, view))
+        if _text_may_meet(view.get("pattern"), ctx.text):
+            candidates.append(_fit(ctx.text, view))
     candidates.extend(preferred)
     fmt = view.get("format")
     sample = _format_sample(fmt, variant) if isinstance(fmt, str) else None
@@ -3211,6 +3226,7 @@ def handle_openai_moderations(w, req):
     check_key(req)
     body = req.json
     validate(OPENAI, body, {"model": str})
+    validate(OPENAI, body, {"input": Shape.of(str, [str], [{"type": str, "text": str, "image_url": dict}])})
     value = body.get("input")
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # multi-modal parts
         value = [" ".join(v.get("text", "") for v in value if v.get("type") == "text") or "image"]
@@ -3724,7 +3740,7 @@ def handle_anthropic_messages(w, req):
     message = {"id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model}
     if req.json.get("thread") is not None:  # the server holds the conversation under this answer's id
         w.server.threads.put(message["id"], thread_messages(req)["messages"] +
-                             [{"role": "assistant", "content": blocks}])
+                             [{"role": "assistant", "content": blocks}], req.body_bytes + len(plan.text))
     if not req.route.streaming(req):
         w.send_json(200, dict(message, content=blocks, stop_reason=_ANTHROPIC_STOP[plan.finish], stop_sequence=None,
                               usage=anthropic_usage(plan, out)))
@@ -4270,6 +4286,8 @@ def _upload_meta(raw):
         meta = json.loads(raw)
     except ValueError as e:
         raise invalid("upload metadata is not valid JSON: %s" % e)
+    except RecursionError:
+        raise invalid("upload metadata is nested too deeply")
     f = _get(meta, "file") if isinstance(meta, dict) else None
     f = f if isinstance(f, dict) else {}
     return {"name": _get(f, "displayName", "display_name"), "mime": _get(f, "mimeType", "mime_type")}
@@ -4482,7 +4500,7 @@ def handle_control_requests(w, req):
 
 def control_test(req):
     """The test a control request is about: ?test=NAME, else X-DP-Test-Id (None: every test)."""
-    name = req.arg("test") or req.headers.get("x-dp-test-id")
+    name = req.arg("test") or req.test
     try:
         return check_test_id(name) if name is not None else None
     except RuleError as e:
@@ -4515,13 +4533,18 @@ def handle_control_rules_add(w, req):
         specs = json.loads(bytes(body).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPError(400, "rules body is not valid JSON: %s" % e, "invalid_json")
-    if isinstance(specs, dict) and "rules" in specs:
-        specs = specs["rules"]
+    except RecursionError:
+        raise HTTPError(400, "rules body is nested too deeply", "invalid_json")
+    test = control_test(req)
     try:
-        ids = w.server.rules.add(specs, control_test(req))
+        if isinstance(specs, dict) and "rules" in specs:  # a rules file's shape: {"test": NAME, "rules": [...]}
+            if specs.get("test") is not None:
+                test = check_test_id(specs["test"], "test")
+            specs = specs["rules"]
+        ids = w.server.rules.add(specs, test)
     except RuleError as e:
         raise invalid("bad rule: %s" % e, "rules", "bad_rule")
-    w.send_json(200, {"ids": ids, "test": control_test(req)})
+    w.send_json(200, {"ids": ids, "test": test})
 
 
 def handle_control_rules_list(w, req):
@@ -4869,14 +4892,23 @@ class Html200(FaultKind):
         raise Answered("ok")
 
 
+_END_MARKERS = ("[DONE]",)
+_END_EVENTS = ("message_stop", "response.completed", "response.incomplete")
+
+
 class StreamError(FaultKind):
     kind = "STREAM_ERROR"
     streams_only = True
 
     def item(self, w, n, text, payload, event, p):
-        if n == p["after"]:
+        if n == p["after"] or payload in _END_MARKERS or event in _END_EVENTS:  # a short stream: before its end
             w.send_stream_error()
         return text
+
+    def chunk(self, w, data, p):
+        if w.json_array and data == b"]":  # Gemini's array: the error is its last element
+            w.send_stream_error()
+        return False
 
     def end(self, w, p):  # a stream shorter than ``after`` gets it at its end
         w.send_stream_error()
@@ -5082,7 +5114,7 @@ class Rule:
     """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
 
     __slots__ = ("id", "priority", "times", "match", "respond", "test", "source", "order", "conds", "hits",
-                 "trigram", "regex")
+                 "trigram", "regex", "any_route")
 
     def __init__(self, spec, order, test=None, source=None):
         if not isinstance(spec, dict):
@@ -5109,6 +5141,8 @@ class Rule:
         self.regex = None
         self.trigram = None
         self.conds = [self._condition(k, v) for k, v in self.match.items()]
+        #: it can answer a route without a conversation (models, files...): only errors and scenarios do
+        self.any_route = any("error" in a or "scenario" in a for a in answers)
 
     def _condition(self, name, want):
         if name not in RULE_MATCH_KEYS:
@@ -5205,7 +5239,7 @@ def check_answer(a, where):
     if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
                                               and isinstance(c.get("arguments", {}), dict) for c in calls):
         raise RuleError("%s.tool_calls must be a list of {name, arguments (an object)}" % where)
-    if "finish" in a and a["finish"] not in RULE_FINISH:
+    if "finish" in a and (not isinstance(a["finish"], str) or a["finish"] not in RULE_FINISH):
         raise RuleError("%s.finish must be one of %s" % (where, ", ".join(RULE_FINISH)))
     usage = a.get("usage", {})
     if not isinstance(usage, dict) or not all(k in ("input_tokens", "output_tokens") and isinstance(v, int)
@@ -5253,7 +5287,7 @@ class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
     __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
-                 "headers", "body", "_trigrams")
+                 "headers", "body", "_trigrams", "conversation")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
@@ -5267,6 +5301,7 @@ class RuleContext:
         self.key = request_key(req) or ""
         self.headers, self.body = req.headers, req.json
         self._trigrams = None
+        self.conversation = req.route.reader is not None  #: the route can use any answer
 
     def header_has(self, want):
         return all(self.headers.get(k) == v for k, v in want.items())
@@ -5350,6 +5385,8 @@ class RuleBook:
             doc = json.loads(text)
         except ValueError as e:
             raise ValueError("%s: line %s: %s" % (path, getattr(e, "lineno", "?"), getattr(e, "msg", e)))
+        except RecursionError:
+            raise ValueError("%s: nested too deeply to be rules" % path)
         test = None
         if isinstance(doc, dict) and "rules" in doc:
             test = doc.get("test")
@@ -5467,7 +5504,7 @@ class RuleBook:
     def match(self, ctx, test):
         """(rule, answer, groups) of the first rule that matches and may still fire, else None."""
         for rule in self.candidates(ctx, test):
-            if rule.first_miss(ctx) is not None:
+            if (not ctx.conversation and not rule.any_route) or rule.first_miss(ctx) is not None:
                 continue
             with self.lock:
                 n = rule.hits.get(test, 0)
@@ -5494,8 +5531,9 @@ class RuleBook:
                 out.append("rule %r (used up: times=%s)" % (r.id, r.times))
             else:
                 name = miss[0]
-                got = ({k: ctx.headers.get(k) for k in miss[1]} if name == "header" else
+                got = ({k: mask_header(k, ctx.headers.get(k) or "") for k in miss[1]} if name == "header" else
                        {k: json_pointer(ctx.body, k) for k in miss[1]} if name == "body" else
+                       mask_key(ctx.key) if name == "key" else
                        getattr(ctx, {"text_regex": "text"}.get(name, name), None))
                 out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
                                                         json.dumps(got, default=lambda o: None)[:60]))
@@ -5597,7 +5635,11 @@ def dispatch(w, req):
         conn.handle_expect_100()
     # 6. Body: JSON is read and parsed here; BODY_STREAM bodies are the handler's to read.
     if route.body == BODY_JSON:
-        req.json = parse_json_body(read_json_body(req))
+        conn.idle = True  # a client stalled mid-body does not hold up a stop
+        try:
+            req.json = parse_json_body(read_json_body(req))
+        finally:
+            conn.idle = False
     elif route.body == BODY_NONE:
         refuse_body(w, req, None)
     conn.journal_entry(w)  # the request is in the journal from here on, even while a fault holds it
@@ -5659,6 +5701,10 @@ def check_control_access(req, client, config):
     if peer is not None and peer.version == 6 and peer.ipv4_mapped:
         peer = peer.ipv4_mapped
     allowed = peer is not None and (peer.is_loopback or any(peer in net for net in config.control_from))
+    if allowed and peer.is_loopback and not _local_host(req.headers.get("host") or ""):
+        raise HTTPError(403, "control routes answer requests addressed to this machine only (Host: localhost or a "
+                             "loopback address), not %r: a page of another site may be behind that name"
+                        % (req.headers.get("host") or "")[:60], "control_forbidden", etype="permission_error")
     if not allowed:
         raise HTTPError(403, "control routes answer loopback clients only (start dpmock with --control-from CIDR "
                              "to allow %s)" % (client[0] if isinstance(client, tuple) else "this client"),
@@ -5670,6 +5716,19 @@ def check_control_access(req, client, config):
     if site in ("cross-site", "same-site") or (origin is not None and not _same_origin(origin, req)):
         raise HTTPError(403, "a browser page of another origin may not use %s" % req.path, "control_forbidden",
                         etype="permission_error")
+
+
+def _local_host(host):
+    """Whether a Host header names this machine by a loopback name or address (DNS rebinding guard)."""
+    import ipaddress
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.endswith("]") or "]:" in host else host
+    name = name.strip("[]").lower()
+    if not name or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _same_origin(origin, req):
@@ -5951,6 +6010,14 @@ class Journal:
                 waiter.offer(entry)
         return entry
 
+    def complete(self, entry):
+        """The answer is over: waiters whose filters only its end can satisfy (rule, scenario) see it now."""
+        if self.waiters:
+            with self.lock:
+                for waiter in self.waiters:
+                    if entry not in waiter.found:
+                        waiter.offer(entry)
+
     def clear(self, test=None):
         """Forget every entry, or those of one test."""
         with self.lock:
@@ -6096,18 +6163,22 @@ class ThreadStore:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.messages = {}  # message id -> the conversation up to and including that answer
+        self.messages = {}  # message id -> (the conversation up to and including that answer, its size)
+        self.size = 0
 
-    def put(self, message_id, messages):
+    BYTES = 64 * scenarios.MIB  #: request bodies held in all, at most (each thread holds its body's messages)
+
+    def put(self, message_id, messages, size):
         with self.lock:
-            self.messages[message_id] = messages
-            while len(self.messages) > self.LIMIT:
-                self.messages.pop(next(iter(self.messages)))
+            self.messages[message_id] = (messages, size)
+            self.size += size
+            while len(self.messages) > self.LIMIT or (self.size > self.BYTES and len(self.messages) > 1):
+                self.size -= self.messages.pop(next(iter(self.messages)))[1]
 
     def get(self, message_id):
         with self.lock:
             found = self.messages.get(message_id)
-        return list(found) if found is not None else None
+        return list(found[0]) if found is not None else None
 
 
 class FileStore:
@@ -6479,6 +6550,8 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         """The answer is over: its journal entry says how it went."""
         self.journal_entry(w)
         w.note_end()
+        if w.entry is not None:
+            self.server.journal.complete(w.entry)
 
     def requestline_text(self):
         req = self.req
@@ -6961,12 +7034,32 @@ def watch(server, config):
         ticks += 1
         if config.rules and (ticks % 10 == 0 or server.reload_rules.is_set()):
             server.reload_rules.clear()
-            server.rules.reload()
+            try:
+                server.rules.reload()
+            except Exception:  # a bug must not end this thread (--parent-pid and --idle-exit live here)
+                server.log.error("rules: reload failed:\n%s", format_exc())
         if config.parent_pid and not pid_alive(config.parent_pid):
             server.request_stop("parent process %d is gone" % config.parent_pid)
         elif config.idle_exit and server.active == 0 and \
                 time.monotonic() - server.last_activity >= config.idle_exit:
             server.request_stop("no request for %g s" % config.idle_exit)
+
+
+def release_compile_memory():
+    """Give the memory Python used to compile this script back to the system.
+
+    A script run as __main__ is compiled at every start (never cached), and compiling this one
+    takes ~20 MB that the allocator keeps after it is freed; glibc's malloc_trim returns it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, ImportError):  # not glibc (musl has no malloc_trim): keep it
+        pass
 
 
 def pid_alive(pid):
@@ -7061,6 +7154,7 @@ def main(argv=None):
         os.close(ready)
     elif inherited is None:
         print("DP_MOCK_SERVER=%s" % server.url, flush=True)
+    release_compile_memory()
     log.info("serving %s (pid %d, dpmock %s%s)", " ".join(server.urls), os.getpid(), __version__,
              ", restart %d" % restarts if restarts else "")
     try:

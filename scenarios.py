@@ -396,7 +396,7 @@ _FAULTS = (
              [_int("k", 2, 1, 1000000, "period"), _INNER], "schedule"),
     Scenario("SEQUENCE", "the requests of a key get `steps` in turn (`OK`: a normal answer), then succeed",
              On(ANY_PROVIDER_ROUTE, Fault("SEQUENCE")),
-             [Param("steps", "steps", "SERVER_ERROR,OK", None, None, "scenario names or OK, by commas")],
+             [Param("steps", "steps", ["SERVER_ERROR", "OK"], None, None, "scenario names or OK, by commas")],
              "schedule"),
     Scenario("FAIL_RANDOM", "each request of a key gets `fault` with probability `p`, reproducibly from `seed` "
              "(echoed in `x-dp-seed`; default: the server's `--seed`)", On(ANY_PROVIDER_ROUTE, Fault("FAIL_RANDOM")),
