@@ -122,6 +122,7 @@ class Config:
         self.rules = ()  #: --rules files and folders
         self.strict = False  #: --strict: a conversation request no rule matches is an error
         self.refuse_keys = tuple(refuse_keys)  #: --refuse-key prefixes, refused besides scenarios.BAD_KEY_*
+        self.replay_timing = "fast"  #: --replay-timing: recorded answers at their recorded pace, or at once
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -153,6 +154,7 @@ class Config:
             argv += ["--rules", path]
         if self.strict:
             argv.append("--strict")
+        argv += ["--replay-timing", self.replay_timing]
         return argv
 
 
@@ -161,7 +163,7 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
                  [--refuse-key PREFIX]... [--control-from CIDR]... [--rules PATH]... [--strict]
-                 [-q | -v] [--version]"""
+                 [--replay-timing recorded|fast] [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
@@ -197,6 +199,8 @@ options:
                    folder (repeatable; reloaded when a file changes, or on SIGHUP)
   --strict         a conversation request that no rule matches is an error naming the
                    nearest rules (per request: X-DP-Strict: 1)
+  --replay-timing recorded|fast
+                   recorded answers wait their recorded delays, or come at once (default fast)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -206,7 +210,7 @@ options:
 _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile",
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
                   "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
-                  "--tls-cert": "tls_cert", "--tls-key": "tls_key"}
+                  "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--replay-timing": "replay_timing"}
 _REPEATED = ("--listen", "--refuse-key", "--control-from", "--rules")  #: options given once per value
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose",
           "--strict": "strict"}
@@ -235,7 +239,7 @@ def parse_args(argv):
     """
     values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None, "port_file": None,
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
-              "tls_key": None, "io_timeout": "120"}
+              "tls_key": None, "io_timeout": "120", "replay_timing": "fast"}
     flags = set()
     listens, refuse, given, control_from, rules = [], [], set(), [], []
     args = list(argv)
@@ -308,6 +312,9 @@ def parse_args(argv):
     for rules_path in config.rules:
         if not os.path.exists(rules_path):
             raise UsageError("--rules %s: no such file or folder" % rules_path)
+    if values["replay_timing"] not in ("recorded", "fast"):
+        raise UsageError("--replay-timing takes recorded or fast, not %r" % values["replay_timing"][:40])
+    config.replay_timing = values["replay_timing"]
     return config
 
 
@@ -551,7 +558,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule")
+                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "source")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -575,6 +582,7 @@ class Request:
         self.turn = None  #: the conversation, once a route's reader has read it
         self.answer = None  #: a matching rule's answer
         self.rule = None  #: the id of the rule that answered (or why none did, in strict mode)
+        self.source = None  #: who answered, for the journal: rule, replayed, recorded, upstream (None: dpmock)
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -954,7 +962,7 @@ class ResponseWriter:
             e.status, e.bytes_sent = self.status or None, self.sent + pending
             e.duration_ms = (time.monotonic() - req.t0) * 1000
             e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
-            e.rule = req.rule
+            e.rule, e.source = req.rule, req.source
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -1016,6 +1024,11 @@ class ResponseWriter:
             text = "event: %s\ndata: %s%s" % (event, payload, sep)
         else:
             text = "data: %s%s" % (payload, sep)
+        self.stream_text(text, payload, event)
+
+    def stream_text(self, text, payload, event=None):
+        """One stream item already framed (an SSE event, a JSON array element, a recorded event):
+        the faults that count items or reshape them see it as one item."""
         fault, p = self.fault
         text = fault.item(self, self.events, text, payload, event, p)
         if text is None:
@@ -4078,7 +4091,7 @@ def handle_control_status(w, req):
 def handle_control_requests(w, req):
     """The journal, filtered; with wait_for=N, held until N matching requests have arrived (or timeout)."""
     journal = w.server.journal
-    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key", "test", "rule")
+    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key", "test", "rule", "source")
                if req.arg(name) is not None}
     since = _int_arg(req, "since", 0, 0, 2 ** 62)
     limit = _int_arg(req, "limit", 100, 1, 10 ** 6)
@@ -4447,7 +4460,7 @@ class InvalidJson200(FaultKind):
     breaks_body = True
 
     def reply(self, w, status, body, ctype, headers, close, p):
-        if status == 200 and ctype == scenarios.JSON:
+        if status == 200 and ctype.split(";")[0].strip().lower() == scenarios.JSON:  # a replay's may say charset
             w.send_whole(status, body[:len(body) // 2], ctype, headers, close)
             return True
         return False
@@ -4659,9 +4672,10 @@ def check_catalogue(routes):
 ################################################################################
 
 #: What a rule's ``match`` may say, and what its ``respond`` may give.
-RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_regex", "system", "tool", "tool_result", "turn",
-                   "stream", "key", "header", "body")
-RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding")
+RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_exact", "text_regex", "system", "tool", "tool_result",
+                   "turn", "stream", "key", "header", "query", "body")
+RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding",
+                     "raw")
 RULE_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool", "content_filter": "filter"}
 _TEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -4680,14 +4694,19 @@ class Rule:
     """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
 
     __slots__ = ("id", "priority", "times", "match", "respond", "test", "source", "order", "conds", "hits",
-                 "trigram", "regex")
+                 "trigram", "regex", "recorded")
 
     def __init__(self, spec, order, test=None, source=None):
         if not isinstance(spec, dict):
             raise RuleError("a rule must be a JSON object with match and respond")
-        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test"}
+        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test", "recorded"}
         if unknown:
-            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond" % sorted(unknown)[0])
+            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond, recorded"
+                            % sorted(unknown)[0])
+        self.recorded = spec.get("recorded")  #: where a recorded rule came from (--record writes it)
+        if self.recorded is not None and not (isinstance(self.recorded, dict) and all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in self.recorded.values())):
+            raise RuleError("recorded must be an object of strings and numbers (method, path, upstream, status)")
         self.id = spec.get("id")
         if self.id is not None and (not isinstance(self.id, str) or not self.id):
             raise RuleError("id must be a non-empty string")
@@ -4711,13 +4730,15 @@ class Rule:
     def _condition(self, name, want):
         if name not in RULE_MATCH_KEYS:
             raise RuleError("unknown match field %r; known: %s" % (name, ", ".join(RULE_MATCH_KEYS)))
-        if name in ("provider", "route", "system", "text", "tool", "key"):
+        if name in ("provider", "route", "system", "text", "text_exact", "tool", "key"):
             if not isinstance(want, str):
                 raise RuleError("match.%s must be a string" % name)
             if name == "provider" and want not in (OPENAI, ANTHROPIC, GEMINI):
                 raise RuleError("match.provider must be openai, anthropic or gemini")
-            if name == "text" and len(want) >= 3:
+            if name in ("text", "text_exact") and len(want) >= 3:
                 self.trigram = want[len(want) // 2 - 1:len(want) // 2 + 2]
+            if name == "text_exact":
+                return name, (lambda c, w=want: c.text == w), want
         if name == "model":
             if not isinstance(want, str):
                 raise RuleError("match.model must be a string (exact, or a glob with *)")
@@ -4742,6 +4763,11 @@ class Rule:
             if not isinstance(want, bool):
                 raise RuleError("match.stream must be true or false")
             return name, (lambda c, w=want: c.stream == w), want
+        if name == "query":
+            if not isinstance(want, dict) or not want or not all(
+                    isinstance(v, str) or v is None for v in want.values()):
+                raise RuleError("match.query must be an object: parameter -> value (null: absent)")
+            return name, (lambda c, w=want: all(c.query.get(k, [None])[0] == v for k, v in w.items())), want
         if name in ("header", "body"):
             if not isinstance(want, dict) or not want:
                 raise RuleError("match.%s must be an object: %s" % (name, "name -> value" if name == "header" else
@@ -4771,6 +4797,8 @@ class Rule:
         out = {"id": self.id, "priority": self.priority, "times": self.times, "match": self.match,
                "respond": self.respond, "test": self.test, "source": self.source or "runtime",
                "hits": sum(self.hits.values())}
+        if self.recorded is not None:
+            out["recorded"] = self.recorded
         if self.hits:
             out["hits_by_test"] = {k or "": v for k, v in self.hits.items()}
         return out
@@ -4824,6 +4852,11 @@ def check_answer(a, where):
     if emb is not None and not (isinstance(emb, list) and emb and all(isinstance(x, (int, float)) and
                                                                       not isinstance(x, bool) for x in emb)):
         raise RuleError("%s.embedding must be a non-empty list of numbers" % where)
+    if "raw" in a:
+        if set(a) - {"raw", "scenario"}:
+            raise RuleError("%s.raw is a whole answer: it goes alone (with a scenario at most), not with %s"
+                            % (where, sorted(set(a) - {"raw", "scenario"})[0]))
+        check_raw(a["raw"], where + ".raw")
 
 
 def json_pointer(doc, pointer):
@@ -4848,7 +4881,7 @@ class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
     __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
-                 "headers", "body", "_trigrams")
+                 "headers", "query", "body", "_trigrams")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
@@ -4860,7 +4893,7 @@ class RuleContext:
         self.turn = turn.user_turns if turn is not None else 0
         self.stream = req.route.streaming(req)
         self.key = request_key(req) or ""
-        self.headers, self.body = req.headers, req.json
+        self.headers, self.query, self.body = req.headers, req.query, req.json
         self._trigrams = None
 
     def header_has(self, want):
@@ -5090,7 +5123,8 @@ class RuleBook:
                 name = miss[0]
                 got = ({k: ctx.headers.get(k) for k in miss[1]} if name == "header" else
                        {k: json_pointer(ctx.body, k) for k in miss[1]} if name == "body" else
-                       getattr(ctx, {"text_regex": "text"}.get(name, name), None))
+                       {k: ctx.query.get(k, [None])[0] for k in miss[1]} if name == "query" else
+                       getattr(ctx, {"text_regex": "text", "text_exact": "text"}.get(name, name), None))
                 out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
                                                         json.dumps(got, default=lambda o: None)[:60]))
         return out
@@ -5127,12 +5161,126 @@ def apply_rules(w, req):
         return None
     rule, answer, groups = hit
     req.rule = rule.id
-    answer = render(answer, ctx, groups)
+    req.source = "replayed" if "raw" in answer else "rule"
+    if "raw" not in answer:  # a recorded answer is served byte for byte: no {{template}} in it is filled
+        answer = render(answer, ctx, groups)
     err = answer.get("error")
     if err is not None:
         raise HTTPError(err["status"], err.get("message") or "error from rule %s" % rule.id, err.get("code"),
                         etype=err.get("type"))
     return answer
+
+
+################################################################################
+# Record and replay: answers forwarded upstream, saved as rules, served back byte for byte
+################################################################################
+
+#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and framing, which http.client redoes.
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "host", "content-length", "expect", "accept-encoding", "proxy-authorization",
+                         "proxy-authenticate"))
+#: Answer headers the writer makes itself, so the upstream's are not relayed.
+_WRITER_HEADERS = frozenset(("date", "server", "content-type", "content-length"))
+def check_raw(raw, where):
+    """Refuse a recorded answer (respond.raw) that cannot be served, naming the field."""
+    if not isinstance(raw, dict):
+        raise RuleError("%s must be an object: status, headers, and body, body_base64 or events" % where)
+    unknown = set(raw) - {"status", "headers", "t", "body", "body_base64", "events"}
+    if unknown:
+        raise RuleError("unknown field %s.%s; a recorded answer has status, headers, t, and body, body_base64 or "
+                        "events" % (where, sorted(unknown)[0]))
+    status = raw.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599 or status in (204, 304):
+        raise RuleError("%s.status must be a status code from 200 to 599 (one with a body)" % where)
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict):
+        raise RuleError("%s.headers must be an object: name -> value" % where)
+    for k, v in headers.items():
+        if not k or not _TOKEN_CHARS.issuperset(k.encode("latin-1", "replace")) or not isinstance(v, str) \
+                or any(c in _CTL.decode("latin-1") for c in v):
+            raise RuleError("%s.headers[%r] must be a header name with a one-line text value" % (where, k[:40]))
+        if k.lower() in _HOP_BY_HOP | _WRITER_HEADERS - {"content-type"}:
+            raise RuleError("%s.headers may not set %s: dpmock frames the answer itself" % (where, k))
+    bodies = [k for k in ("body", "body_base64", "events") if k in raw]
+    if len(bodies) != 1:
+        raise RuleError("%s needs exactly one of body, body_base64 and events" % where)
+    if "t" in raw:
+        _check_seconds(raw["t"], where + ".t")
+    if "body" in raw and not isinstance(raw["body"], str):
+        raise RuleError("%s.body must be a string (body_base64 for bytes)" % where)
+    if "body_base64" in raw:
+        _check_base64(raw["body_base64"], where + ".body_base64")
+    events = raw.get("events", [])
+    if not isinstance(events, list):
+        raise RuleError("%s.events must be a list of {t, data}" % where)
+    for i, ev in enumerate(events):
+        at = "%s.events[%d]" % (where, i)
+        if not isinstance(ev, dict) or set(ev) - {"t", "data", "data_base64"} or \
+                len([k for k in ("data", "data_base64") if k in ev]) != 1:
+            raise RuleError("%s must be {t, data} or {t, data_base64}" % at)
+        _check_seconds(ev.get("t"), at + ".t")
+        if "data" in ev and not isinstance(ev["data"], str):
+            raise RuleError("%s.data must be a string: the event's bytes as text" % at)
+        if "data_base64" in ev:
+            _check_base64(ev["data_base64"], at + ".data_base64")
+
+
+def _check_seconds(value, where):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400:
+        raise RuleError("%s must be a number of seconds from 0 to 86400" % where)
+
+
+def _check_base64(value, where):
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        binascii.a2b_base64(value)
+    except (ValueError, binascii.Error):
+        raise RuleError("%s must be base64 text" % where)
+
+
+def sse_parts(text):
+    """(data, event name) of one SSE event's text, for the faults that look inside a stream item."""
+    data, event = [], None
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data.append(line[6:] if line[5:6] == " " else line[5:])
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+    return "\n".join(data), event
+
+
+def send_recorded(w, req, raw):
+    """Serve a recorded answer through the writer, byte for byte, so every fault applies to it: a whole
+    body in one write, a stream event by event (each one stream item), at the recorded pace if asked."""
+    if req.has_body() and not req.body_done:
+        req.drain()
+    headers = [(k, v) for k, v in raw.get("headers", {}).items() if k.lower() != "content-type"]
+    ctype = next((v for k, v in raw.get("headers", {}).items() if k.lower() == "content-type"), scenarios.JSON)
+    paced = w.server.config.replay_timing == "recorded"
+    if paced:
+        w.pause(raw.get("t", 0))
+    if "events" not in raw:
+        body = raw["body"].encode("utf-8") if "body" in raw else binascii.a2b_base64(raw["body_base64"])
+        w.send_bytes(raw["status"], body, ctype, headers)
+        return
+    sse = "event-stream" in ctype.lower()
+    w.json_array = not sse  # Gemini's JSON array: the SSE-only faults leave it alone
+    w.start_stream(raw["status"], ctype, headers)
+    last = 0.0
+    for ev in raw["events"]:
+        if paced:
+            w.pause(ev["t"] - last)
+            last = max(last, ev["t"])
+        if "data" not in ev:
+            w.send_chunk(binascii.a2b_base64(ev["data_base64"]))
+        elif sse:
+            w.stream_text(ev["data"], *sse_parts(ev["data"]))
+        elif ev["data"].strip(" \t\r\n,[]"):
+            w.stream_text(ev["data"], ev["data"].strip(" \t\r\n,[]"))
+        else:  # a bare "]" or separator: not an item
+            w.send_chunk(ev["data"].encode("utf-8"))
+    w.end_stream()
 
 
 ################################################################################
@@ -5211,8 +5359,11 @@ def dispatch(w, req):
             w.fault = (fault, params)
             fault.before(w, req, params)
     elif value is not None:
+        req.source = None  # the scenario's answer, not the rule's
         return answer_scenario(w, req, value, params)
-    # 9. The route's handler.
+    # 9. The route's handler, or a recorded answer (byte for byte, every fault applying to it).
+    if req.answer is not None and "raw" in req.answer:
+        return send_recorded(w, req, req.answer["raw"])
     route.handler(w, req)
     if req.has_body() and not req.body_done:
         conn.close_connection = True  # the handler answered without reading the body
@@ -5484,7 +5635,7 @@ class JournalEntry:
     """One request as the journal keeps it, raw: formatting waits until someone reads it."""
 
     __slots__ = ("seq", "time", "client", "method", "path", "query", "headers", "body", "body_bytes", "route",
-                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule")
+                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule", "source")
 
     def __init__(self, client, req, reused):
         self.seq = 0
@@ -5498,7 +5649,7 @@ class JournalEntry:
         self.reused = reused
         self.ended = "pending"  #: until the answer is over
         self.test = req.test
-        self.rule = None
+        self.rule = self.source = None
 
 
 class _Waiter:
@@ -5593,6 +5744,8 @@ def entry_matches(e, filters):
             return False
         if name == "rule" and e.rule != value:
             return False
+        if name == "source" and (e.source or "dpmock") != value:
+            return False
     return True
 
 
@@ -5634,7 +5787,7 @@ def public_entry(e):
             "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
             "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
             "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended, "test": e.test, "rule": e.rule}
+            "ended": e.ended, "test": e.test, "rule": e.rule, "source": e.source or "dpmock"}
 
 
 class Schedules:

@@ -3348,6 +3348,78 @@ class EmbeddingRuleTest(unittest.TestCase):
             self.assertAlmostEqual(x, y, places=6)
 
 
+# ----------------------------------------------------------------------------- record and replay (issue 13)
+
+def rec_chat(text, stream=False, model="gpt-4o"):
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    return dict(body, stream=True) if stream else body
+
+
+class RecordReplayTest(unittest.TestCase):
+    """Recorded answers (respond.raw): served byte for byte, at their pace when asked, faults on top."""
+
+    def server(self, *args, **kw):
+        srv = Server(*args, **kw)
+        self.addCleanup(srv.stop)
+        return srv
+
+    def test_raw_answers_and_their_validation(self):
+        good = {"match": {"text_exact": "raw please", "query": {"v": None}},
+                "respond": {"raw": {"status": 201, "headers": {"content-type": "text/plain", "x-extra": "1"},
+                                    "body": "as {{text}} is"}}, "recorded": {"method": "POST", "status": 201}}
+        st, _, data = SERVER.request("POST", "/_control/rules?test=rawtest", [good])
+        self.assertEqual(st, 200, data)
+        self.addCleanup(SERVER.request, "DELETE", "/_control/rules?test=rawtest")
+        headers = dict(OA, **{"X-DP-Test-Id": "rawtest"})
+        st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", rec_chat("raw please"), headers)
+        self.assertEqual((st, hdrs["content-type"], hdrs["x-extra"], data), (201, "text/plain", "1", b"as {{text}} is"))
+        self.assertEqual(SERVER.request("POST", "/v1/chat/completions?v=1", rec_chat("raw please"), headers)[0], 200)
+        self.assertEqual(SERVER.request("POST", "/v1/chat/completions", rec_chat("raw please!"), headers)[0], 200)
+        events = ["data: {\"n\": %d}\n\n" % i for i in range(3)]
+        cut = {"match": {"text_exact": "raw cut"}, "respond": {"scenario": "STREAM_CUT; events=1", "raw": {
+            "status": 200, "headers": {"content-type": "text/event-stream"}, "events": [
+                {"t": 0.001 * i, "data": e} for i, e in enumerate(events)]}}}
+        self.assertEqual(SERVER.request("POST", "/_control/rules?test=rawtest", cut)[0], 200)
+        got = SERVER.raw(raw_request("/v1/chat/completions", headers, rec_chat("raw cut", True), close=True))
+        self.assertEqual(decode_chunks(got.partition(b"\r\n\r\n")[2], strict=False)[0], [events[0].encode()])
+        raw = good["respond"]["raw"]
+        for spec, named in (
+                ({"raw": dict(raw, status=99)}, "respond.raw.status"),
+                ({"raw": dict(raw, events=[])}, "exactly one of body"),
+                ({"raw": {"status": 200, "events": [{"t": -1, "data": "x"}]}}, "respond.raw.events[0].t"),
+                ({"raw": {"status": 200, "events": [{"t": 0}]}}, "respond.raw.events[0]"),
+                ({"raw": dict(raw, headers={"Content-Length": "3"})}, "Content-Length"),
+                ({"raw": dict(raw, body_base64="!!")}, "exactly one of body"),
+                ({"raw": {"status": 200, "body_base64": 3}}, "respond.raw.body_base64"),
+                ({"raw": dict(raw, colour="red")}, "respond.raw.colour"),
+                ({"raw": raw, "text": "hi"}, "goes alone")):
+            with self.subTest(named=named):
+                st, _, data = SERVER.request("POST", "/_control/rules?test=rawtest", {"respond": spec})
+                self.assertEqual(st, 400, data)
+                self.assertIn(named, json.loads(data)["error"]["message"])
+        for bad, named in (({"recorded": "yesterday"}, "recorded"), ({"match": {"query": {"v": 1}}}, "match.query"),
+                           ({"match": {"text_exact": 3}}, "match.text_exact")):
+            with self.subTest(named=named):
+                st, _, data = SERVER.request("POST", "/_control/rules?test=rawtest", dict(good, **bad))
+                self.assertEqual(st, 400, data)
+                self.assertIn(named, json.loads(data)["error"]["message"])
+
+    def test_replay_timing_of_a_hand_written_recording(self):
+        rule = {"match": {"text_exact": "paced"}, "respond": {"raw": {
+            "status": 200, "headers": {"content-type": "text/event-stream"}, "t": 0.1,
+            "events": [{"t": t, "data": "data: %s\n\n" % t} for t in (0.0, 0.15, 0.3)]}}}
+        paced = self.server("-q", "--replay-timing", "recorded")
+        for srv, low, high in ((paced, 0.38, 3.0), (SERVER, 0.0, 0.2)):
+            self.assertEqual(srv.request("POST", "/_control/rules?test=paced", rule)[0], 200)
+            self.addCleanup(srv.request, "DELETE", "/_control/rules?test=paced")
+            t0 = time.monotonic()
+            st, _, data = srv.request("POST", "/v1/chat/completions", rec_chat("paced", True),
+                                      dict(OA, **{"X-DP-Test-Id": "paced"}))
+            took = time.monotonic() - t0
+            self.assertEqual((st, data), (200, b"data: 0.0\n\ndata: 0.15\n\ndata: 0.3\n\n"))
+            self.assertTrue(low <= took <= high, (low, took, high))
+
+
 # ----------------------------------------------------------------------------- packaging
 
 class CatalogueTest(unittest.TestCase):
