@@ -3789,6 +3789,8 @@ class RecordReplayTest(unittest.TestCase):
         again = dpmock.parse_args(config.to_argv())
         self.assertEqual((again.record, again.upstreams, again.record_errors, again.replay_timing),
                          (self.dir, config.upstreams, True, "recorded"))
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.assertTrue("## Record and replay" in f.read(), "README.md has no Record and replay section")
         self.assertIn("--record DIR", run([PY, DPMOCK, "--help"]).stdout.decode())
 
 
