@@ -8,10 +8,13 @@ Usage:
                       [--idle-exit SECONDS] [--parent-pid PID] [--journal-size N]
                       [--seed N] [--io-timeout SECONDS] [-q | -v] [--version]
     python3 dpmock.py sandbox [options above] -- CMD [ARGS...]
+    python3 dpmock.py record DIR [--upstream PROVIDER=URL]... [options above]
 
 By default it detaches (double fork + setsid) and the launching process exits 0 only once
 the daemon is serving, after printing ``DP_MOCK_SERVER=http://HOST:PORT``. ``sandbox`` runs
 CMD offline in new mount and network namespaces where the providers' hosts are dpmock.
+``record`` serves in the foreground, forwards what no rule answers to the real providers and
+saves each answer in DIR as a rule (``--rules DIR`` replays them), printing where each went.
 
 Exit codes: 0 started (or, in the foreground, stopped cleanly); 1 could not start (address
 in use, bad host, pidfile locked, log file unwritable); 2 bad command line. ``sandbox``
@@ -122,6 +125,13 @@ class Config:
         self.rules = ()  #: --rules files and folders
         self.strict = False  #: --strict: a conversation request no rule matches is an error
         self.refuse_keys = tuple(refuse_keys)  #: --refuse-key prefixes, refused besides scenarios.BAD_KEY_*
+        self.record = None  #: --record: the folder where answers forwarded upstream are saved as rules
+        self.upstreams = dict(DEFAULT_UPSTREAMS)  #: --upstream: provider -> base URL forwarded to
+        self.upstream_ca = None  #: --upstream-ca: CA bundle that verifies HTTPS upstreams (default: the system's)
+        self.record_errors = False  #: --record-errors: upstream answers with status >= 400 are recorded too
+        self.record_redact = ()  #: --record-redact patterns, replaced by [REDACTED] in recordings
+        self.replay_timing = "fast"  #: --replay-timing: recorded answers at their recorded pace, or at once
+        self.announce = False  #: the record subcommand: one line per recording on stdout
 
     def to_argv(self):
         """Command-line arguments that rebuild this config (used by restart)."""
@@ -153,7 +163,18 @@ class Config:
             argv += ["--rules", path]
         if self.strict:
             argv.append("--strict")
-        return argv
+        if self.record:
+            argv += ["--record", self.record]
+        for provider, url in sorted(self.upstreams.items()):
+            argv += ["--upstream", "%s=%s" % (provider, url)]
+        if self.upstream_ca:
+            argv += ["--upstream-ca", self.upstream_ca]
+        if self.record_errors:
+            argv.append("--record-errors")
+        for pattern in self.record_redact:
+            argv += ["--record-redact", pattern]
+        argv += ["--replay-timing", self.replay_timing]
+        return (["record"] if self.announce else []) + argv
 
 
 USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]PORT]...
@@ -161,15 +182,19 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [--logfile PATH] [--port-file PATH] [--idle-exit SECONDS]
                  [--parent-pid PID] [--journal-size N] [--seed N] [--io-timeout SECONDS]
                  [--refuse-key PREFIX]... [--control-from CIDR]... [--rules PATH]... [--strict]
+                 [--record DIR [--upstream PROVIDER=URL]... [--upstream-ca PATH]
+                  [--record-errors] [--record-redact REGEX]...] [--replay-timing recorded|fast]
                  [-q | -v] [--version]"""
 
 HELP = USAGE + """
        dpmock.py sandbox [options above] -- CMD [ARGS...]
+       dpmock.py record DIR [options above]
 
 Mock the OpenAI, Gemini and Anthropic HTTP APIs. The sandbox form runs CMD offline, in new
 mount and network namespaces where the providers' hosts resolve to dpmock (HTTPS on 443,
 HTTP on 80 and 8080), and returns its exit status. Started by a user other than root, CMD
 runs as uid 0 inside (a user namespace maps that user to root there, and only there).
+The record form is --record DIR in the foreground, printing one line per recording.
 
 options:
   --host HOST      address to bind (default 127.0.0.1)
@@ -197,6 +222,17 @@ options:
                    folder (repeatable; reloaded when a file changes, or on SIGHUP)
   --strict         a conversation request that no rule matches is an error naming the
                    nearest rules (per request: X-DP-Strict: 1)
+  --record DIR     forward a provider request that no rule answers (and that selects no
+                   scenario) to its upstream, relay the answer, and save it in DIR as a rule
+                   (DIR/TEST.json per X-DP-Test-Id, else DIR/default.json); keys never saved
+  --upstream PROVIDER=URL
+                   where --record forwards openai, anthropic or gemini requests (repeatable,
+                   several after one --upstream too; default: the providers' HTTPS hosts)
+  --upstream-ca PATH  CA bundle that verifies HTTPS upstreams (default: the system's)
+  --record-errors  record upstream answers with status 400 or more too (default: relay only)
+  --record-redact REGEX  replace matches by [REDACTED] in recordings (repeatable)
+  --replay-timing recorded|fast
+                   recorded answers wait their recorded delays, or come at once (default fast)
   -q, --quiet      log errors only
   -v, --verbose    log debug lines too
   --version        print the version and exit
@@ -206,10 +242,15 @@ options:
 _VALUE_OPTIONS = {"--host": "host", "--port": "port", "--pidfile": "pidfile", "--logfile": "logfile",
                   "--port-file": "port_file", "--idle-exit": "idle_exit", "--parent-pid": "parent_pid",
                   "--journal-size": "journal_size", "--seed": "seed", "--io-timeout": "io_timeout",
-                  "--tls-cert": "tls_cert", "--tls-key": "tls_key"}
-_REPEATED = ("--listen", "--refuse-key", "--control-from", "--rules")  #: options given once per value
+                  "--tls-cert": "tls_cert", "--tls-key": "tls_key", "--record": "record",
+                  "--upstream-ca": "upstream_ca", "--replay-timing": "replay_timing"}
+#: options given once per value
+_REPEATED = ("--listen", "--refuse-key", "--control-from", "--rules", "--upstream", "--record-redact")
 _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose",
-          "--strict": "strict"}
+          "--strict": "strict", "--record-errors": "record_errors"}
+#: Where --record forwards each provider's requests unless --upstream says otherwise.
+DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com",
+                     "gemini": "https://generativelanguage.googleapis.com"}
 
 
 class UsageError(Exception):
@@ -235,9 +276,9 @@ def parse_args(argv):
     """
     values = {"host": "127.0.0.1", "port": "8080", "pidfile": None, "logfile": None, "port_file": None,
               "idle_exit": "0", "parent_pid": "0", "journal_size": "1000", "seed": None, "tls_cert": None,
-              "tls_key": None, "io_timeout": "120"}
+              "tls_key": None, "io_timeout": "120", "record": None, "upstream_ca": None, "replay_timing": "fast"}
     flags = set()
-    listens, refuse, given, control_from, rules = [], [], set(), [], []
+    listens, refuse, given, control_from, rules, upstreams, redact = [], [], set(), [], [], [], []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -265,6 +306,12 @@ def parse_args(argv):
                 control_from.append(value)
             elif name == "--rules":
                 rules.append(os.path.abspath(value))
+            elif name == "--upstream":  # --upstream openai=URL anthropic=URL: the PROVIDER=URL words that follow
+                upstreams.append(value)
+                while args and args[0].partition("=")[0] in DEFAULT_UPSTREAMS and "=" in args[0]:
+                    upstreams.append(args.pop(0))
+            elif name == "--record-redact":
+                redact.append(value)
             else:
                 values[_VALUE_OPTIONS[name]] = value
         elif arg in _FLAGS:
@@ -308,7 +355,71 @@ def parse_args(argv):
     for rules_path in config.rules:
         if not os.path.exists(rules_path):
             raise UsageError("--rules %s: no such file or folder" % rules_path)
+    parse_record_options(config, values, flags, upstreams, redact, path)
     return config
+
+
+def parse_record_options(config, values, flags, upstreams, redact, path):
+    """--record, --upstream, --upstream-ca, --record-errors, --record-redact and --replay-timing."""
+    config.record, config.upstream_ca = path("record"), path("upstream_ca")
+    config.record_errors = "record_errors" in flags
+    if config.record and os.path.exists(config.record) and not os.path.isdir(config.record):
+        raise UsageError("--record %s: not a folder" % config.record)
+    if config.upstream_ca and not os.path.isfile(config.upstream_ca):
+        raise UsageError("--upstream-ca %s: no such file" % config.upstream_ca)
+    for spec in upstreams:
+        provider, sep, url = spec.partition("=")
+        if provider not in DEFAULT_UPSTREAMS or not sep:
+            raise UsageError("--upstream takes PROVIDER=URL with PROVIDER openai, anthropic or gemini, not %r"
+                             % spec[:60])
+        try:
+            config.upstreams[provider] = split_url(url).url
+        except ValueError as e:
+            raise UsageError("--upstream %s: %s" % (provider, e))
+    for pattern in redact:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError("--record-redact %r is not a regular expression: %s" % (pattern[:60], e))
+        if not pattern or re.compile(pattern).search("") is not None:
+            raise UsageError("--record-redact %r matches the empty text: it would redact everywhere" % pattern[:60])
+    config.record_redact = tuple(redact)
+    if values["replay_timing"] not in ("recorded", "fast"):
+        raise UsageError("--replay-timing takes recorded or fast, not %r" % values["replay_timing"][:40])
+    config.replay_timing = values["replay_timing"]
+
+
+class Upstream(namedtuple("Upstream", "url scheme host port base")):
+    """An --upstream base URL, split: scheme (http or https), host, port, and the path before the version."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return host if self.port == {"http": 80, "https": 443}[self.scheme] else "%s:%d" % (host, self.port)
+
+
+def split_url(url):
+    """An http(s)://HOST[:PORT][/PATH] URL as an Upstream; ValueError says what is wrong with it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError("the URL must start with http:// or https://, not %r" % url[:60])
+    scheme = scheme.lower()
+    netloc, _, base = rest.partition("/")
+    if "?" in rest or "#" in rest or "@" in netloc:
+        raise ValueError("the URL may hold a host, port and path only (no query, fragment or credentials)")
+    if netloc.startswith("["):
+        host, _, port = netloc[1:].partition("]")
+        port = port[1:] if port.startswith(":") else ("" if not port else None)
+    else:
+        host, _, port = netloc.partition(":")
+    if not host or port is None or (port and (not is_digits(port) or not 0 < int(port) < 65536)):
+        raise ValueError("%r has no valid host[:port]" % url[:60])
+    port = int(port) if port else {"http": 80, "https": 443}[scheme]
+    base = ("/" + base).rstrip("/")
+    up = Upstream("", scheme, host, port, base)
+    return up._replace(url="%s://%s%s" % (scheme, up.netloc, base))
 
 
 def parse_network(spec):
@@ -555,7 +666,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server")
+                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server", "source")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -580,6 +691,7 @@ class Request:
         self.answer = None  #: a matching rule's answer
         self.rule = None  #: the id of the rule that answered (or why none did, in strict mode)
         self.server = None  #: the MockServer answering it (its stores: files, threads...)
+        self.source = None  #: who answered, for the journal: rule, replayed, recorded, upstream (None: dpmock)
 
     def arg(self, name, default=None):
         values = self.query.get(name)
@@ -978,7 +1090,7 @@ class ResponseWriter:
             e.status, e.bytes_sent = self.status or None, self.sent + pending
             e.duration_ms = (time.monotonic() - req.t0) * 1000
             e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
-            e.rule, e.scenario = req.rule, req.scenario
+            e.rule, e.scenario, e.source = req.rule, req.scenario, req.source
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""
@@ -1040,6 +1152,11 @@ class ResponseWriter:
             text = "event: %s\ndata: %s%s" % (event, payload, sep)
         else:
             text = "data: %s%s" % (payload, sep)
+        self.stream_text(text, payload, event)
+
+    def stream_text(self, text, payload, event=None):
+        """One stream item already framed (an SSE event, a JSON array element, a recorded event):
+        the faults that count items or reshape them see it as one item."""
         fault, p = self.fault
         if fault is _ORDINARY:  # the common case, in one write without the hooks' calls
             self.events += 1
@@ -4487,7 +4604,7 @@ def handle_control_status(w, req):
 def handle_control_requests(w, req):
     """The journal, filtered; with wait_for=N, held until N matching requests have arrived (or timeout)."""
     journal = w.server.journal
-    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key", "test", "rule")
+    filters = {name: req.arg(name) for name in ("path", "route", "scenario", "key", "test", "rule", "source")
                if req.arg(name) is not None}
     since = _int_arg(req, "since", 0, 0, 2 ** 62)
     limit = _int_arg(req, "limit", 100, 1, 10 ** 6)
@@ -4871,7 +4988,7 @@ class InvalidJson200(FaultKind):
     breaks_body = True
 
     def reply(self, w, status, body, ctype, headers, close, p):
-        if status == 200 and ctype == scenarios.JSON:
+        if status == 200 and ctype.split(";")[0].strip().lower() == scenarios.JSON:  # a replay's may say charset
             w.send_whole(status, body[:len(body) // 2], ctype, headers, close)
             return True
         return False
@@ -5093,9 +5210,10 @@ def check_catalogue(routes):
 ################################################################################
 
 #: What a rule's ``match`` may say, and what its ``respond`` may give.
-RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_regex", "system", "tool", "tool_result", "turn",
-                   "stream", "key", "header", "body")
-RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding")
+RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_exact", "text_regex", "system", "tool", "tool_result",
+                   "turn", "stream", "key", "header", "query", "body")
+RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding",
+                     "raw")
 RULE_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool", "content_filter": "filter"}
 _TEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -5114,14 +5232,19 @@ class Rule:
     """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
 
     __slots__ = ("id", "priority", "times", "match", "respond", "test", "source", "order", "conds", "hits",
-                 "trigram", "regex", "any_route")
+                 "trigram", "regex", "any_route", "recorded")
 
     def __init__(self, spec, order, test=None, source=None):
         if not isinstance(spec, dict):
             raise RuleError("a rule must be a JSON object with match and respond")
-        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test"}
+        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test", "recorded"}
         if unknown:
-            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond" % sorted(unknown)[0])
+            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond, recorded"
+                            % sorted(unknown)[0])
+        self.recorded = spec.get("recorded")  #: where a recorded rule came from (--record writes it)
+        if self.recorded is not None and not (isinstance(self.recorded, dict) and all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in self.recorded.values())):
+            raise RuleError("recorded must be an object of strings and numbers (method, path, upstream, status)")
         self.id = spec.get("id")
         if self.id is not None and (not isinstance(self.id, str) or not self.id):
             raise RuleError("id must be a non-empty string")
@@ -5141,19 +5264,21 @@ class Rule:
         self.regex = None
         self.trigram = None
         self.conds = [self._condition(k, v) for k, v in self.match.items()]
-        #: it can answer a route without a conversation (models, files...): only errors and scenarios do
-        self.any_route = any("error" in a or "scenario" in a for a in answers)
+        #: it can answer a route without a conversation (models, files...): errors, scenarios, raw answers
+        self.any_route = any("error" in a or "scenario" in a or "raw" in a for a in answers)
 
     def _condition(self, name, want):
         if name not in RULE_MATCH_KEYS:
             raise RuleError("unknown match field %r; known: %s" % (name, ", ".join(RULE_MATCH_KEYS)))
-        if name in ("provider", "route", "system", "text", "tool", "key"):
+        if name in ("provider", "route", "system", "text", "text_exact", "tool", "key"):
             if not isinstance(want, str):
                 raise RuleError("match.%s must be a string" % name)
             if name == "provider" and want not in (OPENAI, ANTHROPIC, GEMINI):
                 raise RuleError("match.provider must be openai, anthropic or gemini")
-            if name == "text" and len(want) >= 3:
+            if name in ("text", "text_exact") and len(want) >= 3:
                 self.trigram = want[len(want) // 2 - 1:len(want) // 2 + 2]
+            if name == "text_exact":
+                return name, (lambda c, w=want: c.text == w), want
         if name == "model":
             if not isinstance(want, str):
                 raise RuleError("match.model must be a string (exact, or a glob with *)")
@@ -5181,6 +5306,11 @@ class Rule:
             if not isinstance(want, bool):
                 raise RuleError("match.stream must be true or false")
             return name, (lambda c, w=want: c.stream == w), want
+        if name == "query":
+            if not isinstance(want, dict) or not want or not all(
+                    isinstance(v, str) or v is None for v in want.values()):
+                raise RuleError("match.query must be an object: parameter -> value (null: absent)")
+            return name, (lambda c, w=want: all(c.query.get(k, [None])[0] == v for k, v in w.items())), want
         if name in ("header", "body"):
             if not isinstance(want, dict) or not want:
                 raise RuleError("match.%s must be an object: %s" % (name, "name -> value" if name == "header" else
@@ -5210,6 +5340,8 @@ class Rule:
         out = {"id": self.id, "priority": self.priority, "times": self.times, "match": self.match,
                "respond": self.respond, "test": self.test, "source": self.source or "runtime",
                "hits": sum(self.hits.values())}
+        if self.recorded is not None:
+            out["recorded"] = self.recorded
         if self.hits:
             out["hits_by_test"] = {k or "": v for k, v in self.hits.items()}
         return out
@@ -5263,6 +5395,11 @@ def check_answer(a, where):
     if emb is not None and not (isinstance(emb, list) and emb and all(isinstance(x, (int, float)) and
                                                                       not isinstance(x, bool) for x in emb)):
         raise RuleError("%s.embedding must be a non-empty list of numbers" % where)
+    if "raw" in a:
+        if set(a) - {"raw", "scenario"}:
+            raise RuleError("%s.raw is a whole answer: it goes alone (with a scenario at most), not with %s"
+                            % (where, sorted(set(a) - {"raw", "scenario"})[0]))
+        check_raw(a["raw"], where + ".raw")
 
 
 def json_pointer(doc, pointer):
@@ -5287,7 +5424,7 @@ class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
     __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
-                 "headers", "body", "_trigrams", "conversation")
+                 "headers", "query", "body", "_trigrams", "conversation")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
@@ -5299,7 +5436,7 @@ class RuleContext:
         self.turn = turn.user_turns if turn is not None else 0
         self.stream = req.route.streaming(req)
         self.key = request_key(req) or ""
-        self.headers, self.body = req.headers, req.json
+        self.headers, self.query, self.body = req.headers, req.query, req.json
         self._trigrams = None
         self.conversation = req.route.reader is not None  #: the route can use any answer
 
@@ -5534,7 +5671,8 @@ class RuleBook:
                 got = ({k: mask_header(k, ctx.headers.get(k) or "") for k in miss[1]} if name == "header" else
                        {k: json_pointer(ctx.body, k) for k in miss[1]} if name == "body" else
                        mask_key(ctx.key) if name == "key" else
-                       getattr(ctx, {"text_regex": "text"}.get(name, name), None))
+                       {k: ctx.query.get(k, [None])[0] for k in miss[1]} if name == "query" else
+                       getattr(ctx, {"text_regex": "text", "text_exact": "text"}.get(name, name), None))
                 out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
                                                         json.dumps(got, default=lambda o: None)[:60]))
         return out
@@ -5563,7 +5701,7 @@ def apply_rules(w, req):
     ctx = RuleContext(req, read_turn(req))
     hit = book.match(ctx, req.test)
     if hit is None:
-        if strict and req.route.reader is not None:
+        if strict and req.route.reader is not None and w.server.recorder is None:  # recording: a miss is recorded
             near = book.nearest(ctx, req.test)
             req.rule = "miss: " + ("; ".join(near) if near else "no rules")
             raise HTTPError(400, "dpmock strict mode: no rule matched this request%s" % (
@@ -5571,12 +5709,566 @@ def apply_rules(w, req):
         return None
     rule, answer, groups = hit
     req.rule = rule.id
-    answer = render(answer, ctx, groups)
+    req.source = "replayed" if "raw" in answer else "rule"
+    if "raw" not in answer:  # a recorded answer is served byte for byte: no {{template}} in it is filled
+        answer = render(answer, ctx, groups)
     err = answer.get("error")
     if err is not None:
         raise HTTPError(err["status"], err.get("message") or "error from rule %s" % rule.id, err.get("code"),
                         etype=err.get("type"))
     return answer
+
+
+################################################################################
+# Record and replay: answers forwarded upstream, saved as rules, served back byte for byte
+################################################################################
+
+#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and framing, which http.client redoes.
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "host", "content-length", "expect", "accept-encoding", "proxy-authorization",
+                         "proxy-authenticate"))
+#: Answer headers the writer makes itself, so the upstream's are not relayed.
+_WRITER_HEADERS = frozenset(("date", "server", "content-type", "content-length"))
+#: The only answer headers a recording keeps: request ids, dates, cookies and organisation names never.
+RECORDED_HEADERS = ("content-type", "content-encoding", "retry-after", "retry-after-ms")
+#: Ids a recording normalises: values of these keys that start with one of these prefixes, and any
+#: value of the _ALWAYS_IDS keys (Gemini's responseId has no prefix).
+_ID_KEYS = ("id", "tool_call_id", "tool_use_id", "previous_response_id", "item_id")
+_ALWAYS_IDS = ("responseId", "response_id", "request_id")
+ID_PREFIXES = ("chatcmpl-", "cmpl-", "modr-", "msg_", "resp_", "rs_", "fc_", "toolu_", "srvtoolu_", "call_", "req_")
+RECORDED_TIME, RECORDED_STAMP = 1700000000, "2023-11-14T22:13:20Z"  #: what times become in a recording
+REDACTED = "[REDACTED]"
+_SECRET_MIN = 4  #: shorter key values are not searched for (every "a" would go)
+RECORD_BODY_MATCH = 4096  #: a route without a conversation matches its whole JSON body up to this size
+_RECORD_RES = {
+    "id": r'"(%s)"\s*:\s*"([^"\\]+)"' % "|".join(_ID_KEYS + _ALWAYS_IDS),
+    "time": r'("(?:created|created_at|completed_at)"\s*:\s*)\d+(?:\.\d+)?',
+    "stamp": r'("(?:createTime|updateTime|expirationTime)"\s*:\s*")[^"\\]*(")',
+}
+
+
+def _record_re(name):
+    """A normalisation pattern, compiled on first use (never at start-up)."""
+    key = "record_" + name
+    pattern = _compiled.get(key)
+    if pattern is None:
+        pattern = _compiled[key] = (re.compile(rb"\r\n\r\n|\n\n|\r\r") if name == "sse_end"
+                                    else re.compile(_RECORD_RES[name]))
+    return pattern
+
+
+class Recorder:
+    """--record: forward what no rule answers to the provider's upstream, relay the answer as it
+    arrives, and save it as a rule in DIR/TEST.json (written aside and renamed, under a lock: a
+    recording is whole or absent, never half-written, even when the client leaves mid-stream)."""
+
+    MAX_WHOLE = 64 * scenarios.MIB  #: a whole upstream answer larger than this is refused (502)
+    MAX_RECORDING = 16 * scenarios.MIB  #: a streamed answer larger than this is relayed, not recorded
+
+    def __init__(self, config, log, out=None):
+        self.config, self.log, self.out = config, log, out
+        self.dir = config.record
+        self.upstreams = {p: split_url(u) for p, u in config.upstreams.items()}
+        self.redact = [re.compile(p) for p in config.record_redact]
+        self.lock = threading.Lock()
+        self.reload = None  #: an Event set after each recording (the rules watcher re-reads the files)
+        self.via = "1.1 dpmock-" + os.urandom(6).hex()  #: sent upstream; seen again, it is a forwarding loop
+        self._tmp = itertools.count(1)
+        self._tls = None
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise StartError("cannot make the --record folder %s: %s" % (self.dir, e.strerror))
+        if config.upstream_ca:  # a bad bundle stops the start, not the first request
+            self.tls_context()
+
+    def tls_context(self):
+        """Verified TLS (host name and chain) against --upstream-ca, else the system's trust store."""
+        if self._tls is None:
+            import ssl
+            try:
+                ctx = ssl.create_default_context(cafile=self.config.upstream_ca)
+            except (OSError, ssl.SSLError) as e:
+                raise StartError("cannot load --upstream-ca %s: %s" % (self.config.upstream_ca,
+                                                                        getattr(e, "strerror", None) or e))
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._tls = ctx
+        return self._tls
+
+    # ---------------------------------------------------------------- forwarding
+
+    def forward(self, w, req, body):
+        """Step 7b of dispatch: send the request upstream, relay the answer, record it when it may be."""
+        if any(self.via in v for v in req.headers.all("via")):
+            raise HTTPError(508, "dpmock --record: this request came back from dpmock's own upstream (a forwarding "
+                                 "loop): --upstream must name another server", "forwarding_loop")
+        turn = read_turn(req)  # a missing or bad key, or a body dpmock refuses, is refused here as ever
+        if body is None and req.route.body == BODY_STREAM:
+            body = read_json_body(req)  # an upload is forwarded whole (up to MAX_JSON_BODY)
+        up = self.upstreams[req.provider]
+        conn = self.connection(up)
+        try:
+            t0 = time.monotonic()
+            resp = self.send(conn, up, req, body)
+            head_t = time.monotonic() - t0
+            keep = (resp.status < 400 or self.config.record_errors) and req.method != "HEAD"  # HEAD: no body
+            ctype = resp.getheader("content-type") or "application/octet-stream"
+            items = resp.getheaders()
+            req.source = "upstream"
+            self.log.debug("record: %s %s -> %s: %d", req.method, req.path, up.url, resp.status)
+            if resp.chunked or resp.length is None:
+                events = self.relay_stream(w, req, resp, ctype, items, keep)
+                if events is not None:
+                    self.save(req, turn, up, recorded_answer(resp.status, items, head_t, events=events))
+                w.end_stream()
+                return
+            data = self.read_whole(req, resp, up)
+            if keep:
+                self.save(req, turn, up, recorded_answer(resp.status, items, head_t, body=data))
+            w.extra_headers = ()  # the upstream's request ids reach the client, not dpmock's
+            w.send_bytes(resp.status, data, ctype, relay_headers(items))
+        finally:
+            conn.close()
+
+    def connection(self, up):
+        import http.client
+        if up.scheme == "http":
+            return http.client.HTTPConnection(up.host, up.port, timeout=self.config.io_timeout)
+        return http.client.HTTPSConnection(up.host, up.port, timeout=self.config.io_timeout,
+                                           context=self.tls_context())
+
+    def send(self, conn, up, req, body):
+        """The request, as the client sent it, to the upstream; its answer's head. 502 or 504 when it fails."""
+        import http.client
+        try:
+            conn.putrequest(req.method, upstream_target(req, up), skip_host=True, skip_accept_encoding=True)
+            for k, v in forward_headers(req, up, body, self.via):
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.upstream_error(req, up, e, "cannot be reached")
+
+    def upstream_error(self, req, up, e, what):
+        """The HTTPError (502, or 504 for a timeout) that says which upstream failed, and how."""
+        timeout = isinstance(e, (socket.timeout, TimeoutError))
+        if timeout:
+            reason = "no answer within --io-timeout %ds" % self.config.io_timeout
+        elif getattr(e, "verify_message", None):
+            reason = "certificate verify failed: %s (--upstream-ca names the CA bundle to trust)" % e.verify_message
+        else:
+            reason = getattr(e, "strerror", None) or str(e) or "closed"
+        message = "dpmock --record: the %s upstream %s %s: %s: %s" % (req.provider, up.url, what,
+                                                                      type(e).__name__, reason)
+        self.log.error("%s (%s %s)", message, req.method, req.path)
+        return HTTPError(504 if timeout else 502, message, "upstream_timeout" if timeout else "upstream_unreachable")
+
+    def read_whole(self, req, resp, up):
+        import http.client
+        if resp.length > self.MAX_WHOLE:
+            raise HTTPError(502, "dpmock --record: the %s upstream's answer of %d bytes is over the %d byte limit"
+                            % (req.provider, resp.length, self.MAX_WHOLE), "upstream_too_large")
+        try:
+            return resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.upstream_error(req, up, e, "cut its answer off")
+
+    def relay_stream(self, w, req, resp, ctype, items, keep):
+        """Relay a streamed answer piece by piece as it arrives; its events, or None when not recorded."""
+        import http.client
+        w.extra_headers = ()
+        w.start_stream(resp.status, ctype, relay_headers(items, stream=True))
+        events = EventSplitter("event-stream" in ctype.lower()) if keep else None
+        start, size = time.monotonic(), 0
+        while True:
+            try:
+                piece = resp.read1(PIECE)
+            except (OSError, http.client.HTTPException) as e:
+                self.log.error("record: the %s upstream ended %s %s mid-stream (%s): relayed cut, not recorded",
+                               req.provider, req.method, req.path, type(e).__name__)
+                w.abort("fin")
+            if not piece:
+                break
+            w.send_chunk(piece)  # a client that leaves raises here: nothing is recorded
+            if events is not None:
+                size += len(piece)
+                if size > self.MAX_RECORDING:
+                    self.log.error("record: %s %s: stream over %d bytes, relayed, not recorded",
+                                   req.method, req.path, self.MAX_RECORDING)
+                    events = None
+                else:
+                    events.feed(piece, time.monotonic() - start)
+        return events.finish() if events is not None else None
+
+    # ---------------------------------------------------------------- saving
+
+    def save(self, req, turn, up, raw):
+        """Normalise and redact an answer, save it as a rule; a failure is logged, the answer still relayed."""
+        secrets = request_secrets(req)
+        scrub = lambda value: scrub_value(value, secrets, self.redact)  # noqa: E731
+        match = recorded_match(req, turn, scrub)
+        rid = "rec-" + _digest(json.dumps([req.test, match], sort_keys=True, ensure_ascii=False))[:12]
+        norm = Normaliser(rid)
+        if "body" in raw:
+            raw["body"] = scrub(norm.text(raw["body"]))
+        elif "body_base64" in raw:
+            raw["body_base64"] = b64(scrub_bytes(binascii.a2b_base64(raw["body_base64"]), secrets))
+        for ev in raw.get("events", ()):
+            if "data" in ev:
+                ev["data"] = scrub(norm.text(ev["data"]))
+            else:
+                ev["data_base64"] = b64(scrub_bytes(binascii.a2b_base64(ev["data_base64"]), secrets))
+        raw["headers"] = scrub(raw["headers"])
+        origin = {"method": req.method, "path": req.path, "upstream": up.url, "status": raw["status"]}
+        query = "&".join(p for p in req.query_string.split("&") if p and percent_decode(p.partition("=")[0], True)
+                         != "key")
+        if query:
+            origin["query"] = query
+        spec = {"id": rid, "match": match, "respond": {"raw": raw}, "recorded": scrub(origin)}
+        try:
+            Rule(spec, 0)  # what is written must load as a rule
+            text = json.dumps(spec, ensure_ascii=False)
+            if any(s in text for s in secrets):
+                raise ValueError("a key would reach the recording")
+            path = self.write(req.test, spec)
+        except (OSError, ValueError) as e:
+            self.log.error("record: %s %s not recorded: %s", req.method, req.path,
+                           getattr(e, "strerror", None) or e)
+            return
+        req.rule, req.source = rid, "recorded"
+        line = "recorded %s %s -> %s (rule %s)" % (req.method, req.path, path, rid)
+        self.log.info("%s", line)
+        if self.out is not None:
+            try:
+                with self.lock:
+                    self.out.write(line + "\n")
+                    self.out.flush()
+            except (OSError, ValueError):  # nobody reads the record command's output any more
+                self.out = None
+        if self.reload is not None:
+            self.reload.set()
+
+    def write(self, test, spec):
+        """Put a rule into its test's file (replacing the rule with its id): written aside, then renamed."""
+        name = (test or "default") + ".json"
+        path = os.path.join(self.dir, name)
+        with self.lock:
+            rules = []
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    doc = json.load(f)
+                held = doc.get("test") if isinstance(doc, dict) and "rules" in doc else None
+                rules = doc["rules"] if isinstance(doc, dict) and "rules" in doc else doc
+                if held != test or not isinstance(rules, list):
+                    raise ValueError("%s holds %s, not the recordings of %s" % (
+                        path, "test %r" % held if held else "something else", "test %r" % test if test else
+                        "every test"))
+            for i, r in enumerate(rules):
+                if isinstance(r, dict) and r.get("id") == spec["id"]:
+                    rules[i] = spec
+                    break
+            else:
+                rules.append(spec)
+            doc = dict({"test": test} if test else {}, rules=rules)
+            tmp = os.path.join(self.dir, ".%s.%d.%d.tmp" % (name, os.getpid(), next(self._tmp)))
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        return path
+
+
+def _digest(text):
+    import hashlib
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def upstream_target(req, up):
+    """The upstream path: the client's, under the upstream's base path, with the provider's version
+    (/v1, Gemini's /v1beta) when the client sent a bare one; the query as it came."""
+    path = req.path
+    upload = path.startswith("/upload/")
+    parts = path.split("/")
+    if (parts[2] if upload and len(parts) > 2 else parts[1]) not in _VERSIONS:
+        version = "/v1beta" if req.provider == GEMINI else "/v1"
+        path = "/upload" + version + path[7:] if upload else version + path
+    return up.base + path + ("?" + req.query_string if req.query_string else "")
+
+
+def _connection_tokens(values):
+    return {t.strip().lower() for v in values for t in v.split(",")}
+
+
+def forward_headers(req, up, body, via):
+    """The client's headers (its key too), minus hop-by-hop ones and dpmock's own X-DP-*; the upstream's Host,
+    identity encoding (bodies stay readable for the recording), the body's length, and dpmock in Via."""
+    named = _connection_tokens(req.headers.all("connection"))
+    out = [("Host", up.netloc)]
+    for k, v in req.headers.items:
+        low = k.lower()
+        if low not in _HOP_BY_HOP and low not in named and not low.startswith(("x-dp-", "proxy-")) and low != "via":
+            out.append((k, v))
+    out.append(("Via", ", ".join(req.headers.all("via") + [via])))
+    out.append(("Accept-Encoding", "identity"))
+    if body is not None:
+        out.append(("Content-Length", str(len(body))))
+    return out
+
+
+def relay_headers(items, stream=False):
+    """The upstream answer's headers that go on to the client (the writer adds framing, Date and Server)."""
+    drop = _HOP_BY_HOP | _WRITER_HEADERS | _connection_tokens(v for k, v in items if k.lower() == "connection")
+    return [(k, v) for k, v in items if k.lower() not in drop and not (stream and k.lower() == "cache-control")]
+
+
+def recorded_answer(status, items, head_t, body=None, events=None):
+    """An upstream answer as respond.raw: status, the RECORDED_HEADERS, and its body or events."""
+    headers = {}
+    for k, v in items:
+        if k.lower() in RECORDED_HEADERS:
+            headers.setdefault(k.lower(), v)
+    raw = {"status": status, "headers": headers, "t": round(head_t, 3)}
+    if events is not None:
+        raw["events"] = events
+    else:
+        try:
+            raw["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raw["body_base64"] = b64(body)
+    return raw
+
+
+class EventSplitter:
+    """A streamed answer cut into recorded events as it arrives: an SSE stream at its blank lines
+    (each event whole), anything else as the pieces came; together, every byte in order."""
+
+    def __init__(self, sse):
+        self.sse, self.buf, self.events = sse, b"", []
+
+    def feed(self, piece, t):
+        self.buf += piece
+        if self.sse:
+            end = 0
+            for m in _record_re("sse_end").finditer(self.buf):
+                self.add(self.buf[end:m.end()], t)
+                end = m.end()
+            self.buf = self.buf[end:]
+        else:
+            cut = _utf8_complete(self.buf)  # a character split between pieces waits for its end
+            if cut:
+                self.add(self.buf[:cut], t)
+                self.buf = self.buf[cut:]
+
+    def add(self, data, t):
+        try:
+            self.events.append({"t": round(t, 3), "data": data.decode("utf-8")})
+        except UnicodeDecodeError:
+            self.events.append({"t": round(t, 3), "data_base64": b64(data)})
+
+    def finish(self):
+        if self.buf:
+            self.add(self.buf, self.events[-1]["t"] if self.events else 0.0)
+        return self.events
+
+
+def _utf8_complete(data):
+    """How many leading bytes of ``data`` end on a UTF-8 character boundary."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # the last character's first byte
+            need = 1 if b < 0x80 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+class Normaliser:
+    """Stable ids and times for one recording, so a re-recording diffs cleanly: each id becomes its
+    prefix + rec + the rule's digest + a count, the same id the same placeholder everywhere in it."""
+
+    def __init__(self, rule_id):
+        self.tag = rule_id[4:12]
+        self.ids = {}
+
+    def text(self, text):
+        if '"' not in text:
+            return text
+        for key, value in _record_re("id").findall(text):
+            if value not in self.ids and (key in _ALWAYS_IDS or value.startswith(ID_PREFIXES)):
+                prefix = next((p for p in ID_PREFIXES if value.startswith(p)), "")
+                self.ids[value] = "%srec%s%02d" % (prefix, self.tag, len(self.ids) + 1)
+        for value, placeholder in self.ids.items():
+            text = text.replace('"%s"' % value, '"%s"' % placeholder)
+        text = _record_re("time").sub(r"\g<1>%d" % RECORDED_TIME, text)
+        return _record_re("stamp").sub(r"\g<1>%s\g<2>" % RECORDED_STAMP, text)
+
+
+def request_secrets(req):
+    """Every key the request carries (headers, ?key=), longest first: none may reach a recording."""
+    found = set()
+    for name in _SECRET_HEADERS + ("api-key",):
+        for value in req.headers.all(name):
+            found.update((value.strip(), _bearer(value.strip())))
+    found.update(v.strip() for v in req.query.get("key", ()))
+    return sorted((s for s in found if len(s) >= _SECRET_MIN), key=len, reverse=True)
+
+
+def scrub_value(value, secrets, patterns):
+    """Every string in ``value`` with the keys and the --record-redact matches replaced by [REDACTED]."""
+    if isinstance(value, str):
+        for s in secrets:
+            value = value.replace(s, REDACTED)
+        for p in patterns:
+            value = p.sub(REDACTED, value)
+        return value
+    if isinstance(value, list):
+        return [scrub_value(v, secrets, patterns) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub_value(v, secrets, patterns) for k, v in value.items()}
+    return value
+
+
+def scrub_bytes(data, secrets):
+    for s in secrets:
+        data = data.replace(s.encode("utf-8"), REDACTED.encode("ascii"))
+    return data
+
+
+def recorded_match(req, turn, scrub):
+    """A recorded rule's match, from the request: provider, route, model, the exact last user text, turn
+    and tool result (or a small body, whole, on routes without a conversation), stream and query."""
+    route = req.route
+    match = {"provider": req.provider, "route": route.name}
+    model = turn.model if turn is not None else req.params.get("model") or _get(req.json, "model")
+    if isinstance(model, str) and model:
+        match["model"] = "".join("[%s]" % c if c in "*?[" else c for c in model)  # a glob: matched exactly
+    if turn is not None:
+        text = scrub(turn.user_text)
+        if text == turn.user_text:
+            match["text_exact"] = text
+        else:  # redacted: the rest of the text still has to match, exactly
+            match["text_regex"] = r"(?s)\A%s\Z" % ".+?".join(re.escape(p) for p in text.split(REDACTED))
+        match["turn"] = turn.user_turns
+        match["tool_result"] = turn.tool_result[0] if turn.tool_result else False
+    elif isinstance(req.json, dict) and req.body_bytes <= RECORD_BODY_MATCH and scrub(req.json) == req.json:
+        match["body"] = {"": req.json}
+    if route.stream == STREAM_FLAG:
+        match["stream"] = route.streaming(req)
+    query = {k: v[0] for k, v in req.query.items() if k != "key"}
+    if req.provider == GEMINI and route.stream != STREAM_NEVER:
+        query.setdefault("alt", None)  # alt=sse and the JSON array are two answers
+    if query:
+        match["query"] = scrub(query)
+    return match
+
+
+def check_raw(raw, where):
+    """Refuse a recorded answer (respond.raw) that cannot be served, naming the field."""
+    if not isinstance(raw, dict):
+        raise RuleError("%s must be an object: status, headers, and body, body_base64 or events" % where)
+    unknown = set(raw) - {"status", "headers", "t", "body", "body_base64", "events"}
+    if unknown:
+        raise RuleError("unknown field %s.%s; a recorded answer has status, headers, t, and body, body_base64 or "
+                        "events" % (where, sorted(unknown)[0]))
+    status = raw.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599 or status in (204, 304):
+        raise RuleError("%s.status must be a status code from 200 to 599 (one with a body)" % where)
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict):
+        raise RuleError("%s.headers must be an object: name -> value" % where)
+    for k, v in headers.items():
+        if not k or not _TOKEN_CHARS.issuperset(k.encode("latin-1", "replace")) or not isinstance(v, str) \
+                or any(c in _CTL.decode("latin-1") for c in v):
+            raise RuleError("%s.headers[%r] must be a header name with a one-line text value" % (where, k[:40]))
+        if k.lower() in _HOP_BY_HOP | _WRITER_HEADERS - {"content-type"}:
+            raise RuleError("%s.headers may not set %s: dpmock frames the answer itself" % (where, k))
+    bodies = [k for k in ("body", "body_base64", "events") if k in raw]
+    if len(bodies) != 1:
+        raise RuleError("%s needs exactly one of body, body_base64 and events" % where)
+    if "t" in raw:
+        _check_seconds(raw["t"], where + ".t")
+    if "body" in raw and not isinstance(raw["body"], str):
+        raise RuleError("%s.body must be a string (body_base64 for bytes)" % where)
+    if "body_base64" in raw:
+        _check_base64(raw["body_base64"], where + ".body_base64")
+    events = raw.get("events", [])
+    if not isinstance(events, list):
+        raise RuleError("%s.events must be a list of {t, data}" % where)
+    for i, ev in enumerate(events):
+        at = "%s.events[%d]" % (where, i)
+        if not isinstance(ev, dict) or set(ev) - {"t", "data", "data_base64"} or \
+                len([k for k in ("data", "data_base64") if k in ev]) != 1:
+            raise RuleError("%s must be {t, data} or {t, data_base64}" % at)
+        _check_seconds(ev.get("t"), at + ".t")
+        if "data" in ev and not isinstance(ev["data"], str):
+            raise RuleError("%s.data must be a string: the event's bytes as text" % at)
+        if "data_base64" in ev:
+            _check_base64(ev["data_base64"], at + ".data_base64")
+
+
+def _check_seconds(value, where):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400:
+        raise RuleError("%s must be a number of seconds from 0 to 86400" % where)
+
+
+def _check_base64(value, where):
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        binascii.a2b_base64(value)
+    except (ValueError, binascii.Error):
+        raise RuleError("%s must be base64 text" % where)
+
+
+def sse_parts(text):
+    """(data, event name) of one SSE event's text, for the faults that look inside a stream item."""
+    data, event = [], None
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data.append(line[6:] if line[5:6] == " " else line[5:])
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+    return "\n".join(data), event
+
+
+def send_recorded(w, req, raw):
+    """Serve a recorded answer through the writer, byte for byte, so every fault applies to it: a whole
+    body in one write, a stream event by event (each one stream item), at the recorded pace if asked."""
+    if req.has_body() and not req.body_done:
+        req.drain()
+    headers = [(k, v) for k, v in raw.get("headers", {}).items() if k.lower() != "content-type"]
+    ctype = next((v for k, v in raw.get("headers", {}).items() if k.lower() == "content-type"), scenarios.JSON)
+    paced = w.server.config.replay_timing == "recorded"
+    if paced:
+        w.pause(raw.get("t", 0))
+    if "events" not in raw:
+        body = raw["body"].encode("utf-8") if "body" in raw else binascii.a2b_base64(raw["body_base64"])
+        w.send_bytes(raw["status"], body, ctype, headers)
+        return
+    sse = "event-stream" in ctype.lower()
+    w.json_array = not sse  # Gemini's JSON array: the SSE-only faults leave it alone
+    w.start_stream(raw["status"], ctype, headers)
+    last = 0.0
+    for ev in raw["events"]:
+        if paced:
+            w.pause(ev["t"] - last)
+            last = max(last, ev["t"])
+        if "data" not in ev:
+            w.send_chunk(binascii.a2b_base64(ev["data_base64"]))
+        elif sse:
+            w.stream_text(ev["data"], *sse_parts(ev["data"]))
+        elif ev["data"].strip(" \t\r\n,[]"):
+            w.stream_text(ev["data"], ev["data"].strip(" \t\r\n,[]"))
+        else:  # a bare "]" or separator: not an item
+            w.send_chunk(ev["data"].encode("utf-8"))
+    w.end_stream()
 
 
 ################################################################################
@@ -5633,11 +6325,13 @@ def dispatch(w, req):
                         "request_too_large", close=True)
     if expect is not None and req.version == "HTTP/1.1" and req.has_body() and (fault is None or fault.sends_100):
         conn.handle_expect_100()
-    # 6. Body: JSON is read and parsed here; BODY_STREAM bodies are the handler's to read.
+    # 6. Body: JSON is read and parsed here (its bytes kept, for --record); BODY_STREAM bodies are the handler's.
+    body = None
     if route.body == BODY_JSON:
         conn.idle = True  # a client stalled mid-body does not hold up a stop
         try:
-            req.json = parse_json_body(read_json_body(req))
+            body = read_json_body(req)
+            req.json = parse_json_body(body)
         finally:
             conn.idle = False
     elif route.body == BODY_NONE:
@@ -5652,6 +6346,10 @@ def dispatch(w, req):
             if "scenario" in answer:
                 value, params = scenario_for(w, req, answer["scenario"], *scenarios.resolve(answer["scenario"]))
                 fault = FAULTS[value.kind] if isinstance(value, scenarios.Fault) else None
+    # 7b. Record: with --record, a request no rule answered and that selects no scenario goes upstream;
+    # its answer is relayed as it arrives and saved as a rule. (A chosen scenario is dpmock's to answer.)
+    if req.answer is None and req.scenario is None and w.server.recorder is not None and route.provider != DPMOCK:
+        return w.server.recorder.forward(w, req, body)
     # 8. A fault shapes the ordinary answer; a fixed scenario answer replaces it.
     if fault is not None:
         if (fault.streams_only and not route.streaming(req)) or (req.method == "HEAD" and fault.breaks_body):
@@ -5660,8 +6358,11 @@ def dispatch(w, req):
             w.fault = (fault, params)
             fault.before(w, req, params)
     elif value is not None:
+        req.source = None  # the scenario's answer, not the rule's
         return answer_scenario(w, req, value, params)
-    # 9. The route's handler.
+    # 9. The route's handler, or a recorded answer (byte for byte, every fault applying to it).
+    if req.answer is not None and "raw" in req.answer:
+        return send_recorded(w, req, req.answer["raw"])
     route.handler(w, req)
     if req.has_body() and not req.body_done:
         conn.close_connection = True  # the handler answered without reading the body
@@ -5950,7 +6651,7 @@ class JournalEntry:
     """One request as the journal keeps it, raw: formatting waits until someone reads it."""
 
     __slots__ = ("seq", "time", "client", "method", "path", "query", "headers", "body", "body_bytes", "route",
-                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule")
+                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule", "source")
 
     def __init__(self, client, req, reused):
         self.seq = 0
@@ -5964,7 +6665,7 @@ class JournalEntry:
         self.reused = reused
         self.ended = "pending"  #: until the answer is over
         self.test = req.test
-        self.rule = None
+        self.rule = self.source = None
 
 
 class _Waiter:
@@ -6067,6 +6768,8 @@ def entry_matches(e, filters):
             return False
         if name == "rule" and e.rule != value:
             return False
+        if name == "source" and (e.source or "dpmock") != value:
+            return False
     return True
 
 
@@ -6108,7 +6811,7 @@ def public_entry(e):
             "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
             "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
             "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended, "test": e.test, "rule": e.rule}
+            "ended": e.ended, "test": e.test, "rule": e.rule, "source": e.source or "dpmock"}
 
 
 class Schedules:
@@ -6628,6 +7331,7 @@ class MockServer(http.server.ThreadingHTTPServer):
         self.schedules = Schedules(config.seed)
         self.rules = rules or RuleBook(log)
         self.reload_rules = threading.Event()  #: set by SIGHUP: the watcher re-reads the rules files
+        self.recorder = None  #: with --record, the Recorder that forwards and saves what no rule answers
         self.last_activity = time.monotonic()
 
     @property
@@ -7096,11 +7800,20 @@ def main(argv=None):
         return sandbox_main(argv[1:])
     if argv[:1] == ["_sandbox-inner"]:
         return sandbox_inner(argv[1:])
+    recording = argv[:1] == ["record"]
+    if recording:  # record DIR [options]: --record DIR in the foreground, one line per recording on stdout
+        argv = argv[1:]
+        if argv[:1] and not argv[0].startswith("-"):
+            argv = ["--record"] + argv
     try:
         config = parse_args(argv)
+        if recording and not config.record:
+            raise UsageError("dpmock.py record needs a folder: record DIR [options], or --record DIR")
     except UsageError as e:
         print("dpmock.py: error: %s (see --help)" % e, file=sys.stderr)
         return 2
+    config.foreground = config.foreground or recording
+    config.announce = recording
     global REFUSED_KEY_PREFIXES
     REFUSED_KEY_PREFIXES = scenarios.BAD_KEY_PREFIXES + config.refuse_keys
     inherited = os.environ.pop(ENV_LISTEN_FD, None)
@@ -7134,6 +7847,7 @@ def main(argv=None):
         ctx = tls_context(config) if any(tls for tls, _, _ in config.listens) else None
         listeners = [(s, ctx if tls else None) for s, (tls, _, _) in zip(socks, config.listens)]
         rules = RuleBook(log, config.rules, config.strict)
+        recorder = Recorder(config, log, sys.stdout if config.announce else None) if config.record else None
         if config.port_file:
             write_port_file(config.port_file, socks[0].getsockname()[1])
     except StartError as e:
@@ -7145,6 +7859,10 @@ def main(argv=None):
         print("dpmock: %s" % e, file=sys.stderr)
         return 1
     server = MockServer(config, listeners, log, restarts, rules)
+    if recorder is not None:
+        server.recorder, recorder.reload = recorder, server.reload_rules
+        log.info("recording to %s from %s", config.record, " ".join(
+            "%s=%s" % kv for kv in sorted(config.upstreams.items())))
     install_signals(server)
     if config.idle_exit or config.parent_pid or config.rules:
         threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()
