@@ -4944,35 +4944,33 @@ class HalfClose(FaultKind):
         return text
 
 
-class ShortBody(FaultKind):
-    kind = "SHORT_BODY"
+class _EndsWithFin(FaultKind):
+    """A broken body that ends with the connection: its stream closes, with no final chunk."""
+
     breaks_body = True
+
+    def stream_head(self, w, p):
+        return True
+
+    def end(self, w, p):
+        w.abort("fin")
+
+
+class ShortBody(_EndsWithFin):
+    kind = "SHORT_BODY"
 
     def reply(self, w, status, body, ctype, headers, close, p):
         w.put(w.head(status, w.whole_headers(ctype, len(body) + p["missing"], headers), True) + body)
         w.abort("fin")
 
-    def stream_head(self, w, p):
-        return True
 
-    def end(self, w, p):
-        w.abort("fin")
-
-
-class NoFinalChunk(FaultKind):
+class NoFinalChunk(_EndsWithFin):
     kind = "NO_FINAL_CHUNK"
-    breaks_body = True
 
     def reply(self, w, status, body, ctype, headers, close, p):
         w.start_stream(status, ctype, headers, close=True)
         w.send_chunk(body)
         w.end_stream()
-
-    def stream_head(self, w, p):
-        return True
-
-    def end(self, w, p):
-        w.abort("fin")
 
 
 class BadChunkSize(NoFinalChunk):
@@ -7612,8 +7610,7 @@ def sandbox_main(argv):
         print("dpmock.py sandbox: usage: python3 dpmock.py sandbox [dpmock options] -- CMD [ARGS...]",
               file=sys.stderr)
         return 2
-    cut = argv.index("--")
-    options, command = argv[:cut], argv[cut + 1:]
+    options = argv[:argv.index("--")]  # the command after "--" runs inside (sandbox_inner)
     try:
         parse_args(options + SANDBOX_LISTENS)  # refuse bad options before making anything
     except UsageError as e:
