@@ -478,39 +478,48 @@ def run_client(source, *args, timeout=120):
     return json.loads(r.stdout.decode().strip().splitlines()[-1])
 
 
-def waiters_and_rules(dpmock, load, duration, connections, threads):
-    """GET req/s with 8 journal long-polls held, and chat req/s with 1,000 rules loaded, against neither."""
+def _control(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request(method, path, body)
+    r = c.getresponse()
+    r.read()
+    c.close()
+    if r.status != 200:
+        raise RuntimeError("dpmock answered %s %s with HTTP %d" % (method, path, r.status))
+
+
+def waiters_and_rules(dpmock, load, duration, connections, threads, rounds=3):
+    """GET req/s with 8 journal long-polls held, and chat req/s with 1,000 rules loaded, each against
+    the same server without them, in alternating runs (the medians are compared)."""
     t = Target("dpmock (scale)", [PY, dpmock, "--foreground", "-q", "--port", "{port}"], "/v1/models",
                {"Authorization": "Bearer sk-test"})
+    get = Load("GET /v1/models", "GET", "/v1/models", {"Authorization": "Bearer sk-test"})
+    chat = Load("POST " + CHAT_PATH, "POST", CHAT_PATH, CHAT_HEADERS, CHAT_BODY)
+    rules = json.dumps([{"id": "r%d" % i, "match": {"text": "question number %d about the weather" % i},
+                         "respond": {"text": "answer %d" % i}} for i in range(1000)]).encode()
+    runs = {"get_rps": [], "get_rps_8_waiters": [], "chat_rps": [], "chat_rps_1000_rules": []}
     t.start()
-    out = {}
     try:
-        get = Load("GET /v1/models", "GET", "/v1/models", {"Authorization": "Bearer sk-test"})
-        chat = Load("POST " + CHAT_PATH, "POST", CHAT_PATH, CHAT_HEADERS, CHAT_BODY)
-        out["get_rps"] = measured(load, t, get, duration, connections, threads)[0]
-        polls = [subprocess.Popen([PY, "-c", "import http.client, sys; c = http.client.HTTPConnection('127.0.0.1', "
-                                   "%d, timeout=120); c.request('GET', '/_control/requests?path=/never/%d&wait_for=1&"
-                                   "timeout=60'); c.getresponse().read()" % (t.port, i)]) for i in range(8)]
-        time.sleep(0.5)
-        try:
-            out["get_rps_8_waiters"] = measured(load, t, get, duration, connections, threads)[0]
-        finally:
-            for proc in polls:
-                proc.kill()
-                proc.wait()
-        out["chat_rps"] = measured(load, t, chat, duration, connections, threads)[0]
-        rules = [{"id": "r%d" % i, "match": {"text": "question number %d about the weather" % i},
-                  "respond": {"text": "answer %d" % i}} for i in range(1000)]
-        c = http.client.HTTPConnection("127.0.0.1", t.port, timeout=30)
-        c.request("POST", "/_control/rules", json.dumps(rules).encode())
-        r = c.getresponse()
-        r.read()
-        c.close()
-        if r.status != 200:
-            raise RuntimeError("dpmock refused the 1,000 rules: HTTP %d" % r.status)
-        out["chat_rps_1000_rules"] = measured(load, t, chat, duration, connections, threads)[0]
+        for _ in range(rounds):
+            runs["get_rps"].append(measured(load, t, get, duration, connections, threads)[0])
+            polls = [subprocess.Popen([PY, "-c", "import http.client; c = http.client.HTTPConnection('127.0.0.1', %d, "
+                                       "timeout=120); c.request('GET', '/_control/requests?path=/never/%d&wait_for=1"
+                                       "&timeout=60'); c.getresponse().read()" % (t.port, i)]) for i in range(8)]
+            time.sleep(0.5)
+            try:
+                runs["get_rps_8_waiters"].append(measured(load, t, get, duration, connections, threads)[0])
+            finally:
+                for proc in polls:
+                    proc.kill()
+                    proc.wait()
+            runs["chat_rps"].append(measured(load, t, chat, duration, connections, threads)[0])
+            _control(t.port, "POST", "/_control/rules", rules)
+            runs["chat_rps_1000_rules"].append(measured(load, t, chat, duration, connections, threads)[0])
+            _control(t.port, "DELETE", "/_control/rules")
     finally:
         t.stop()
+    out = {k: statistics.median(v) for k, v in runs.items()}
+    out["runs"] = {k: [round(x) for x in v] for k, v in runs.items()}
     return out
 
 
@@ -578,9 +587,21 @@ def main(argv=None):
     p.add_argument("--burst", type=int, default=1000, help="near-simultaneous connects (default 1000)")
     p.add_argument("--streams", type=int, default=2000, help="concurrent paced streams (default 2000)")
     p.add_argument("--no-scale", action="store_true", help="skip the burst, paced-stream, waiter and rule figures")
+    p.add_argument("--scale-only", action="store_true", help="only the burst, paced-stream, waiter and rule figures")
     p.add_argument("--dpmock", default=os.path.join(HERE, "dpmock.py"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     dpmock = os.path.abspath(a.dpmock)
+    if a.scale_only:
+        load = wrk_rps if shutil.which("wrk") else stdlib_rps
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2 and not a.no_pin:
+            PIN["server"], PIN["load"] = {cpus[0]}, set(cpus[1:])
+        sc = scale(dpmock, load, a)
+        print("scale: %s\n" % json.dumps(sc))
+        checks = scale_checks(sc, a)
+        for text, ok in checks:
+            print("%s  %s" % ("PASS" if ok else "MISS", text))
+        return 0 if all(ok for _, ok in checks) else 1
 
     wrk = shutil.which("wrk")
     curl = shutil.which("curl")
