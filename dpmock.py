@@ -1010,6 +1010,11 @@ class ResponseWriter:
         """A deliberate wait: cut short by a stop, or when the client leaves."""
         self.conn.pause(seconds)
 
+    def stall(self, ms):
+        """Send nothing more for ``ms``, then end the connection with a FIN."""
+        self.pause(ms / 1000.0)
+        self.abort("fin")
+
     def abort(self, how):
         """End the connection now, by FIN or by TCP reset, and stop handling this request."""
         self.ended = how
@@ -4926,8 +4931,7 @@ class HeadersStall(FaultKind):
         self.after_head(w, p)
 
     def after_head(self, w, p):
-        w.pause(p["ms"] / 1000.0)
-        w.abort("fin")
+        w.stall(p["ms"])
 
 
 class HalfClose(FaultKind):
@@ -5048,8 +5052,7 @@ class StreamStall(FaultKind):
         return text
 
     def end(self, w, p):
-        w.pause(p["ms"] / 1000.0)
-        w.abort("fin")
+        w.stall(p["ms"])
 
 
 class StreamCut(FaultKind):
