@@ -939,7 +939,10 @@ def _encoder(item_sep, key_sep):
     c_make = getattr(json.encoder, "c_make_encoder", None)
     plain = json.JSONEncoder(separators=(item_sep, key_sep), ensure_ascii=False)
     if c_make is None:  # pragma: no cover - CPython always has it
-        return plain.encode
+        def encode(obj):
+            return plain.encode(obj)
+        encode.parts = lambda obj, _level: (plain.encode(obj),)
+        return encode
 
     def fail(o):
         raise TypeError("Object of type %s is not JSON serializable" % o.__class__.__name__)
@@ -949,11 +952,13 @@ def _encoder(item_sep, key_sep):
         if isinstance(obj, str):
             return plain.encode(obj)
         return "".join(fast(obj, 0))
+    encode.parts = fast  #: ``parts(obj, 0)``: the pieces of a dict's or list's JSON, to join
     return encode
 
 
 _COMPACT = _encoder(",", ":")
 _SPACED = _encoder(", ", ": ")
+_COMPACT_PARTS, _SPACED_PARTS = _COMPACT.parts, _SPACED.parts
 
 
 def encode_body(body, compact=False):
@@ -998,7 +1003,7 @@ class ResponseWriter:
     def put(self, data):
         """Write bytes as they are (no fault applies)."""
         if data:
-            self.conn.wfile.write(data)
+            self.conn.sendall(data)
             self.sent += len(data)
 
     def write(self, data):
@@ -1145,7 +1150,16 @@ class ResponseWriter:
 
     def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
         """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
-        payload = data if isinstance(data, str) else encode_body(data, compact).decode("utf-8")
+        payload = data if isinstance(data, str) else "".join((_COMPACT_PARTS if compact else _SPACED_PARTS)(data, 0))
+        if self.fault[0] is _ORDINARY:  # the common case: framed and written here, in one write
+            self.events += 1
+            raw = ("event: %s\ndata: %s%s" % (event, payload, sep) if event else
+                   "data: %s%s" % (payload, sep)).encode("utf-8")
+            if self.chunked:
+                raw = b"%x\r\n%s\r\n" % (len(raw), raw)
+            self.conn.sendall(raw)
+            self.sent += len(raw)
+            return
         self.stream_item(payload, event, sep)
 
     def stream_item(self, payload, event=None, sep="\n\n", index=None):
@@ -7022,6 +7036,7 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         super().setup()
+        self.sendall = self.connection.sendall  #: what wfile.write would call, without its frame
         self.reader = RequestReader(self.rfile)
 
     def handshake(self, ctx):
