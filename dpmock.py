@@ -492,6 +492,7 @@ class Router:
     def __init__(self, routes):
         self.routes = tuple(routes)
         self._exact = {}  # path -> {method: route}
+        self._hits = {}  # (method, request path) -> route, for paths that name an exact route (a finite set)
         self._patterns = {}  # segment count -> [(segments, {method: route})]
         for r in self.routes:
             if "{" not in r.pattern:
@@ -508,6 +509,9 @@ class Router:
 
     def match(self, method, path):
         """Return (route, params) for a request, or raise HTTPError 404 / 405 (with Allow)."""
+        route = self._hits.get((method, path))
+        if route is not None:
+            return route, {}
         upload = path.startswith("/upload/")  # Gemini media uploads: /upload/v1beta/files
         segments = path.split("/")[2 if upload else 1:]
         versioned = False
@@ -520,6 +524,8 @@ class Router:
         for methods, params in self._candidates(stripped):
             route = methods.get("GET" if method == "HEAD" else method)
             if route is not None and (route.versioned or not versioned):
+                if not params and len(self._hits) < 4096:  # an exact route: the same answer next time
+                    self._hits[(method, path)] = route
                 return route, params
             allowed.update(m for m, r in methods.items() if r.versioned or not versioned)
         if allowed:
@@ -7020,6 +7026,8 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- the connection
 
     def setup(self):
+        #: host:port of the client, as the log names it
+        self.peer = "%s:%s" % self.client_address[:2] if isinstance(self.client_address, tuple) else "?"
         self.idle = False  #: blocked waiting for the next request (a stop's drain may end that wait)
         self.served = 0  #: requests answered on this connection before the current one
         self.req = None
@@ -7103,10 +7111,6 @@ class MockHandler(http.server.BaseHTTPRequestHandler):
             return bool(self.rfile.peek(1))  # b"" at EOF, at a stop's SHUT_RD and after io_timeout
         finally:
             self.idle = False
-
-    @property
-    def peer(self):
-        return "%s:%s" % self.client_address[:2] if isinstance(self.client_address, tuple) else "?"
 
     def pause(self, seconds):
         """A deliberate wait, cut short by a stop; a client that leaves meanwhile ends the request.
