@@ -1157,14 +1157,9 @@ class ResponseWriter:
     def send_sse_event(self, data, event=None, sep="\n\n", compact=True):
         """One SSE event (``data: `` + one line of JSON, optional ``event:``) as one chunk."""
         payload = data if isinstance(data, str) else "".join((_COMPACT_PARTS if compact else _SPACED_PARTS)(data, 0))
-        if self.fault[0] is _ORDINARY:  # the common case: framed and written here, in one write
-            self.events += 1
-            raw = ("event: %s\ndata: %s%s" % (event, payload, sep) if event else
-                   "data: %s%s" % (payload, sep)).encode("utf-8")
-            if self.chunked:
-                raw = b"%x\r\n%s\r\n" % (len(raw), raw)
-            self.conn.sendall(raw)
-            self.sent += len(raw)
+        if self.fault[0] is _ORDINARY:  # the common case: framed here and written at once
+            self.ordinary_item(("event: %s\ndata: %s%s" % (event, payload, sep) if event else
+                                "data: %s%s" % (payload, sep)).encode("utf-8"))
             return
         self.stream_item(payload, event, sep)
 
@@ -1184,15 +1179,18 @@ class ResponseWriter:
         the faults that count items or reshape them see it as one item."""
         fault, p = self.fault
         if fault is _ORDINARY:  # the common case, in one write without the hooks' calls
-            self.events += 1
-            data = text.encode("utf-8")
-            self.put(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            self.ordinary_item(text.encode("utf-8"))
             return
         text = fault.item(self, self.events, text, payload, event, p)
         if text is None:
             return
         self.events += 1
         self.send_chunk(text.encode("utf-8"))
+
+    def ordinary_item(self, data):
+        """One stream item no fault touches: counted, framed as a chunk (when chunked), one write."""
+        self.events += 1
+        self.put(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def send_stream_error(self):
         """The provider's own in-stream error, then the end of the stream (the connection closes)."""
