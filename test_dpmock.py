@@ -4822,10 +4822,10 @@ class CatalogueTest(unittest.TestCase):
                     w.end_stream()
                 else:
                     w.send_json(200, {"echo": req.json})
-            dpmock.ROUTER = dpmock.Router(dpmock.ROUTES + (
+            router = dpmock.Router(dpmock.ROUTES + (
                 dpmock.Route("POST", "/echo", "echo", handle_echo, dpmock.OPENAI, dpmock.BODY_JSON, dpmock.STREAM_FLAG),
                 dpmock.Route("POST", "/_echo", "own_echo", handle_echo, dpmock.DPMOCK, dpmock.BODY_JSON)))
-            sys.exit(dpmock.main(sys.argv[1:]))
+            sys.exit(dpmock.main(sys.argv[1:], router=router))
             """)
         proc = subprocess.Popen([PY, "-c", script, "--foreground", "-q", "--port", "0"], cwd=HERE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -4855,6 +4855,7 @@ class CatalogueTest(unittest.TestCase):
                 ('SCENARIOS["BROKEN"] = Scenario("BROKEN", "x", {"chatt": Reply(200, {})})', "chatt")):
             with self.subTest(named=named), tempfile.TemporaryDirectory() as d:
                 shutil.copy(DPMOCK, d)
+                shutil.copytree(os.path.join(HERE, "dpmocklib"), os.path.join(d, "dpmocklib"))
                 with open(os.path.join(HERE, "scenarios.py")) as f, open(os.path.join(d, "scenarios.py"), "w") as g:
                     g.write(f.read() + "\n" + extra + "\n")
                 r = run([PY, os.path.join(d, "dpmock.py"), "--foreground", "--port", "0"], timeout=10, cwd=d)
@@ -4862,7 +4863,7 @@ class CatalogueTest(unittest.TestCase):
                 lines = r.stderr.decode().strip().splitlines()
                 self.assertEqual(len(lines), 1, lines)
                 self.assertIn(named, lines[0])
-                r = run([PY, "-c", "import dpmock"], timeout=10, cwd=d)
+                r = run([PY, "-c", "import dpmock; dpmock.ROUTES"], timeout=10, cwd=d)
                 self.assertNotEqual(r.returncode, 0)
                 self.assertIn(named, r.stderr.decode())
 
@@ -4894,7 +4895,7 @@ class CatalogueTest(unittest.TestCase):
 
 # ----------------------------------------------------------------------------- vendoring, CLI and keys (issue 9)
 
-SHIPPED = ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile")  #: the README's required copy list
+SHIPPED = ("dpmock.py", "dpmockctl.py", "scenarios.py", "Makefile", "dpmocklib")  #: the README's required copy list
 
 
 def vendored_copy(test, names=SHIPPED):
@@ -4959,8 +4960,10 @@ class CliRangeTest(unittest.TestCase):
         self.assertEqual((r.returncode, r.stdout), (2, b""))
         self.assertEqual(r.stderr.decode(), "dpmock needs Python 3.8 or newer (this is 3.7)\n")
         import ast
-        with open(DPMOCK, encoding="utf-8") as f:  # and 3.7 can compile the file to get that far
-            ast.parse(f.read(), DPMOCK, feature_version=(3, 7))
+        import glob
+        for path in [DPMOCK] + glob.glob(os.path.join(HERE, "dpmocklib", "*.py")):  # 3.7 compiles them: gets that far
+            with open(path, encoding="utf-8") as f:
+                ast.parse(f.read(), path, feature_version=(3, 7))
 
     def test_scripts_are_executable(self):
         for name in ("dpmock.py", "dpmockctl.py"):
