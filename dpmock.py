@@ -23,15 +23,14 @@ returns CMD's status, or 125 when the sandbox cannot be made.
 import sys
 
 import dpmocklib  # the Python version check, before anything else loads
+from dpmocklib import __version__  # noqa: F401 - dpmock.__version__
 
 
 def __getattr__(name):
-    """``dpmock.X`` is the package's public name X (``dpmock.MockServer``, ``dpmock.main``, ...)."""
-    from dpmocklib import server
-    try:
-        return getattr(server, name)
-    except AttributeError:
-        raise AttributeError("module 'dpmock' has no attribute %r" % name) from None
+    """``dpmock.X`` is the package's name X (``dpmock.MockServer``, ``dpmock.serve``, ``dpmock.ROUTES``, ...),
+    found in the first of the package's modules to define it (see dpmocklib/names.py)."""
+    import dpmocklib.names
+    return dpmocklib.names.find(name, "dpmock")
 
 
 if __name__ == "__main__":

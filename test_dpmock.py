@@ -28,7 +28,7 @@ import unittest
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import dpmock
-import scenarios
+from dpmocklib.base import scenarios
 from dpmock import cosine, embedding, embedding_b64, schema_instance
 
 
@@ -43,7 +43,7 @@ def _optional(name):
 
 #: When installed (the CI venv has them), generated instances are validated with these.
 jsonschema, pydantic = _optional("jsonschema"), _optional("pydantic")
-from scenarios import Reply, Stream, Upload
+from dpmocklib.base import Reply, Stream, Upload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DPMOCK = os.path.join(HERE, "dpmock.py")

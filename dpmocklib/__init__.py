@@ -5,6 +5,8 @@
 
 import sys
 
+__version__ = "0.1.0"  #: the one place the version is written (pyproject.toml reads it from here)
+
 if sys.version_info < (3, 8):  # checked before anything 3.7 lacks: one line, not an AttributeError
     sys.stderr.write("dpmock needs Python 3.8 or newer (this is %d.%d)\n" % tuple(sys.version_info[:2]))
     raise SystemExit(2)

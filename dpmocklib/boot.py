@@ -54,7 +54,7 @@ def cannot_start(exc):
 def run(argv=None):
     """dpmock's command line: ``main(argv)``'s exit status, or exit 1 in one line if the code cannot load."""
     try:
-        from .server import main
+        from .cli import main
     except Exception as e:  # noqa: BLE001 - whatever stops the code loading stops the server
         cannot_start(e)
     return main(argv)

@@ -1,0 +1,569 @@
+"""Record and replay: answers forwarded upstream, saved as rules, served back byte for byte.
+
+Imported only when recording or replaying."""
+
+import binascii
+import itertools
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+from .base import GEMINI, HTTPError, StartError, b64, scenarios
+from .config import split_url
+from .conversation import read_turn
+from .providers import bearer_token, first_of
+from .request import PIECE, CTL_BYTES, TOKEN_CHARS, compiled_cache, read_json_body
+from .routing import BODY_STREAM, STREAM_FLAG, STREAM_NEVER, API_VERSIONS, percent_decode
+from .rules import Rule, RuleError
+from .state import SECRET_HEADERS
+
+
+#: Request headers never forwarded: hop-by-hop (RFC 9110 7.6.1) and framing, which http.client redoes.
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "host", "content-length", "expect", "accept-encoding", "proxy-authorization",
+                         "proxy-authenticate"))
+#: Answer headers the writer makes itself, so the upstream's are not relayed.
+_WRITER_HEADERS = frozenset(("date", "server", "content-type", "content-length"))
+#: The only answer headers a recording keeps: request ids, dates, cookies and organisation names never.
+RECORDED_HEADERS = ("content-type", "content-encoding", "retry-after", "retry-after-ms")
+#: Ids a recording normalises: values of these keys that start with one of these prefixes, and any
+#: value of the _ALWAYS_IDS keys (Gemini's responseId has no prefix).
+_ID_KEYS = ("id", "tool_call_id", "tool_use_id", "previous_response_id", "item_id")
+_ALWAYS_IDS = ("responseId", "response_id", "request_id")
+ID_PREFIXES = ("chatcmpl-", "cmpl-", "modr-", "msg_", "resp_", "rs_", "fc_", "toolu_", "srvtoolu_", "call_", "req_")
+RECORDED_TIME, RECORDED_STAMP = 1700000000, "2023-11-14T22:13:20Z"  #: what times become in a recording
+REDACTED = "[REDACTED]"
+_SECRET_MIN = 4  #: shorter key values are not searched for (every "a" would go)
+RECORD_BODY_MATCH = 4096  #: a route without a conversation matches its whole JSON body up to this size
+_RECORD_RES = {
+    "id": r'"(%s)"\s*:\s*"([^"\\]+)"' % "|".join(_ID_KEYS + _ALWAYS_IDS),
+    "time": r'("(?:created|created_at|completed_at)"\s*:\s*)\d+(?:\.\d+)?',
+    "stamp": r'("(?:createTime|updateTime|expirationTime)"\s*:\s*")[^"\\]*(")',
+}
+
+
+def _record_re(name):
+    """A normalisation pattern, compiled on first use (never at start-up)."""
+    key = "record_" + name
+    pattern = compiled_cache.get(key)
+    if pattern is None:
+        pattern = compiled_cache[key] = (re.compile(rb"\r\n\r\n|\n\n|\r\r") if name == "sse_end"
+                                    else re.compile(_RECORD_RES[name]))
+    return pattern
+
+
+class Recorder:
+    """--record: forward what no rule answers to the provider's upstream, relay the answer as it
+    arrives, and save it as a rule in DIR/TEST.json (written aside and renamed, under a lock: a
+    recording is whole or absent, never half-written, even when the client leaves mid-stream)."""
+
+    MAX_WHOLE = 64 * scenarios.MIB  #: a whole upstream answer larger than this is refused (502)
+    MAX_RECORDING = 16 * scenarios.MIB  #: a streamed answer larger than this is relayed, not recorded
+
+    def __init__(self, config, log, out=None):
+        self.config, self.log, self.out = config, log, out
+        self.dir = config.record
+        self.upstreams = {p: split_url(u) for p, u in config.upstreams.items()}
+        self.redact = [re.compile(p) for p in config.record_redact]
+        self.lock = threading.Lock()
+        self.reload = None  #: an Event set after each recording (the rules watcher re-reads the files)
+        self.via = "1.1 dpmock-" + os.urandom(6).hex()  #: sent upstream; seen again, it is a forwarding loop
+        self._tmp = itertools.count(1)
+        self._tls = None
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise StartError("cannot make the --record folder %s: %s" % (self.dir, e.strerror))
+        if config.upstream_ca:  # a bad bundle stops the start, not the first request
+            self.tls_context()
+
+    def tls_context(self):
+        """Verified TLS (host name and chain) against --upstream-ca, else the system's trust store."""
+        if self._tls is None:
+            import ssl
+            try:
+                ctx = ssl.create_default_context(cafile=self.config.upstream_ca)
+            except (OSError, ssl.SSLError) as e:
+                raise StartError("cannot load --upstream-ca %s: %s" % (self.config.upstream_ca,
+                                                                        getattr(e, "strerror", None) or e))
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._tls = ctx
+        return self._tls
+
+    # ---------------------------------------------------------------- forwarding
+
+    def forward(self, w, req, body):
+        """Step 7b of dispatch: send the request upstream, relay the answer, record it when it may be."""
+        if any(self.via in v for v in req.headers.all("via")):
+            raise HTTPError(508, "dpmock --record: this request came back from dpmock's own upstream (a forwarding "
+                                 "loop): --upstream must name another server", "forwarding_loop")
+        turn = read_turn(req)  # a missing or bad key, or a body dpmock refuses, is refused here as ever
+        if body is None and req.route.body == BODY_STREAM:
+            body = read_json_body(req)  # an upload is forwarded whole (up to MAX_JSON_BODY)
+        up = self.upstreams[req.provider]
+        conn = self.connection(up)
+        try:
+            t0 = time.monotonic()
+            resp = self.send(conn, up, req, body)
+            head_t = time.monotonic() - t0
+            keep = (resp.status < 400 or self.config.record_errors) and req.method != "HEAD"  # HEAD: no body
+            ctype = resp.getheader("content-type") or "application/octet-stream"
+            items = resp.getheaders()
+            req.source = "upstream"
+            self.log.debug("record: %s %s -> %s: %d", req.method, req.path, up.url, resp.status)
+            if resp.chunked or resp.length is None:
+                events = self.relay_stream(w, req, resp, ctype, items, keep)
+                if events is not None:
+                    self.save(req, turn, up, recorded_answer(resp.status, items, head_t, events=events))
+                w.end_stream()
+                return
+            data = self.read_whole(req, resp, up)
+            if keep:
+                self.save(req, turn, up, recorded_answer(resp.status, items, head_t, body=data))
+            w.extra_headers = ()  # the upstream's request ids reach the client, not dpmock's
+            w.send_bytes(resp.status, data, ctype, relay_headers(items))
+        finally:
+            conn.close()
+
+    def connection(self, up):
+        import http.client
+        if up.scheme == "http":
+            return http.client.HTTPConnection(up.host, up.port, timeout=self.config.io_timeout)
+        return http.client.HTTPSConnection(up.host, up.port, timeout=self.config.io_timeout,
+                                           context=self.tls_context())
+
+    def send(self, conn, up, req, body):
+        """The request, as the client sent it, to the upstream; its answer's head. 502 or 504 when it fails."""
+        import http.client
+        try:
+            conn.putrequest(req.method, upstream_target(req, up), skip_host=True, skip_accept_encoding=True)
+            for k, v in forward_headers(req, up, body, self.via):
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.upstream_error(req, up, e, "cannot be reached")
+
+    def upstream_error(self, req, up, e, what):
+        """The HTTPError (502, or 504 for a timeout) that says which upstream failed, and how."""
+        timeout = isinstance(e, (socket.timeout, TimeoutError))
+        if timeout:
+            reason = "no answer within --io-timeout %ds" % self.config.io_timeout
+        elif getattr(e, "verify_message", None):
+            reason = "certificate verify failed: %s (--upstream-ca names the CA bundle to trust)" % e.verify_message
+        else:
+            reason = getattr(e, "strerror", None) or str(e) or "closed"
+        message = "dpmock --record: the %s upstream %s %s: %s: %s" % (req.provider, up.url, what,
+                                                                      type(e).__name__, reason)
+        self.log.error("%s (%s %s)", message, req.method, req.path)
+        return HTTPError(504 if timeout else 502, message, "upstream_timeout" if timeout else "upstream_unreachable")
+
+    def read_whole(self, req, resp, up):
+        import http.client
+        if resp.length > self.MAX_WHOLE:
+            raise HTTPError(502, "dpmock --record: the %s upstream's answer of %d bytes is over the %d byte limit"
+                            % (req.provider, resp.length, self.MAX_WHOLE), "upstream_too_large")
+        try:
+            return resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise self.upstream_error(req, up, e, "cut its answer off")
+
+    def relay_stream(self, w, req, resp, ctype, items, keep):
+        """Relay a streamed answer piece by piece as it arrives; its events, or None when not recorded."""
+        import http.client
+        w.extra_headers = ()
+        w.start_stream(resp.status, ctype, relay_headers(items, stream=True))
+        events = EventSplitter("event-stream" in ctype.lower()) if keep else None
+        start, size = time.monotonic(), 0
+        while True:
+            try:
+                piece = resp.read1(PIECE)
+            except (OSError, http.client.HTTPException) as e:
+                self.log.error("record: the %s upstream ended %s %s mid-stream (%s): relayed cut, not recorded",
+                               req.provider, req.method, req.path, type(e).__name__)
+                w.abort("fin")
+            if not piece:
+                break
+            w.send_chunk(piece)  # a client that leaves raises here: nothing is recorded
+            if events is not None:
+                size += len(piece)
+                if size > self.MAX_RECORDING:
+                    self.log.error("record: %s %s: stream over %d bytes, relayed, not recorded",
+                                   req.method, req.path, self.MAX_RECORDING)
+                    events = None
+                else:
+                    events.feed(piece, time.monotonic() - start)
+        return events.finish() if events is not None else None
+
+    # ---------------------------------------------------------------- saving
+
+    def save(self, req, turn, up, raw):
+        """Normalise and redact an answer, save it as a rule; a failure is logged, the answer still relayed."""
+        secrets = request_secrets(req)
+        scrub = lambda value: scrub_value(value, secrets, self.redact)  # noqa: E731
+        match = recorded_match(req, turn, scrub)
+        rid = "rec-" + _digest(json.dumps([req.test, match], sort_keys=True, ensure_ascii=False))[:12]
+        norm = Normaliser(rid)
+        if "body" in raw:
+            raw["body"] = scrub(norm.text(raw["body"]))
+        elif "body_base64" in raw:
+            raw["body_base64"] = b64(scrub_bytes(binascii.a2b_base64(raw["body_base64"]), secrets))
+        for ev in raw.get("events", ()):
+            if "data" in ev:
+                ev["data"] = scrub(norm.text(ev["data"]))
+            else:
+                ev["data_base64"] = b64(scrub_bytes(binascii.a2b_base64(ev["data_base64"]), secrets))
+        raw["headers"] = scrub(raw["headers"])
+        origin = {"method": req.method, "path": req.path, "upstream": up.url, "status": raw["status"]}
+        query = "&".join(p for p in req.query_string.split("&") if p and percent_decode(p.partition("=")[0], True)
+                         != "key")
+        if query:
+            origin["query"] = query
+        spec = {"id": rid, "match": match, "respond": {"raw": raw}, "recorded": scrub(origin)}
+        try:
+            Rule(spec, 0)  # what is written must load as a rule
+            text = json.dumps(spec, ensure_ascii=False)
+            if any(s in text for s in secrets):
+                raise ValueError("a key would reach the recording")
+            path = self.write(req.test, spec)
+        except (OSError, ValueError) as e:
+            self.log.error("record: %s %s not recorded: %s", req.method, req.path,
+                           getattr(e, "strerror", None) or e)
+            return
+        req.rule, req.source = rid, "recorded"
+        line = "recorded %s %s -> %s (rule %s)" % (req.method, req.path, path, rid)
+        self.log.info("%s", line)
+        if self.out is not None:
+            try:
+                with self.lock:
+                    self.out.write(line + "\n")
+                    self.out.flush()
+            except (OSError, ValueError):  # nobody reads the record command's output any more
+                self.out = None
+        if self.reload is not None:
+            self.reload.set()
+
+    def write(self, test, spec):
+        """Put a rule into its test's file (replacing the rule with its id): written aside, then renamed."""
+        name = (test or "default") + ".json"
+        path = os.path.join(self.dir, name)
+        with self.lock:
+            rules = []
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    doc = json.load(f)
+                held = doc.get("test") if isinstance(doc, dict) and "rules" in doc else None
+                rules = doc["rules"] if isinstance(doc, dict) and "rules" in doc else doc
+                if held != test or not isinstance(rules, list):
+                    raise ValueError("%s holds %s, not the recordings of %s" % (
+                        path, "test %r" % held if held else "something else", "test %r" % test if test else
+                        "every test"))
+            for i, r in enumerate(rules):
+                if isinstance(r, dict) and r.get("id") == spec["id"]:
+                    rules[i] = spec
+                    break
+            else:
+                rules.append(spec)
+            doc = dict({"test": test} if test else {}, rules=rules)
+            tmp = os.path.join(self.dir, ".%s.%d.%d.tmp" % (name, os.getpid(), next(self._tmp)))
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        return path
+
+
+def _digest(text):
+    import hashlib
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def upstream_target(req, up):
+    """The upstream path: the client's, under the upstream's base path, with the provider's version
+    (/v1, Gemini's /v1beta) when the client sent a bare one; the query as it came."""
+    path = req.path
+    upload = path.startswith("/upload/")
+    parts = path.split("/")
+    if (parts[2] if upload and len(parts) > 2 else parts[1]) not in API_VERSIONS:
+        version = "/v1beta" if req.provider == GEMINI else "/v1"
+        path = "/upload" + version + path[7:] if upload else version + path
+    return up.base + path + ("?" + req.query_string if req.query_string else "")
+
+
+def _connection_tokens(values):
+    return {t.strip().lower() for v in values for t in v.split(",")}
+
+
+def forward_headers(req, up, body, via):
+    """The client's headers (its key too), minus hop-by-hop ones and dpmock's own X-DP-*; the upstream's Host,
+    identity encoding (bodies stay readable for the recording), the body's length, and dpmock in Via."""
+    named = _connection_tokens(req.headers.all("connection"))
+    out = [("Host", up.netloc)]
+    for k, v in req.headers.items:
+        low = k.lower()
+        if low not in _HOP_BY_HOP and low not in named and not low.startswith(("x-dp-", "proxy-")) and low != "via":
+            out.append((k, v))
+    out.append(("Via", ", ".join(req.headers.all("via") + [via])))
+    out.append(("Accept-Encoding", "identity"))
+    if body is not None:
+        out.append(("Content-Length", str(len(body))))
+    return out
+
+
+def relay_headers(items, stream=False):
+    """The upstream answer's headers that go on to the client (the writer adds framing, Date and Server)."""
+    drop = _HOP_BY_HOP | _WRITER_HEADERS | _connection_tokens(v for k, v in items if k.lower() == "connection")
+    return [(k, v) for k, v in items if k.lower() not in drop and not (stream and k.lower() == "cache-control")]
+
+
+def recorded_answer(status, items, head_t, body=None, events=None):
+    """An upstream answer as respond.raw: status, the RECORDED_HEADERS, and its body or events."""
+    headers = {}
+    for k, v in items:
+        if k.lower() in RECORDED_HEADERS:
+            headers.setdefault(k.lower(), v)
+    raw = {"status": status, "headers": headers, "t": round(head_t, 3)}
+    if events is not None:
+        raw["events"] = events
+    else:
+        try:
+            raw["body"] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raw["body_base64"] = b64(body)
+    return raw
+
+
+class EventSplitter:
+    """A streamed answer cut into recorded events as it arrives: an SSE stream at its blank lines
+    (each event whole), anything else as the pieces came; together, every byte in order."""
+
+    def __init__(self, sse):
+        self.sse, self.buf, self.events = sse, b"", []
+
+    def feed(self, piece, t):
+        self.buf += piece
+        if self.sse:
+            end = 0
+            for m in _record_re("sse_end").finditer(self.buf):
+                self.add(self.buf[end:m.end()], t)
+                end = m.end()
+            self.buf = self.buf[end:]
+        else:
+            cut = _utf8_complete(self.buf)  # a character split between pieces waits for its end
+            if cut:
+                self.add(self.buf[:cut], t)
+                self.buf = self.buf[cut:]
+
+    def add(self, data, t):
+        try:
+            self.events.append({"t": round(t, 3), "data": data.decode("utf-8")})
+        except UnicodeDecodeError:
+            self.events.append({"t": round(t, 3), "data_base64": b64(data)})
+
+    def finish(self):
+        if self.buf:
+            self.add(self.buf, self.events[-1]["t"] if self.events else 0.0)
+        return self.events
+
+
+def _utf8_complete(data):
+    """How many leading bytes of ``data`` end on a UTF-8 character boundary."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # the last character's first byte
+            need = 1 if b < 0x80 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+class Normaliser:
+    """Stable ids and times for one recording, so a re-recording diffs cleanly: each id becomes its
+    prefix + rec + the rule's digest + a count, the same id the same placeholder everywhere in it."""
+
+    def __init__(self, rule_id):
+        self.tag = rule_id[4:12]
+        self.ids = {}
+
+    def text(self, text):
+        if '"' not in text:
+            return text
+        for key, value in _record_re("id").findall(text):
+            if value not in self.ids and (key in _ALWAYS_IDS or value.startswith(ID_PREFIXES)):
+                prefix = next((p for p in ID_PREFIXES if value.startswith(p)), "")
+                self.ids[value] = "%srec%s%02d" % (prefix, self.tag, len(self.ids) + 1)
+        for value, placeholder in self.ids.items():
+            text = text.replace('"%s"' % value, '"%s"' % placeholder)
+        text = _record_re("time").sub(r"\g<1>%d" % RECORDED_TIME, text)
+        return _record_re("stamp").sub(r"\g<1>%s\g<2>" % RECORDED_STAMP, text)
+
+
+def request_secrets(req):
+    """Every key the request carries (headers, ?key=), longest first: none may reach a recording."""
+    found = set()
+    for name in SECRET_HEADERS + ("api-key",):
+        for value in req.headers.all(name):
+            found.update((value.strip(), bearer_token(value.strip())))
+    found.update(v.strip() for v in req.query.get("key", ()))
+    return sorted((s for s in found if len(s) >= _SECRET_MIN), key=len, reverse=True)
+
+
+def scrub_value(value, secrets, patterns):
+    """Every string in ``value`` with the keys and the --record-redact matches replaced by [REDACTED]."""
+    if isinstance(value, str):
+        for s in secrets:
+            value = value.replace(s, REDACTED)
+        for p in patterns:
+            value = p.sub(REDACTED, value)
+        return value
+    if isinstance(value, list):
+        return [scrub_value(v, secrets, patterns) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub_value(v, secrets, patterns) for k, v in value.items()}
+    return value
+
+
+def scrub_bytes(data, secrets):
+    for s in secrets:
+        data = data.replace(s.encode("utf-8"), REDACTED.encode("ascii"))
+    return data
+
+
+def recorded_match(req, turn, scrub):
+    """A recorded rule's match, from the request: provider, route, model, the exact last user text, turn
+    and tool result (or a small body, whole, on routes without a conversation), stream and query."""
+    route = req.route
+    match = {"provider": req.provider, "route": route.name}
+    model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model")
+    if isinstance(model, str) and model:
+        match["model"] = "".join("[%s]" % c if c in "*?[" else c for c in model)  # a glob: matched exactly
+    if turn is not None:
+        text = scrub(turn.user_text)
+        if text == turn.user_text:
+            match["text_exact"] = text
+        else:  # redacted: the rest of the text still has to match, exactly
+            match["text_regex"] = r"(?s)\A%s\Z" % ".+?".join(re.escape(p) for p in text.split(REDACTED))
+        match["turn"] = turn.user_turns
+        match["tool_result"] = turn.tool_result[0] if turn.tool_result else False
+    elif isinstance(req.json, dict) and req.body_bytes <= RECORD_BODY_MATCH and scrub(req.json) == req.json:
+        match["body"] = {"": req.json}
+    if route.stream == STREAM_FLAG:
+        match["stream"] = route.streaming(req)
+    query = {k: v[0] for k, v in req.query.items() if k != "key"}
+    if req.provider == GEMINI and route.stream != STREAM_NEVER:
+        query.setdefault("alt", None)  # alt=sse and the JSON array are two answers
+    if query:
+        match["query"] = scrub(query)
+    return match
+
+
+def check_raw(raw, where):
+    """Refuse a recorded answer (respond.raw) that cannot be served, naming the field."""
+    if not isinstance(raw, dict):
+        raise RuleError("%s must be an object: status, headers, and body, body_base64 or events" % where)
+    unknown = set(raw) - {"status", "headers", "t", "body", "body_base64", "events"}
+    if unknown:
+        raise RuleError("unknown field %s.%s; a recorded answer has status, headers, t, and body, body_base64 or "
+                        "events" % (where, sorted(unknown)[0]))
+    status = raw.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599 or status in (204, 304):
+        raise RuleError("%s.status must be a status code from 200 to 599 (one with a body)" % where)
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict):
+        raise RuleError("%s.headers must be an object: name -> value" % where)
+    for k, v in headers.items():
+        if not k or not TOKEN_CHARS.issuperset(k.encode("latin-1", "replace")) or not isinstance(v, str) \
+                or any(c in CTL_BYTES.decode("latin-1") for c in v):
+            raise RuleError("%s.headers[%r] must be a header name with a one-line text value" % (where, k[:40]))
+        if k.lower() in _HOP_BY_HOP | _WRITER_HEADERS - {"content-type"}:
+            raise RuleError("%s.headers may not set %s: dpmock frames the answer itself" % (where, k))
+    bodies = [k for k in ("body", "body_base64", "events") if k in raw]
+    if len(bodies) != 1:
+        raise RuleError("%s needs exactly one of body, body_base64 and events" % where)
+    if "t" in raw:
+        _check_seconds(raw["t"], where + ".t")
+    if "body" in raw and not isinstance(raw["body"], str):
+        raise RuleError("%s.body must be a string (body_base64 for bytes)" % where)
+    if "body_base64" in raw:
+        _check_base64(raw["body_base64"], where + ".body_base64")
+    events = raw.get("events", [])
+    if not isinstance(events, list):
+        raise RuleError("%s.events must be a list of {t, data}" % where)
+    for i, ev in enumerate(events):
+        at = "%s.events[%d]" % (where, i)
+        if not isinstance(ev, dict) or set(ev) - {"t", "data", "data_base64"} or \
+                len([k for k in ("data", "data_base64") if k in ev]) != 1:
+            raise RuleError("%s must be {t, data} or {t, data_base64}" % at)
+        _check_seconds(ev.get("t"), at + ".t")
+        if "data" in ev and not isinstance(ev["data"], str):
+            raise RuleError("%s.data must be a string: the event's bytes as text" % at)
+        if "data_base64" in ev:
+            _check_base64(ev["data_base64"], at + ".data_base64")
+
+
+def _check_seconds(value, where):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 86400:
+        raise RuleError("%s must be a number of seconds from 0 to 86400" % where)
+
+
+def _check_base64(value, where):
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        binascii.a2b_base64(value)
+    except (ValueError, binascii.Error):
+        raise RuleError("%s must be base64 text" % where)
+
+
+def sse_parts(text):
+    """(data, event name) of one SSE event's text, for the faults that look inside a stream item."""
+    data, event = [], None
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data.append(line[6:] if line[5:6] == " " else line[5:])
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+    return "\n".join(data), event
+
+
+def send_recorded(w, req, raw):
+    """Serve a recorded answer through the writer, byte for byte, so every fault applies to it: a whole
+    body in one write, a stream event by event (each one stream item), at the recorded pace if asked."""
+    if req.has_body() and not req.body_done:
+        req.drain()
+    headers = [(k, v) for k, v in raw.get("headers", {}).items() if k.lower() != "content-type"]
+    ctype = next((v for k, v in raw.get("headers", {}).items() if k.lower() == "content-type"), scenarios.JSON)
+    paced = w.server.config.replay_timing == "recorded"
+    if paced:
+        w.pause(raw.get("t", 0))
+    if "events" not in raw:
+        body = raw["body"].encode("utf-8") if "body" in raw else binascii.a2b_base64(raw["body_base64"])
+        w.send_bytes(raw["status"], body, ctype, headers)
+        return
+    sse = "event-stream" in ctype.lower()
+    w.json_array = not sse  # Gemini's JSON array: the SSE-only faults leave it alone
+    w.start_stream(raw["status"], ctype, headers)
+    last = 0.0
+    for ev in raw["events"]:
+        if paced:
+            w.pause(ev["t"] - last)
+            last = max(last, ev["t"])
+        if "data" not in ev:
+            w.send_chunk(binascii.a2b_base64(ev["data_base64"]))
+        elif sse:
+            w.stream_text(ev["data"], *sse_parts(ev["data"]))
+        elif ev["data"].strip(" \t\r\n,[]"):
+            w.stream_text(ev["data"], ev["data"].strip(" \t\r\n,[]"))
+        else:  # a bare "]" or separator: not an item
+            w.send_chunk(ev["data"].encode("utf-8"))
+    w.end_stream()
