@@ -73,4 +73,4 @@ certs:
 # Stops the server this Makefile started first (by its pid file only), so none is orphaned.
 clean:
 	@$(CTL) stop --pidfile $(PIDFILE)
-	rm -rf $(HERE)/__pycache__ $(HERE)/dpmocklib/__pycache__ $(LOGFILE) $(ENVFILE) $(ENVFILE).tmp
+	rm -rf $(HERE)/__pycache__ $(HERE)/dpmocklib/__pycache__ $(HERE)/dpmocklib/tests/__pycache__ $(LOGFILE) $(ENVFILE) $(ENVFILE).tmp
