@@ -17,6 +17,25 @@ from .rules import RuleBook
 from .server import MockServer, bind_listener, tls_context
 
 
+def start_server(config, socks, log, restarts=0, router=None):
+    """A MockServer for ``config`` on the bound sockets ``socks`` (one per ``config.listens``), with its
+    rules, TLS context and recorder: what the command line and the in-process API (api.serve) share.
+    Raises StartError when a rules file, the certificate or the record folder will not do."""
+    ctx = tls_context(config) if any(tls for tls, _, _ in config.listens) else None
+    listeners = [(s, ctx if tls else None) for s, (tls, _, _) in zip(socks, config.listens)]
+    rules = RuleBook(log, config.rules, config.strict)
+    recorder = None
+    if config.record:
+        from .record import Recorder  # record and replay load only when recording
+        recorder = Recorder(config, log, sys.stdout if config.announce else None)
+    server = MockServer(config, listeners, log, restarts, rules, router)
+    if recorder is not None:
+        server.recorder, recorder.reload = recorder, server.reload_rules
+        log.info("recording to %s from %s", config.record, " ".join(
+            "%s=%s" % kv for kv in sorted(config.upstreams.items())))
+    return server
+
+
 def main(argv=None, router=None):
     """The command line (``argv``, by default sys.argv's); ``router``: a Router to serve in place of
     ROUTER (the route table plus a team's own routes, say). Returns the exit status."""
@@ -71,13 +90,7 @@ def main(argv=None, router=None):
                 pidfile.acquire()
             else:
                 os.set_inheritable(pidfile.fd, False)
-        ctx = tls_context(config) if any(tls for tls, _, _ in config.listens) else None
-        listeners = [(s, ctx if tls else None) for s, (tls, _, _) in zip(socks, config.listens)]
-        rules = RuleBook(log, config.rules, config.strict)
-        recorder = None
-        if config.record:
-            from .record import Recorder  # record and replay load only when recording
-            recorder = Recorder(config, log, sys.stdout if config.announce else None)
+        server = start_server(config, socks, log, restarts, router)
         if config.port_file:
             write_port_file(config.port_file, socks[0].getsockname()[1])
     except StartError as e:
@@ -88,11 +101,6 @@ def main(argv=None, router=None):
             os._exit(1)
         print("dpmock: %s" % e, file=sys.stderr)
         return 1
-    server = MockServer(config, listeners, log, restarts, rules, router)
-    if recorder is not None:
-        server.recorder, recorder.reload = recorder, server.reload_rules
-        log.info("recording to %s from %s", config.record, " ".join(
-            "%s=%s" % kv for kv in sorted(config.upstreams.items())))
     install_signals(server)
     if config.idle_exit or config.parent_pid or config.rules:
         threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()

@@ -1,4 +1,4 @@
-"""Control endpoints: /_dpmock/... (status, journal, rules, schedules, reset, restart, shutdown)."""
+"""Control endpoints: /_control/... (status, journal, rules, schedules, reset, restart, shutdown)."""
 
 import json
 import os

@@ -247,3 +247,8 @@ def handle_gemini_batch_embed(w, req):
                           "request, not %s" % (i, model, named))
         out.append(_gemini_embed_one(req, r, model, "BatchEmbedContentsRequest.requests[%d]." % i))
     w.send_json(200, {"embeddings": out})
+
+
+def gemini_reader(req):
+    """The generate and stream routes' reader: the body's conversation for the model in the path."""
+    return gemini_turn(req.json, req.params["model"])

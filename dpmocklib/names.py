@@ -23,3 +23,21 @@ def find(name, owner):
         if name in vars(mod):
             return vars(mod)[name]
     raise AttributeError("module %r has no attribute %r" % (owner, name))
+
+
+def layout_table():
+    """The README's table of the package's modules: each file and the first line of its docstring.
+
+    Read from the source (nothing is imported); the suite checks that the README holds this table.
+    """
+    import ast
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = ["| module | what it holds |", "|---|---|"]
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read())) or ""
+            first = " ".join(doc.split("\n\n")[0].split())
+            rows.append("| `%s` | %s |" % (name, first.replace("|", "\\|")))
+    rows.append("| `tests/` | dpmock's own tests, one module per area, and `support.py`, which they share |")
+    return "\n".join(rows)

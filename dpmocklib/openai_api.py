@@ -327,3 +327,8 @@ def handle_openai_moderations(w, req):
                         "category_applied_input_types": {c: ["text"] for c in categories}})
     w.send_json(200, {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest",
                       "results": results})
+
+
+def openai_reader(req):
+    """The chat route's reader: its body's conversation, as a Turn."""
+    return openai_turn(req.json)

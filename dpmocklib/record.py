@@ -17,7 +17,8 @@ from .conversation import read_turn
 from .providers import bearer_token, first_of
 from .request import PIECE, CTL_BYTES, TOKEN_CHARS, compiled_cache, read_json_body
 from .routing import BODY_STREAM, STREAM_FLAG, STREAM_NEVER, API_VERSIONS, percent_decode
-from .rules import Rule, RuleError
+from .rule import Rule
+from .rules import RuleError
 from .state import SECRET_HEADERS
 
 

@@ -1,0 +1,246 @@
+"""One rule: its spec checked and compiled into conditions, what a request looks like to rules (RuleContext),
+and the answer's templates filled in. Imported when the first rule is made (rules.py holds the rule book)."""
+
+import re
+
+from .base import ANTHROPIC, GEMINI, OPENAI, scenarios
+from .conversation import RULE_FINISH
+from .providers import first_of, request_key
+from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
+
+
+class Rule:
+    """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
+
+    __slots__ = ("id", "priority", "times", "match", "respond", "test", "source", "order", "conds", "hits",
+                 "trigram", "regex", "any_route", "recorded")
+
+    def __init__(self, spec, order, test=None, source=None):
+        if not isinstance(spec, dict):
+            raise RuleError("a rule must be a JSON object with match and respond")
+        unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test", "recorded"}
+        if unknown:
+            raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond, recorded"
+                            % sorted(unknown)[0])
+        self.recorded = spec.get("recorded")  #: where a recorded rule came from (--record writes it)
+        if self.recorded is not None and not (isinstance(self.recorded, dict) and all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in self.recorded.values())):
+            raise RuleError("recorded must be an object of strings and numbers (method, path, upstream, status)")
+        self.id = spec.get("id")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id):
+            raise RuleError("id must be a non-empty string")
+        self.priority = _rule_int(spec, "priority", 0)
+        self.times = _rule_int(spec, "times", None, low=1)
+        self.test = check_test_id(spec["test"], "test") if spec.get("test") is not None else test
+        self.source, self.order, self.hits = source, order, {}
+        self.match = spec.get("match") or {}
+        if not isinstance(self.match, dict):
+            raise RuleError("match must be an object")
+        self.respond = spec.get("respond")
+        answers = self.respond if isinstance(self.respond, list) else [self.respond]
+        if not answers:
+            raise RuleError("respond must be an answer or a non-empty list of answers")
+        for i, a in enumerate(answers):
+            check_answer(a, "respond" if not isinstance(self.respond, list) else "respond[%d]" % i)
+        self.regex = None
+        self.trigram = None
+        self.conds = [self._condition(k, v) for k, v in self.match.items()]
+        #: it can answer a route without a conversation (models, files...): errors, scenarios, raw answers
+        self.any_route = any("error" in a or "scenario" in a or "raw" in a for a in answers)
+
+    def _condition(self, name, want):
+        if name not in RULE_MATCH_KEYS:
+            raise RuleError("unknown match field %r; known: %s" % (name, ", ".join(RULE_MATCH_KEYS)))
+        if name in ("provider", "route", "system", "text", "text_exact", "tool", "key"):
+            if not isinstance(want, str):
+                raise RuleError("match.%s must be a string" % name)
+            if name == "provider" and want not in (OPENAI, ANTHROPIC, GEMINI):
+                raise RuleError("match.provider must be openai, anthropic or gemini")
+            if name in ("text", "text_exact") and len(want) >= 3:
+                self.trigram = want[len(want) // 2 - 1:len(want) // 2 + 2]
+            if name == "text_exact":
+                return name, (lambda c, w=want: c.text == w), want
+        if name == "model":
+            if not isinstance(want, str):
+                raise RuleError("match.model must be a string (exact, or a glob with *)")
+            if not any(ch in want for ch in "*?["):
+                return name, (lambda c, w=want: c.model == w), want
+            import fnmatch
+            glob = re.compile(fnmatch.translate(want)).match  # compiled once, not at every request
+            return name, (lambda c: glob(c.model) is not None), want
+        if name == "text_regex":
+            try:
+                self.regex = re.compile(want)
+            except (re.error, TypeError) as e:
+                raise RuleError("match.text_regex is not a regular expression: %s" % e)
+            return name, (lambda c: self.regex.search(c.text) is not None), want
+        if name == "tool_result":
+            if not isinstance(want, (bool, str)):
+                raise RuleError("match.tool_result must be true, false or a tool name")
+            return name, (lambda c, w=want: (c.tool_result is not None) == w if isinstance(w, bool)
+                          else c.tool_result == w), want
+        if name == "turn":
+            if not isinstance(want, int) or isinstance(want, bool) or want < 0:
+                raise RuleError("match.turn must be a whole number (the count of user messages)")
+            return name, (lambda c, w=want: c.turn == w), want
+        if name == "stream":
+            if not isinstance(want, bool):
+                raise RuleError("match.stream must be true or false")
+            return name, (lambda c, w=want: c.stream == w), want
+        if name == "query":
+            if not isinstance(want, dict) or not want or not all(
+                    isinstance(v, str) or v is None for v in want.values()):
+                raise RuleError("match.query must be an object: parameter -> value (null: absent)")
+            return name, (lambda c, w=want: all(c.query.get(k, [None])[0] == v for k, v in w.items())), want
+        if name in ("header", "body"):
+            if not isinstance(want, dict) or not want:
+                raise RuleError("match.%s must be an object: %s" % (name, "name -> value" if name == "header" else
+                                                                       "JSON pointer -> value"))
+            if name == "body" and not all(k.startswith("/") or k == "" for k in want):
+                raise RuleError("match.body keys must be JSON pointers such as /temperature")
+            want = {k.lower(): v for k, v in want.items()} if name == "header" else want
+            return name, (lambda c, w=want: c.header_has(w)) if name == "header" else \
+                (lambda c, w=want: all(json_pointer(c.body, k) == v for k, v in w.items())), want
+        if name in ("system", "text"):
+            return name, (lambda c, n=name, w=want: w in getattr(c, n)), want
+        if name == "tool":
+            return name, (lambda c, w=want: w in c.tools), want
+        return name, (lambda c, n=name, w=want: getattr(c, n) == w), want
+
+    def first_miss(self, ctx):
+        """The first condition ctx fails (name, wanted), else None."""
+        for name, ok, want in self.conds:
+            if not ok(ctx):
+                return name, want
+        return None
+
+    def misses(self, ctx):
+        return [(name, want) for name, ok, want in self.conds if not ok(ctx)]
+
+    def public(self):
+        out = {"id": self.id, "priority": self.priority, "times": self.times, "match": self.match,
+               "respond": self.respond, "test": self.test, "source": self.source or "runtime",
+               "hits": sum(self.hits.values())}
+        if self.recorded is not None:
+            out["recorded"] = self.recorded
+        if self.hits:
+            out["hits_by_test"] = {k or "": v for k, v in self.hits.items()}
+        return out
+
+
+def _rule_int(spec, name, default, low=None):
+    value = spec.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise RuleError("%s must be a whole number%s" % (name, " of at least %d" % low if low is not None else ""))
+    return value
+
+
+def check_answer(a, where):
+    """Refuse an answer a rule cannot give, naming the field."""
+    if not isinstance(a, dict) or not a:
+        raise RuleError("%s must be an object with text, tool_calls, json, error, scenario..." % where)
+    unknown = set(a) - set(RULE_RESPOND_KEYS)
+    if unknown:
+        raise RuleError("unknown field %s.%s; an answer has %s" % (where, sorted(unknown)[0], ", ".join(RULE_RESPOND_KEYS)))
+    if "text" in a and not isinstance(a["text"], str):
+        raise RuleError("%s.text must be a string" % where)
+    if "thinking" in a and not isinstance(a["thinking"], str):
+        raise RuleError("%s.thinking must be a string" % where)
+    calls = a.get("tool_calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]
+                                              and isinstance(c.get("arguments", {}), dict) for c in calls):
+        raise RuleError("%s.tool_calls must be a list of {name, arguments (an object)}" % where)
+    if "finish" in a and (not isinstance(a["finish"], str) or a["finish"] not in RULE_FINISH):
+        raise RuleError("%s.finish must be one of %s" % (where, ", ".join(RULE_FINISH)))
+    usage = a.get("usage", {})
+    if not isinstance(usage, dict) or not all(k in ("input_tokens", "output_tokens") and isinstance(v, int)
+                                              and not isinstance(v, bool) and v >= 0 for k, v in usage.items()):
+        raise RuleError("%s.usage must be {input_tokens, output_tokens} whole numbers" % where)
+    err = a.get("error")
+    if err is not None and not (isinstance(err, dict) and isinstance(err.get("status"), int)
+                                and 400 <= err["status"] <= 599 and isinstance(err.get("message", ""), str)
+                                and isinstance(err.get("type", ""), str)):
+        raise RuleError("%s.error must be {status (400-599), message, type}" % where)
+    if "scenario" in a:
+        if not isinstance(a["scenario"], str):
+            raise RuleError("%s.scenario must be scenario text such as 'STREAM_SLOW; tps=5'" % where)
+        try:
+            scenarios.resolve(a["scenario"])
+        except KeyError as e:
+            raise RuleError("%s.scenario names no scenario: %r" % (where, e.args[0]))
+        except ValueError as e:
+            raise RuleError("%s.scenario: %s" % (where, e))
+    emb = a.get("embedding")
+    if emb is not None and not (isinstance(emb, list) and emb and all(isinstance(x, (int, float)) and
+                                                                      not isinstance(x, bool) for x in emb)):
+        raise RuleError("%s.embedding must be a non-empty list of numbers" % where)
+    if "raw" in a:
+        if set(a) - {"raw", "scenario"}:
+            raise RuleError("%s.raw is a whole answer: it goes alone (with a scenario at most), not with %s"
+                            % (where, sorted(set(a) - {"raw", "scenario"})[0]))
+        from .record import check_raw  # record and replay load only when a rule replays
+        check_raw(a["raw"], where + ".raw")
+
+
+def json_pointer(doc, pointer):
+    """The value at an RFC 6901 JSON pointer, or a sentinel when there is none."""
+    if pointer == "":
+        return doc
+    for part in pointer[1:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return _NOTHING
+    return doc
+
+
+_NOTHING = object()
+
+
+class RuleContext:
+    """What a request asked, as rules see it (the same words on every provider)."""
+
+    __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
+                 "headers", "query", "body", "_trigrams", "conversation")
+
+    def __init__(self, req, turn):
+        self.provider, self.route = req.provider, req.route.name
+        self.model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model") or ""
+        self.text = turn.user_text if turn is not None else ""
+        self.system = turn.system if turn is not None else ""
+        self.tools = [name for name, _ in turn.tools] if turn is not None else []
+        self.tool_result = turn.tool_result[0] if turn is not None and turn.tool_result else None
+        self.turn = turn.user_turns if turn is not None else 0
+        self.stream = req.route.streaming(req)
+        self.key = request_key(req) or ""
+        self.headers, self.query, self.body = req.headers, req.query, req.json
+        self._trigrams = None
+        self.conversation = req.route.reader is not None  #: the route can use any answer
+
+    def header_has(self, want):
+        return all(self.headers.get(k) == v for k, v in want.items())
+
+    def trigrams(self):
+        if self._trigrams is None:
+            t = self.text
+            self._trigrams = {t[i:i + 3] for i in range(len(t) - 2)}
+        return self._trigrams
+
+
+def render(value, ctx, groups):
+    """Fill {{text}}, {{model}}, {{1}} and named groups into the strings of an answer."""
+    if isinstance(value, str):
+        if "{{" not in value:
+            return value
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: {"text": ctx.text, "model": ctx.model}.get(
+            m.group(1), groups.get(m.group(1), m.group(0))), value)
+    if isinstance(value, list):
+        return [render(v, ctx, groups) for v in value]
+    if isinstance(value, dict):
+        return {k: render(v, ctx, groups) for k, v in value.items()}
+    return value
