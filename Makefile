@@ -45,7 +45,7 @@ status:
 
 # dpmock's own tests and benchmark are optional when vendoring: say what is missing, in one line.
 test:
-	@test -f $(HERE)/test_dpmock.py || { echo "make test: $(HERE)/test_dpmock.py is missing (dpmock's own tests, optional when vendoring: copy test_dpmock.py, README.md and certs/ to run them)" >&2; exit 1; }
+	@test -f $(HERE)/test_dpmock.py || { echo "make test: $(HERE)/test_dpmock.py is missing (dpmock's own tests, optional when vendoring: copy test_dpmock.py, dpmocklib/tests/, README.md and certs/ to run them)" >&2; exit 1; }
 	cd $(HERE) && $(PYTHON) test_dpmock.py
 
 check: test

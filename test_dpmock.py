@@ -88,10 +88,14 @@ def main(argv=None):
             return 2
         else:
             names.append(arg)
+    tests = os.path.join(HERE, "dpmocklib", "tests")
+    if not os.path.isfile(os.path.join(tests, "support.py")):
+        print("test_dpmock.py: %s is missing (dpmock's own tests: copy dpmocklib/tests/ too)" % tests, file=sys.stderr)
+        return 1
     loader = unittest.TestLoader()
     if patterns:
         loader.testNamePatterns = ["*%s*" % p if "*" not in p else p for p in patterns]
-    suite = select(loader.discover(os.path.join(HERE, "dpmocklib", "tests"), top_level_dir=HERE), names)
+    suite = select(loader.discover(tests, top_level_dir=HERE), names)
     if names and not suite.countTestCases():
         print("test_dpmock.py: error: no test is called %s" % " or ".join(names), file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Standard library only, so building needs nothing from an index (``requires = []`` in pyproject.toml).
 The metadata comes from pyproject.toml's ``[project]`` table and the version from ``dpmocklib.__version__``.
 The wheel holds the package (without its tests or this backend), with ``scenarios.py`` and ``certs/`` from
-beside it moved inside, so nothing but ``dpmocklib`` lands at the top of site-packages.
+beside it moved inside, and the ``dpmock.py`` launcher: nothing else lands at the top of site-packages.
 """
 
 import base64
@@ -18,7 +18,11 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "dpmocklib"
 #: In the wheel: source path (relative to ROOT) -> path inside the wheel, beyond the package's own modules.
-EXTRA = {"scenarios.py": PACKAGE + "/scenarios.py"}
+#: dpmock.py is the one other top-level name: ``import dpmock; dpmock.serve(...)`` as in a checkout.
+EXTRA = {"scenarios.py": PACKAGE + "/scenarios.py", "dpmock.py": "dpmock.py"}
+#: The files of certs/ that ship: the test CA's certificate and the server's pair, never the CA's key (make certs
+#: leaves certs/ca.key and server.csr beside them; .gitignore keeps the key out of git, this out of packages).
+CERT_FILES = ("README.md", "ca.pem", "server.ext", "server.key", "server.pem")
 #: What the sdist carries beyond the package folder: enough to build the wheel and run the suite.
 SDIST_FILES = ("pyproject.toml", "README.md", "Makefile", "dpmock.py", "dpmockctl.py", "scenarios.py",
                "test_dpmock.py", "bench_dpmock.py")
@@ -124,7 +128,7 @@ def entry_points(meta):
 
 def _dist_info_files(meta):
     return {"METADATA": metadata(meta), "entry_points.txt": entry_points(meta),
-            "top_level.txt": (PACKAGE + "\n").encode(),
+            "top_level.txt": ("dpmock\n%s\n" % PACKAGE).encode(),
             "WHEEL": b"Wheel-Version: 1.0\nGenerator: dpmocklib._build\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
 
 
@@ -169,10 +173,10 @@ def wheel_files():
     for src, dest in EXTRA.items():
         with open(os.path.join(ROOT, src), "rb") as f:
             files[dest] = f.read()
-    certs = os.path.join(ROOT, "certs")
-    for name in sorted(os.listdir(certs)) if os.path.isdir(certs) else ():
-        if os.path.isfile(os.path.join(certs, name)):
-            with open(os.path.join(certs, name), "rb") as f:
+    for name in CERT_FILES:
+        path = os.path.join(ROOT, "certs", name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
                 files[PACKAGE + "/certs/" + name] = f.read()
     return files
 
@@ -187,6 +191,7 @@ import sys
 
 _PATH = %(init)r
 _DIR = %(pkg)r
+_LAUNCHER = %(launcher)r
 
 
 class _Finder:
@@ -194,6 +199,8 @@ class _Finder:
     def find_spec(cls, name, path=None, target=None):
         if name == "dpmocklib":
             return importlib.util.spec_from_file_location(name, _PATH, submodule_search_locations=[_DIR])
+        if name == "dpmock":
+            return importlib.util.spec_from_file_location(name, _LAUNCHER)
         return None
 
 
@@ -204,10 +211,12 @@ def install():
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    """A wheel whose .pth maps only ``dpmocklib`` to this checkout: scenarios.py and the rest stay unimportable."""
+    """A wheel whose .pth maps only ``dpmocklib`` and ``dpmock`` to this checkout: scenarios.py and the rest stay
+    unimportable."""
     init = os.path.join(ROOT, PACKAGE, "__init__.py")
     finder = "__editable___dpmocklib_finder"
-    files = {finder + ".py": (_FINDER % {"root": ROOT, "init": init, "pkg": os.path.dirname(init)}).encode("utf-8"),
+    files = {finder + ".py": (_FINDER % {"root": ROOT, "init": init, "pkg": os.path.dirname(init),
+                                         "launcher": os.path.join(ROOT, "dpmock.py")}).encode("utf-8"),
              "__editable__.dpmocklib.pth": ("import %s; %s.install()\n" % (finder, finder)).encode()}
     return _write_wheel(wheel_directory, files, project())
 
@@ -229,11 +238,10 @@ def get_requires_for_build_sdist(config_settings=None):
 def sdist_files():
     """Path relative to ROOT of every file the sdist carries."""
     out = [p for p in SDIST_FILES if os.path.isfile(os.path.join(ROOT, p))]
-    for top in (PACKAGE, "certs"):
-        for d, dirs, names in os.walk(os.path.join(ROOT, top)):
-            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
-            out += [os.path.relpath(os.path.join(d, n), ROOT) for n in sorted(names) if not n.endswith(".pyc")]
-    return out
+    for d, dirs, names in os.walk(os.path.join(ROOT, PACKAGE)):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        out += [os.path.relpath(os.path.join(d, n), ROOT) for n in sorted(names) if not n.endswith(".pyc")]
+    return out + [os.path.join("certs", n) for n in CERT_FILES if os.path.isfile(os.path.join(ROOT, "certs", n))]
 
 
 def build_sdist(sdist_directory, config_settings=None):

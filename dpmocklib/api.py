@@ -26,7 +26,7 @@ SDK_BASE_PATHS = {"openai": "/v1", "anthropic": "", "gemini": ""}
 #: The base URL the C library (Disaster Party) and other clients that name the API version take.
 VERSIONED_BASE_PATHS = {"openai": "/v1", "anthropic": "/v1", "gemini": "/v1beta"}
 #: Options that make no sense for a server in a thread of the tests' process.
-_NOT_IN_A_THREAD = ("--pidfile", "--parent-pid", "--port-file", "--help", "--version")
+_NOT_IN_A_THREAD = ("--pidfile", "--parent-pid", "--port-file", "--help", "-h", "--version")
 
 
 class DpmockError(Exception):
@@ -46,10 +46,11 @@ class _Stderr:
 class Mock:
     """A dpmock server (or one test's view of it, ``for_test``): its URLs, rules, journal and reset."""
 
-    def __init__(self, url, test=None, _runner=None):
+    def __init__(self, url, test=None, _runner=None, owner=False):
         self.url = url.rstrip("/")
         self.test = test  #: the test namespace this view's requests and helpers belong to (None: all)
-        self._runner = _runner
+        self._runner = _runner  #: the thread serving it, when it runs in this process
+        self._owner = owner  #: whether close() stops it: the Mock serve() returned, not a test's view
         parts = urlsplit(self.url)
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, parts.port or (443 if self._https else 80)
@@ -77,11 +78,14 @@ class Mock:
 
     def for_test(self, name):
         """This server, seen from test ``name``: its own rules, counters and journal."""
-        return Mock(self.url, name, self._runner)
+        return Mock(self.url, name, self._runner)  # a view: its close() leaves the server running
 
     # ---- control
 
     def _call(self, method, path, query=None, body=None):
+        runner = self._runner
+        if runner is not None and not runner.thread.is_alive():
+            raise DpmockError("the dpmock server in this process has stopped: %s" % (runner.ended or "it was closed"))
         query = dict(query or {})
         if self.test is not None:
             query.setdefault("test", self.test)
@@ -158,8 +162,9 @@ class Mock:
         return mock
 
     def close(self):
-        """Stop the server this Mock started (waits for in-flight requests); a no-op for an attached one."""
-        if self._runner is not None:
+        """Stop the server serve() started (waits for in-flight requests); a no-op for a test's view
+        (``for_test``, the pytest fixture) and for an attached server."""
+        if self._owner and self._runner is not None:
             self._runner.stop()
 
     def __enter__(self):
@@ -174,50 +179,84 @@ class Mock:
 
 
 class _Runner:
-    """The thread that serves: a MockServer on one bound socket, started again on /_control/restart."""
+    """The thread that serves: a MockServer on the bound sockets, made again on /_control/restart."""
 
-    def __init__(self, config, socks, router):
+    def __init__(self, config, socks, router, rules):
         from .cli import start_server
         from .daemon import watch
         from .log import Log
-        self.config, self.socks, self.router = config, socks, router
+        self.config, self.socks, self.router, self.rules = config, socks, router, rules
         self._start, self._watch = start_server, watch
         self.log = Log(open(config.logfile, "a", buffering=1, encoding="utf-8") if config.logfile else _Stderr(),
                        config.verbosity)
-        self.server = start_server(config, socks, self.log, 0, router)
+        self._lock = threading.Lock()
         self._stopped = False
+        self.ended = None  #: why the thread stopped serving on its own (a shutdown, --idle-exit, a failed restart)
+        try:
+            self.server = self._make(0)
+        except BaseException:
+            self._close_log()
+            raise
         self.thread = threading.Thread(target=self._serve, name="dpmock-server", daemon=True)
         self.thread.start()
 
+    def _make(self, restarts):
+        """A server with serve()'s own rules, which a restart keeps (as the command line keeps --rules files)."""
+        from .rules import RuleError
+        server = self._start(self.config, self.socks, self.log, restarts, self.router)
+        if self.rules:
+            try:
+                server.rules.add(self.rules, None)
+            except RuleError as e:
+                server.close_pipe()
+                raise DpmockError("bad rule: %s" % e) from None
+        return server
+
     def _serve(self):
         server = self.server
-        while True:
-            if self.config.rules or self.config.idle_exit:
-                threading.Thread(target=self._watch, args=(server, self.config), name="dpmock-watch",
-                                 daemon=True).start()
-            try:
-                server.serve_forever(poll_interval=0.05)
-            finally:
-                server.drain()
-                self.log.flush()
-            if not server.restart_requested or self._stopped:
-                return
-            try:  # a restart: fresh state on the same socket, as the command line's re-exec gives
-                server = self.server = self._start(self.config, self.socks, self.log, server.restarts + 1,
-                                                   self.router)
-            except Exception as e:  # noqa: BLE001 - a rules file broken since the start: report, stop
-                self.log.error("restart failed: %s", e)
-                return
+        try:
+            while True:
+                if self.config.rules or self.config.idle_exit:
+                    threading.Thread(target=self._watch, args=(server, self.config), name="dpmock-watch",
+                                     daemon=True).start()
+                try:
+                    server.serve_forever(poll_interval=0.05)
+                finally:
+                    if not server.drain():
+                        server.close_pipe()
+                    self.log.flush()
+                with self._lock:
+                    if not server.restart_requested or self._stopped:
+                        self.ended = self.ended or "it was stopped (a shutdown or --idle-exit)"
+                        return
+                try:  # a restart: fresh state on the same socket, as the command line's re-exec gives
+                    new = self._make(server.restarts + 1)
+                except Exception as e:  # noqa: BLE001 - a rules file broken since the start: report, stop
+                    self.log.error("restart failed: %s", e)
+                    self.ended = "its restart failed: %s" % e
+                    return
+                with self._lock:
+                    self.server = server = new
+                    if self._stopped:  # close() came during the restart: stop the new one too
+                        server.request_stop("the in-process API closed it")
+        finally:
+            if not self._stopped:  # stopped on its own: refuse connections now rather than leave them hanging
+                for s in self.socks:
+                    s.close()
 
     def stop(self):
-        if self._stopped:
-            return
-        self._stopped = True
-        self.server.request_stop("the in-process API closed it")
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self.server.request_stop("the in-process API closed it")
         self.thread.join(15)
         for s in self.socks:
             s.close()
-        self.log.flush()
+        self._close_log()
+
+    def _close_log(self):
+        self.log.close()
         if self.config.logfile and hasattr(self.log.stream, "close"):
             self.log.stream.close()
 
@@ -237,25 +276,22 @@ def serve(rules=(), port=0, host="127.0.0.1", args=(), verbose=False, router=Non
     refused = [a for a in args if a.split("=")[0] in _NOT_IN_A_THREAD]
     if refused:
         raise DpmockError("%s is for the command line, not for a server in a thread" % refused[0])
-    argv = ["--foreground", "--host", str(host), "--port", str(int(port))] + ([] if verbose else ["-q"]) + args
+    loud = verbose or any(a in ("-v", "-q", "--verbose", "--quiet") for a in args)  # theirs win over the default
+    argv = ["--foreground", "--host", str(host), "--port", str(int(port))] + ([] if loud else ["-q"]) + args
     try:
         config = parse_args(argv)
     except UsageError as e:
         raise DpmockError(str(e)) from None
+    rules = [rules] if isinstance(rules, dict) else list(rules or ())
     socks = []
     try:
         for tls, h, p in config.listens:
             socks.append(bind_listener(h, p))
-        runner = _Runner(config, socks, router)
-    except (OSError, StartError) as e:
+        runner = _Runner(config, socks, router, rules)
+    except (OSError, StartError, DpmockError) as e:
         for s in socks:
             s.close()
-        raise DpmockError("cannot start dpmock: %s" % (getattr(e, "strerror", None) or e)) from None
-    mock = Mock(runner.server.url, None, runner)
-    if rules:
-        try:
-            mock.add_rules(list(rules) if not isinstance(rules, dict) else rules)
-        except DpmockError:
-            mock.close()
+        if isinstance(e, DpmockError):
             raise
-    return mock
+        raise DpmockError("cannot start dpmock: %s" % (getattr(e, "strerror", None) or e)) from None
+    return Mock(runner.server.url, None, runner, owner=True)

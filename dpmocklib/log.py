@@ -20,6 +20,7 @@ class Log:
         self.queue = []  #: lines not yet written (list.append is atomic)
         self.kick = threading.Event()
         self.flusher = None
+        self.closed = False
         self._stamp = (0, "")
 
     def enabled(self, level):
@@ -33,6 +34,9 @@ class Log:
         return self._stamp[1] + (fmt % args if args else fmt) + "\n"
 
     def _queue(self, line):
+        if self.closed:
+            with self.lock:
+                return self._emit(line)
         self.queue.append(line)
         if not self.kick.is_set():
             if self.flusher is None:
@@ -46,11 +50,20 @@ class Log:
                 self.flusher.start()
 
     def _flush_loop(self):
-        while True:
+        while not self.closed:
             self.kick.wait()
             time.sleep(self.FLUSH_DELAY)
             self.kick.clear()
             self.flush()
+
+    def close(self):
+        """Write what is queued and end the flusher thread (for a log that outlives its server's process
+        no longer: dpmock.serve); lines logged after this are written at once."""
+        self.closed = True
+        self.kick.set()
+        if self.flusher is not None:
+            self.flusher.join(1)
+        self.flush()
 
     def flush(self):
         """Write every queued line now."""

@@ -8,7 +8,8 @@ does. Only pytest imports this module, so pytest is never a dependency of dpmock
   rest point into a namespace named from the test's node id, so rules, schedule counters and the journal
   of one test never reach another, also under ``pytest -n 4``. Its rules and journal go when the test ends.
 - ``dpmock_server``: the session's server (every test's namespace; global rules).
-- ``@pytest.mark.dpmock_rules(rule, ...)``: rules the ``dpmock`` fixture adds before the test runs.
+- ``@pytest.mark.dpmock_rules(rule, ...)``: rules the ``dpmock`` fixture adds before the test runs (a test's
+  own markers first, then its class's and module's: the closest wins).
 - A failed test that used ``dpmock`` gets a "dpmock journal" section in its report: the requests it sent.
 - ``--dpmock-url URL`` uses a running server instead of starting one; ``--dpmock-arg=--seed=7`` (repeatable)
   or the ini option ``dpmock_args`` pass options to the session's server.
@@ -16,6 +17,7 @@ does. Only pytest imports this module, so pytest is never a dependency of dpmock
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -36,10 +38,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "dpmock_rules(*rules): dpmock rules (dicts) for this test's namespace")
 
 
-def test_id(nodeid):
+def test_id(nodeid, salt=""):
     """A dpmock test id (1-100 of letters, digits, '.', '_', '-') for a pytest node id: readable (its end, where
-    the test's name is) and unique (a digest of the whole id), so no two tests share a namespace."""
-    digest = hashlib.sha1(nodeid.encode("utf-8")).hexdigest()[:10]
+    the test's name is) and unique (a digest of the whole id, and of ``salt``: with --dpmock-url, a value of
+    this session, so two runs sharing one server never share a namespace)."""
+    digest = hashlib.sha1((salt + nodeid).encode("utf-8")).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", nodeid).strip("-")
     return (name[-(100 - 11):].lstrip("-") + "-" + digest).lstrip("-")
 
@@ -53,7 +56,9 @@ def dpmock_server(request):
     from dpmocklib.api import Mock, serve
     url = request.config.getoption("dpmock_url")
     if url:
-        yield Mock.attach(url)
+        mock = Mock.attach(url)
+        mock.salt = os.urandom(4).hex()  # another session may be using the same server: keep apart from it
+        yield mock
         return
     args = list(request.config.getini("dpmock_args")) + list(request.config.getoption("dpmock_arg"))
     with serve(args=args) as mock:
@@ -63,10 +68,10 @@ def dpmock_server(request):
 @pytest.fixture
 def dpmock(request, dpmock_server):
     """This test's view of the session's server: its own namespace, rules and journal."""
-    mock = dpmock_server.for_test(test_id(request.node.nodeid))
+    mock = dpmock_server.for_test(test_id(request.node.nodeid, getattr(dpmock_server, "salt", "")))
     mock.clear_rules()  # a rerun, or a shared --dpmock-url server, starts clean
     mock.reset()
-    for marker in reversed(list(request.node.iter_markers("dpmock_rules"))):
+    for marker in request.node.iter_markers("dpmock_rules"):  # the closest first: a test's own rules win
         mock.add_rules(list(marker.args))
     setattr(request.node, _VIEW, mock)
     yield mock

@@ -5,7 +5,7 @@ route is first asked for."""
 
 from .base import ANTHROPIC, DPMOCK, GEMINI, OPENAI, SHARED
 from .faults import check_catalogue
-from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG
+from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
 
 
 _GEMINI_MODEL = "/models/{model}"
@@ -77,4 +77,5 @@ ROUTES = (
 
 ROUTER = Router(ROUTES)
 
+check_modules(ROUTES)  # a row naming a missing module: "cannot start", not a 500 at its first request
 check_catalogue(ROUTES)  # importing dpmock with a catalogue it cannot carry out fails at once

@@ -24,11 +24,30 @@ class Lazy:
         fn = self.fn
         if fn is None:  # two first calls at once both import (under the import lock) and agree
             module, _, name = self.where.rpartition(".")
-            fn = self.fn = getattr(importlib.import_module("dpmocklib." + module), name)
+            try:
+                fn = getattr(importlib.import_module("dpmocklib." + module), name)
+            except Exception as e:  # noqa: BLE001 - a broken module: the client hears which, the server serves on
+                raise HTTPError(500, "dpmock cannot load dpmocklib.%s: %s: %s" % (self.where, type(e).__name__, e),
+                                "internal_error")
+            self.fn = fn
         return fn(*args)
+
+    def exists(self):
+        """Whether the module is there (found, not imported): checked at start, so a missing file is a
+        one-line "cannot start", not a 500 at the first request."""
+        import importlib.util
+        return importlib.util.find_spec("dpmocklib." + self.where.rpartition(".")[0]) is not None
 
     def __repr__(self):
         return "dpmocklib." + self.where
+
+
+def check_modules(routes):
+    """Raise ImportError naming the first route whose handler or reader names a module that is not there."""
+    for route in routes:
+        for fn in (route.handler, route.reader):
+            if isinstance(fn, Lazy) and not fn.exists():
+                raise ImportError("route %s names %r, whose module is missing" % (route.name, fn))
 
 
 class Route(namedtuple("Route", "method pattern name handler provider body stream versioned reader")):

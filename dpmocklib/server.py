@@ -452,6 +452,15 @@ class MockServer(http.server.ThreadingHTTPServer):
             pass
         self.journal.wake_all()
 
+    def close_pipe(self):
+        """Close the wake pipe once no connection is left (after a drain that returned 0): a server made
+        in a long-lived process (dpmock.serve, a restart in a thread) leaves no descriptor behind."""
+        for fd in (self.wake_fd, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def drain(self, timeout=10.0):
         """After serve_forever: wait (bounded) until every connection has finished and closed.
 

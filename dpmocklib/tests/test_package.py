@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -126,12 +128,23 @@ class WheelTest(unittest.TestCase):
     def test_the_wheel_holds_the_package_and_nothing_at_the_top(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)
-        name = _build.build_wheel(d)
+        src = os.path.join(d, "src")  # a copy after `make certs`: the CA's key and the CSR lie in certs/
+        shutil.copytree(HERE, src, ignore=shutil.ignore_patterns("__pycache__", ".git", "*.pyc"))
+        for junk in ("ca.key", "server.csr"):
+            with open(os.path.join(src, "certs", junk), "w") as f:
+                f.write("secret\n")
+        r = run([PY, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from dpmocklib import _build; "
+                 "print(_build.build_wheel(sys.argv[2]))", src, d])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        name = r.stdout.decode().strip()
         self.assertEqual(name, "dpmock-%s-py3-none-any.whl" % dpmock.__version__)
         with zipfile.ZipFile(os.path.join(d, name)) as z:
             names = z.namelist()
             info = "dpmock-%s.dist-info/" % dpmock.__version__
-            self.assertEqual({n.split("/")[0] for n in names}, {"dpmocklib", info[:-1]})
+            self.assertEqual({n.split("/")[0] for n in names}, {"dpmock.py", "dpmocklib", info[:-1]})
+            self.assertEqual(sorted(n for n in names if "/certs/" in n),
+                             ["dpmocklib/certs/" + n for n in ("README.md", "ca.pem", "server.ext", "server.key",
+                                                               "server.pem")])
             for wanted in ("dpmocklib/scenarios.py", "dpmocklib/certs/ca.pem", "dpmocklib/certs/server.pem",
                            "dpmocklib/pytest_plugin.py", "dpmocklib/__main__.py"):
                 self.assertIn(wanted, names)
@@ -139,7 +152,7 @@ class WheelTest(unittest.TestCase):
             entry = z.read(info + "entry_points.txt").decode()
             self.assertIn("dpmock = dpmocklib.boot:run", entry)
             self.assertIn("dpmockctl = dpmocklib.ctl:main", entry)
-            self.assertIn("[pytest11]\ndpmock = dpmocklib.pytest_plugin", entry)
+            self.assertIn("[pytest11]\ndpmocklib.pytest_plugin = dpmocklib.pytest_plugin", entry)
             meta = z.read(info + "METADATA").decode()
             self.assertIn("Requires-Python: >=3.8", meta)
             self.assertNotIn("Requires-Dist", meta)  # no dependencies
@@ -175,6 +188,9 @@ class WheelTest(unittest.TestCase):
         r = run([vpy, "-c", "import dpmocklib.base as b, os; print(b.scenarios.__file__); import scenarios"], cwd=d)
         self.assertIn(os.path.join("dpmocklib", "scenarios.py"), r.stdout.decode())
         self.assertIn("No module named 'scenarios'", r.stderr.decode())
+        r = run([vpy, "-c", "import dpmock, dpmocklib; assert dpmock.serve is dpmocklib.serve\n"
+                 "with dpmock.serve() as m: print(m.status()['status'])"], cwd=d)
+        self.assertEqual((r.returncode, r.stdout), (0, b"running\n"), r.stderr)
         r = run([os.path.join(venv, "bin", "dpmockctl"), "stop", "--pidfile", pidfile])
         self.assertEqual(r.returncode, 0, r.stderr)
 
@@ -261,6 +277,70 @@ class ServeTest(unittest.TestCase):
             body = post(mock.base_url("openai") + "/chat/completions", chat("hi"))
             self.assertIn("choices", body)
 
+    def test_a_server_stopped_over_http_refuses_at_once_and_says_why(self):
+        mock = dpmock.serve()
+        self.addCleanup(mock.close)
+        conn = http.client.HTTPConnection(mock.url[7:], timeout=10)
+        conn.request("POST", "/_control/shutdown", b"")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        mock._runner.thread.join(10)
+        t0 = time.monotonic()
+        with self.assertRaises(DpmockError) as cm:
+            mock.requests()
+        self.assertLess(time.monotonic() - t0, 1)
+        self.assertIn("stopped", str(cm.exception))
+        with self.assertRaises(OSError):  # connections are refused, not left hanging
+            socket.create_connection(("127.0.0.1", int(mock.url.rsplit(":", 1)[1])), timeout=2).close()
+
+    def test_serve_rules_outlive_a_restart_and_a_view_cannot_stop_the_server(self):
+        with dpmock.serve(rules=[{"match": {"text": "hi"}, "respond": {"text": "from serve"}}]) as mock:
+            view = mock.for_test("t1")
+            view.close()
+            with view:
+                pass
+            self.assertEqual(mock.status()["status"], "running")
+            conn = http.client.HTTPConnection(mock.url[7:], timeout=10)
+            conn.request("POST", "/_control/restart", b"")
+            conn.getresponse().read()
+            conn.close()
+            for _ in range(200):
+                try:
+                    if mock.status()["restarts"] == 1:
+                        break
+                except DpmockError:
+                    pass
+                time.sleep(0.02)
+            body = post(view.base_url("openai") + "/chat/completions", chat("hi"))
+            self.assertEqual(body["choices"][0]["message"]["content"], "from serve")
+
+    def test_serve_and_close_leave_no_descriptor_or_thread(self):
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+        with dpmock.serve(verbose=True, args=["--logfile", os.devnull]):
+            pass  # the first one loads the modules
+        before, threads = fds(), threading.active_count()
+        for _ in range(3):
+            with dpmock.serve(args=["-v", "--logfile", os.devnull]) as mock:
+                post(mock.base_url("openai") + "/chat/completions", chat("hi"))
+        time.sleep(0.2)
+        self.assertEqual(fds(), before)
+        self.assertEqual(threading.active_count(), threads)
+        with self.assertRaises(DpmockError):
+            dpmock.serve(args=["-h"])
+
+    def test_a_handler_whose_module_will_not_load_is_a_500_naming_it(self):
+        from dpmocklib.routing import Route, Router
+        router = Router(tuple(dpmock.ROUTES) + (Route("POST", "/_broken", "broken", "no_such_module.handle",
+                                                      dpmock.DPMOCK, dpmock.BODY_JSON),))
+        with dpmock.serve(router=router) as mock:
+            req = urllib.request.Request(mock.url + "/_broken", data=b"{}", headers={"Content-Type": "application/json"})
+            with self.assertRaises(urllib.error.HTTPError) as cm:
+                urllib.request.urlopen(req, timeout=10)
+            self.assertEqual(cm.exception.code, 500)
+            self.assertIn("dpmocklib.no_such_module.handle", cm.exception.read().decode())
+            self.assertEqual(mock.status()["status"], "running")
+
     def test_attach_drives_a_server_elsewhere(self):
         with dpmock.serve() as started:
             mock = Mock.attach(started.url)
@@ -290,9 +370,16 @@ def test_each_test_has_its_own_rules_and_journal(dpmock, n):
     assert chat(dpmock, "hello again") == "hi %d" % n
     assert [e["test"] for e in dpmock.requests()] == [dpmock.test] * 2
 
+pytestmark = pytest.mark.dpmock_rules({"match": {"text": "marker"}, "respond": {"text": "module default"}})
+
 @pytest.mark.dpmock_rules({"match": {"text": "weather"}, "respond": {"text": "sunny"}})
 def test_marker_rules(dpmock):
     assert chat(dpmock, "the weather?") == "sunny"
+    assert chat(dpmock, "which marker?") == "module default"
+
+@pytest.mark.dpmock_rules({"match": {"text": "which marker"}, "respond": {"text": "the test's own"}})
+def test_the_closest_marker_wins(dpmock):
+    assert chat(dpmock, "which marker?") == "the test's own"
 
 def test_session_server_is_shared(dpmock, dpmock_server):
     assert dpmock.url == dpmock_server.url and dpmock.test != dpmock_server.test
@@ -320,7 +407,7 @@ class PytestPluginTest(unittest.TestCase):
 
     def check(self, code, out):
         self.assertEqual(code, 1, out)
-        self.assertIn("1 failed, 14 passed", out)
+        self.assertIn("1 failed, 15 passed", out)
         self.assertIn("dpmock journal (test test_app.py-test_a_failure_shows_the_journal-", out)
         self.assertIn("POST /v1/chat/completions -> 200 (route chat)", out)
         self.assertIn('"content":"what went wrong"', out)
