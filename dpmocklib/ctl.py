@@ -25,6 +25,8 @@ import sys
 import time
 from urllib.parse import urlencode, urlsplit
 
+from .daemon import pid_alive
+
 __version__ = "0.1.0"  #: the dpmock release this client belongs to
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -131,21 +133,6 @@ def poll(check, deadline, interval=0.02):
         time.sleep(interval)
 
 
-def alive(pid):
-    """Whether the process exists and is not a zombie (a daemon's exit is reaped by whoever adopted it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def pidfile_holder(path):
     """('missing' | 'stale' | 'held', pid or None) for a pid file dpmock holds with flock.
 
@@ -237,7 +224,7 @@ def cmd_stop(a):
                 pass
             except OSError as e:
                 raise Answered("cannot signal pid %d: %s" % (pid, e.strerror))
-            if not poll(lambda: not alive(pid), deadline):
+            if not poll(lambda: not pid_alive(pid), deadline):
                 raise Answered("pid %d did not stop within %.1f s" % (pid, a.timeout))
             remove_stale(a.pidfile)
             return "stopped pid %d" % pid
@@ -276,7 +263,7 @@ def cmd_restart(a):
         raise Answered("server died in the restart (pid %s; %s refuses connections): its --logfile, "
                        "or stderr in the foreground, says why" % (pid, a.url))
     if not after:
-        gone = " (pid %s is gone)" % pid if isinstance(pid, int) and not alive(pid) else ""
+        gone = " (pid %s is gone)" % pid if isinstance(pid, int) and not pid_alive(pid) else ""
         raise Answered("server did not come back from restart within %.1f s%s" % (a.timeout, gone))
     return after if a.json else ready_line(a.url, after)
 

@@ -149,13 +149,18 @@ def watch(server, config):
 
 
 def pid_alive(pid):
+    """Whether the process exists and is not a zombie (a daemon's exit is reaped by whoever adopted it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def open_log(config):
