@@ -234,11 +234,43 @@ ANTHROPIC_ROUTES = ("messages", "messages_count_tokens")
 GEMINI_ROUTES = ("gemini_generate", "gemini_stream", "gemini_count_tokens", "gemini_predict", "gemini_upload")
 
 
+# ---- requests per provider: one builder for each body and for each provider's key headers
+
+def openai_chat(text="Hi there", stream=False, model="gpt-4o"):
+    """A Chat Completions body as the SDKs send it (``stream`` only when True)."""
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    return dict(body, stream=True) if stream else body
+
+
+def anthropic_messages(text="Hi there", stream=False, max_tokens=100):
+    body = {"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
+    return dict(body, stream=True) if stream else body
+
+
+def gemini_contents(text="Hi there"):
+    return {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+
+
+def openai_headers(key):
+    return {"Authorization": "Bearer " + key}
+
+
+def anthropic_headers(key):
+    return {"x-api-key": key, "anthropic-version": "2023-06-01"}
+
+
+def gemini_headers(key):
+    return {"x-goog-api-key": key}
+
+
 def key_headers(route, key):
     """Put the key where the C library puts it for that provider."""
-    if route in ANTHROPIC_ROUTES:
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    return {"Authorization": "Bearer " + key}
+    return anthropic_headers(key) if route in ANTHROPIC_ROUTES else openai_headers(key)
+
+
+def ctl(*args, **kw):
+    """dpmockctl.py with these arguments (``run``'s keywords: env, timeout, ...)."""
+    return run([PY, DPMOCKCTL] + list(args), **kw)
 
 
 def provider_of_route(route, headers, prefix):
@@ -249,7 +281,7 @@ def provider_of_route(route, headers, prefix):
     return "openai"
 
 
-CHAT = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}).encode()
+CHAT = json.dumps(openai_chat()).encode()
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
                   "required": ["city"]}
@@ -284,17 +316,12 @@ def responses_events(raw):
     return out
 
 
-OA = {"Authorization": "Bearer sk-test"}
-AN = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
-GE = {"x-goog-api-key": "g-test"}
+OA, AN, GE = openai_headers("sk-test"), anthropic_headers("sk-ant-test"), gemini_headers("g-test")
 CA = os.path.join(HERE, "certs", "ca.pem")
 
 
 def chat_body(stream=False):
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi there"}]}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body).encode()
+    return json.dumps(openai_chat(stream=stream)).encode()
 
 
 def scen(spec, **extra):
@@ -323,8 +350,8 @@ def _have(module):
         return False
 
 
-ANTHROPIC_BODY = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi there"}]}
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "Hi there"}]}], "generationConfig": {}}
+ANTHROPIC_BODY = anthropic_messages()
+GEMINI_BODY = dict(gemini_contents(), generationConfig={})
 GEMINI_GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
 GEMINI_STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
 

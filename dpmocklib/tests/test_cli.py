@@ -6,7 +6,7 @@ import unittest
 
 import dpmock
 
-from .support import DPMOCK, DPMOCKCTL, HERE, PY, SERVER, Server, chat_body, run
+from .support import DPMOCK, HERE, PY, SERVER, Server, chat_body, ctl, run
 
 
 class CliRangeTest(unittest.TestCase):
@@ -72,7 +72,7 @@ class RefuseKeyTest(unittest.TestCase):
             for key, status in (("sk-bad-1", 401), ("placeholder", 401), ("dummy_key", 401), ("invalid-x", 401),
                                 ("sk-good", 200)):
                 self.assertEqual(self.status_for(srv, key), status, key)
-            r = run([PY, DPMOCKCTL, "restart", "--url", srv.url])
+            r = ctl("restart", "--url", srv.url)
             self.assertEqual(r.returncode, 0, r.stderr)
         config = dpmock.parse_args(["--refuse-key", "a", "--refuse-key", "b"])
         self.assertEqual(dpmock.parse_args(config.to_argv()).refuse_keys, ("a", "b"))

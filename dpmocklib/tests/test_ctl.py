@@ -14,14 +14,13 @@ from http.server import HTTPServer
 
 import dpmock
 
-from .support import (DPMOCK, DPMOCKCTL, OA, PY, SERVER, Server, chat_body, free_port, kill_pidfile, pid_of, run,
-    wait_gone)
+from .support import (DPMOCK, DPMOCKCTL, OA, PY, SERVER, Server, chat_body, ctl, free_port, kill_pidfile, pid_of,
+    run, wait_gone)
 
 
 class CtlTest(unittest.TestCase):
 
-    def ctl(self, *args, env=None):
-        return run([PY, DPMOCKCTL] + list(args), env=env)
+    ctl = staticmethod(ctl)
 
     def test_status_ok_and_default_url_from_env(self):
         r = self.ctl("status", env=dict(os.environ, DP_MOCK_SERVER=SERVER.url))
@@ -74,8 +73,7 @@ class CtlTest(unittest.TestCase):
 
 class CtlCommandsTest(unittest.TestCase):
 
-    def ctl(self, *args, **kw):
-        return run([PY, DPMOCKCTL] + list(args), **kw)
+    ctl = staticmethod(ctl)
 
     def test_version(self):
         r = self.ctl("--version")

@@ -15,8 +15,7 @@ import unittest
 
 from dpmocklib.base import scenarios
 
-from .support import (DPMOCK, DPMOCKCTL, PY, SERVER, Server, kill_pidfile, pid_of, recv_all, run, vendored_copy,
-    wait_gone)
+from .support import DPMOCK, PY, SERVER, Server, ctl, kill_pidfile, pid_of, recv_all, run, vendored_copy, wait_gone
 
 
 class HarnessTest(unittest.TestCase):
@@ -33,7 +32,7 @@ class HarnessTest(unittest.TestCase):
         self.assertTrue(r.stdout.decode().strip().endswith(":%d" % port))
         with open(pidfile) as f:
             pid = int(f.read())
-        self.assertEqual(run([PY, DPMOCKCTL, "shutdown", "--url", "http://127.0.0.1:%d" % port]).returncode, 0)
+        self.assertEqual(ctl("shutdown", "--url", "http://127.0.0.1:%d" % port).returncode, 0)
         self.assertTrue(wait_gone(pid))
         self.assertFalse(os.path.exists(pidfile))
         self.assertFalse(os.path.exists(portfile))
@@ -112,7 +111,7 @@ class DaemonTest(unittest.TestCase):
         lines = r2.stderr.decode().strip().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("locked", lines[0])
-        self.assertEqual(run([PY, DPMOCKCTL, "shutdown", "--url", url]).returncode, 0)
+        self.assertEqual(ctl("shutdown", "--url", url).returncode, 0)
 
     def test_busy_port_fails_in_one_line(self):
         with socket.socket() as s:
@@ -165,7 +164,7 @@ class DaemonTest(unittest.TestCase):
         try:
             boots = set()
             for _ in range(3):
-                r = run([PY, DPMOCKCTL, "restart", "--url", url, "--json"])
+                r = ctl("restart", "--url", url, "--json")
                 self.assertEqual(r.returncode, 0, r.stderr)
                 boots.add(json.loads(r.stdout)["boot_id"])
         finally:
@@ -175,10 +174,10 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(errors, [])
         self.assertGreater(count[0], 10)
         self.assertEqual(len(boots), 3)
-        st = json.loads(run([PY, DPMOCKCTL, "status", "--url", url]).stdout)
+        st = json.loads(ctl("status", "--url", url).stdout)
         self.assertEqual((st["pid"], st["restarts"]), (pid, 3))
         self.assertTrue(os.path.exists(os.path.join(d, "log.txt")))
-        self.assertEqual(run([PY, DPMOCKCTL, "shutdown", "--url", url]).returncode, 0)
+        self.assertEqual(ctl("shutdown", "--url", url).returncode, 0)
         self.assertTrue(wait_gone(pid))
         self.assertFalse(os.path.exists(pidfile))
 
@@ -226,7 +225,7 @@ class BrokenRestartTest(unittest.TestCase):
         pid = pid_of(pidfile)
         self.break_catalogue(dest)
         t0 = time.monotonic()
-        r = run([PY, DPMOCKCTL, "restart", "--url", url, "--timeout", "10"])
+        r = ctl("restart", "--url", url, "--timeout", "10")
         self.assertLess(time.monotonic() - t0, 5)  # told at once, not after the timeout
         self.assertEqual(r.returncode, 1)
         err = r.stderr.decode()
@@ -250,7 +249,7 @@ class BrokenRestartTest(unittest.TestCase):
         self.addCleanup(proc.stderr.close)
         url = proc.stdout.readline().decode().strip().split("=", 1)[1]
         self.break_catalogue(dest)
-        self.assertEqual(run([PY, DPMOCKCTL, "restart", "--url", url]).returncode, 1)
+        self.assertEqual(ctl("restart", "--url", url).returncode, 1)
         self.assertEqual(proc.wait(10), 1)
         err = proc.stderr.read().decode()
         self.assertEqual(len(err.strip().splitlines()), 1, err)

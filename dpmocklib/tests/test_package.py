@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -23,7 +22,7 @@ import dpmock
 from dpmocklib import _build
 from dpmocklib.api import DpmockError, Mock
 
-from .support import HERE, PY, _optional, run
+from .support import HERE, PY, _optional, openai_chat, run
 
 PACKAGE = os.path.join(HERE, "dpmocklib")
 
@@ -39,10 +38,6 @@ def module_imports(path):
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dpmocklib."):
             out.add(node.module.split(".")[1])
     return out
-
-
-def chat(text):
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
 
 
 def post(url, body, headers=None):
@@ -201,7 +196,7 @@ class ServeTest(unittest.TestCase):
         rule = {"match": {"text": "capital of France"}, "respond": {"text": "Paris"}}
         with dpmock.serve(rules=[rule], port=0) as mock:
             self.assertTrue(mock.url.startswith("http://127.0.0.1:"))
-            oa = post(mock.base_url("openai") + "/chat/completions", chat("the capital of France?"))
+            oa = post(mock.base_url("openai") + "/chat/completions", openai_chat("the capital of France?"))
             self.assertEqual(oa["choices"][0]["message"]["content"], "Paris")
             an = post(mock.base_url("anthropic") + "/v1/messages", {
                 "model": "claude-sonnet-4-5", "max_tokens": 50,
@@ -224,9 +219,9 @@ class ServeTest(unittest.TestCase):
         with dpmock.serve() as mock:
             a, b = mock.for_test("alpha"), mock.for_test("beta")
             a.add_rules({"match": {"text": "hello"}, "respond": {"text": "from alpha"}})
-            self.assertEqual(post(a.base_url("openai") + "/chat/completions", chat("hello"))
+            self.assertEqual(post(a.base_url("openai") + "/chat/completions", openai_chat("hello"))
                              ["choices"][0]["message"]["content"], "from alpha")
-            other = post(b.base_url("openai") + "/chat/completions", chat("hello"))
+            other = post(b.base_url("openai") + "/chat/completions", openai_chat("hello"))
             self.assertNotEqual(other["choices"][0]["message"]["content"], "from alpha")
             self.assertEqual(len(a.requests()), 1)
             self.assertEqual(len(b.requests()), 1)
@@ -274,7 +269,7 @@ class ServeTest(unittest.TestCase):
             self.assertEqual(status["restarts"], 1)
             self.assertEqual(status["pid"], os.getpid())
             self.assertEqual(mock.rules(), [])  # a restart starts fresh, as the command line's does
-            body = post(mock.base_url("openai") + "/chat/completions", chat("hi"))
+            body = post(mock.base_url("openai") + "/chat/completions", openai_chat("hi"))
             self.assertIn("choices", body)
 
     def test_a_server_stopped_over_http_refuses_at_once_and_says_why(self):
@@ -311,7 +306,7 @@ class ServeTest(unittest.TestCase):
                 except DpmockError:
                     pass
                 time.sleep(0.02)
-            body = post(view.base_url("openai") + "/chat/completions", chat("hi"))
+            body = post(view.base_url("openai") + "/chat/completions", openai_chat("hi"))
             self.assertEqual(body["choices"][0]["message"]["content"], "from serve")
 
     def test_serve_and_close_leave_no_descriptor_or_thread(self):
@@ -322,7 +317,7 @@ class ServeTest(unittest.TestCase):
         before, threads = fds(), threading.active_count()
         for _ in range(3):
             with dpmock.serve(args=["-v", "--logfile", os.devnull]) as mock:
-                post(mock.base_url("openai") + "/chat/completions", chat("hi"))
+                post(mock.base_url("openai") + "/chat/completions", openai_chat("hi"))
         time.sleep(0.2)
         self.assertEqual(fds(), before)
         self.assertEqual(threading.active_count(), threads)
@@ -334,7 +329,8 @@ class ServeTest(unittest.TestCase):
         router = Router(tuple(dpmock.ROUTES) + (Route("POST", "/_broken", "broken", "no_such_module.handle",
                                                       dpmock.DPMOCK, dpmock.BODY_JSON),))
         with dpmock.serve(router=router) as mock:
-            req = urllib.request.Request(mock.url + "/_broken", data=b"{}", headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(mock.url + "/_broken", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
             with self.assertRaises(urllib.error.HTTPError) as cm:
                 urllib.request.urlopen(req, timeout=10)
             self.assertEqual(cm.exception.code, 500)

@@ -12,43 +12,30 @@ import unittest
 
 import dpmock
 
-from .support import (CA, DPMOCK, HERE, OA, PY, SERVER, Server, decode_chunks, free_port, raw_request, run, scen,
+from .support import (CA, DPMOCK, HERE, OA, PY, SERVER, Server, anthropic_headers, anthropic_messages,
+    decode_chunks, free_port, gemini_contents, gemini_headers, openai_chat, openai_headers, raw_request, run, scen,
     tls_port)
 
 
 REC_KEYS = {"openai": "sk-rec-OPENAI-0123456789", "anthropic": "sk-ant-rec-ANTHROPIC-0123456789",
             "gemini": "g-rec-GEMINI-0123456789"}
-REC_OA = {"Authorization": "Bearer " + REC_KEYS["openai"]}
-REC_AN = {"x-api-key": REC_KEYS["anthropic"], "anthropic-version": "2023-06-01"}
-REC_GE = {"x-goog-api-key": REC_KEYS["gemini"]}
+REC_OA = openai_headers(REC_KEYS["openai"])
+REC_AN = anthropic_headers(REC_KEYS["anthropic"])
+REC_GE = gemini_headers(REC_KEYS["gemini"])
 GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:"
-
-
-def rec_chat(text, stream=False, model="gpt-4o"):
-    body = {"model": model, "messages": [{"role": "user", "content": text}]}
-    return dict(body, stream=True) if stream else body
-
-
-def rec_messages(text, stream=False):
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": text}]}
-    return dict(body, stream=True) if stream else body
-
-
-def rec_gemini(text):
-    return {"contents": [{"role": "user", "parts": [{"text": text}]}]}
 
 
 #: (name, path, headers, body): every provider, streamed and not, as the SDKs and the C library send them.
 REC_REQUESTS = [
-    ("chat", "/v1/chat/completions", dict(REC_OA, **{"X-DP-Strict": "0"}), rec_chat("Record chat")),
-    ("chat_stream", "/v1/chat/completions", REC_OA, rec_chat("Record chat stream", True)),
-    ("chat_bare", "/chat/completions", REC_OA, rec_chat("Record the C library's bare path")),
-    ("messages", "/v1/messages", REC_AN, rec_messages("Record messages")),
-    ("messages_stream", "/messages", REC_AN, rec_messages("Record messages stream", True)),
-    ("gemini", GEMINI_PATH + "generateContent", REC_GE, rec_gemini("Record gemini")),
+    ("chat", "/v1/chat/completions", dict(REC_OA, **{"X-DP-Strict": "0"}), openai_chat("Record chat")),
+    ("chat_stream", "/v1/chat/completions", REC_OA, openai_chat("Record chat stream", True)),
+    ("chat_bare", "/chat/completions", REC_OA, openai_chat("Record the C library's bare path")),
+    ("messages", "/v1/messages", REC_AN, anthropic_messages("Record messages")),
+    ("messages_stream", "/messages", REC_AN, anthropic_messages("Record messages stream", True)),
+    ("gemini", GEMINI_PATH + "generateContent", REC_GE, gemini_contents("Record gemini")),
     ("gemini_sse", GEMINI_PATH + "streamGenerateContent?alt=sse&key=" + REC_KEYS["gemini"], {},
-     rec_gemini("Record gemini sse")),
-    ("gemini_array", GEMINI_PATH + "streamGenerateContent", REC_GE, rec_gemini("Record gemini array")),
+     gemini_contents("Record gemini sse")),
+    ("gemini_array", GEMINI_PATH + "streamGenerateContent", REC_GE, gemini_contents("Record gemini array")),
 ]
 
 
@@ -172,7 +159,7 @@ class RecordReplayTest(unittest.TestCase):
         lines = LineReader(rec.proc.stdout)
         for test, path in (("t1", "/v1/chat/completions"), (None, "/_t/t2/v1/chat/completions"), (None, "/v1/chat/completions")):
             headers = dict(REC_OA, **({"X-DP-Test-Id": test} if test else {}))
-            self.assertEqual(rec.request("POST", path, rec_chat("Per test"), headers)[0], 200)
+            self.assertEqual(rec.request("POST", path, openai_chat("Per test"), headers)[0], 200)
             line = lines.next()
             self.assertRegex(line, r"^recorded POST /v1/chat/completions -> (.*) \(rule rec-[0-9a-f]{12}\)$")
             name = test or ("t2" if "/_t/" in path else "default")
@@ -181,7 +168,7 @@ class RecordReplayTest(unittest.TestCase):
         self.assertEqual((self.recordings("t1")["test"], self.recordings("t2")["test"]), ("t1", "t2"))
         self.assertNotIn("test", self.recordings())
         first = self.recordings("t1")
-        self.assertEqual(rec.request("POST", "/v1/chat/completions", rec_chat("Per test"),
+        self.assertEqual(rec.request("POST", "/v1/chat/completions", openai_chat("Per test"),
                                      dict(REC_OA, **{"X-DP-Test-Id": "t1"}))[0], 200)
         lines.next()
         again = self.recordings("t1")  # re-recorded: the same rule, replaced; ids and times normalised
@@ -197,8 +184,8 @@ class RecordReplayTest(unittest.TestCase):
         self.assertIn('"created":%d' % dpmock.RECORDED_TIME, body)
         self.assertEqual(rec.stop(), 0)
         replay = self.server("-q", "--rules", self.dir)
-        replay.request("POST", "/v1/chat/completions", rec_chat("Per test"), dict(REC_OA, **{"X-DP-Test-Id": "t1"}))
-        replay.request("POST", "/_t/t3/v1/chat/completions", rec_chat("Per test"), REC_OA)
+        replay.request("POST", "/v1/chat/completions", openai_chat("Per test"), dict(REC_OA, **{"X-DP-Test-Id": "t1"}))
+        replay.request("POST", "/_t/t3/v1/chat/completions", openai_chat("Per test"), REC_OA)
         self.assertEqual([(e["test"], e["source"]) for e in self.journal(replay)], [("t1", "replayed"),
                                                                                     ("t3", "replayed")])
         self.assertEqual(self.journal(replay)[1]["rule"], self.recordings()["rules"][0]["id"])  # the global one
@@ -206,30 +193,30 @@ class RecordReplayTest(unittest.TestCase):
     def test_faults_apply_to_replayed_answers(self):
         up = self.server("-q")
         rec = self.recorder(up.url)
-        for body in (rec_chat("Fault me", True), rec_chat("Fault me")):
+        for body in (openai_chat("Fault me", True), openai_chat("Fault me")):
             self.assertEqual(rec.request("POST", "/v1/chat/completions", body, REC_OA)[0], 200)
         up.stop()
         rec.stop()
         events = [e["data"].encode() for e in self.recordings()["rules"][0]["respond"]["raw"]["events"]]
         replay = self.server("-q", "--rules", self.dir)
         cut = replay.raw(raw_request("/v1/chat/completions", scen("STREAM_CUT; events=2", **REC_OA),
-                                     rec_chat("Fault me", True), close=True))
+                                     openai_chat("Fault me", True), close=True))
         chunks, _ = decode_chunks(cut.partition(b"\r\n\r\n")[2], strict=False)
         self.assertEqual(chunks, events[:2])  # two recorded events, then the cut
         self.assertFalse(cut.endswith(b"0\r\n\r\n"))
-        noend = replay.request("POST", "/v1/chat/completions", rec_chat("Fault me", True),
+        noend = replay.request("POST", "/v1/chat/completions", openai_chat("Fault me", True),
                                scen("STREAM_NO_END", **REC_OA))[2]
         self.assertEqual(noend, b"".join(events[:-1]))  # data: [DONE] dropped
-        errored = replay.request("POST", "/v1/chat/completions", rec_chat("Fault me", True),
+        errored = replay.request("POST", "/v1/chat/completions", openai_chat("Fault me", True),
                                  scen("STREAM_ERROR; after=1", **REC_OA))[2]
         self.assertTrue(errored.startswith(events[0]) and b"server_error" in errored)
-        st, _, half = replay.request("POST", "/v1/chat/completions", rec_chat("Fault me"),
+        st, _, half = replay.request("POST", "/v1/chat/completions", openai_chat("Fault me"),
                                      scen("INVALID_JSON_200", **REC_OA))
         whole = self.recordings()["rules"][1]["respond"]["raw"]["body"].encode()
         self.assertEqual((st, half), (200, whole[:len(whole) // 2]))
         with socket.create_connection((replay.host, replay.port), timeout=5) as s:
             s.sendall(raw_request("/v1/chat/completions", scen("RESET; after_bytes=40", **REC_OA),
-                                  rec_chat("Fault me"), close=True))
+                                  openai_chat("Fault me"), close=True))
             got = b""
             with self.assertRaises(ConnectionResetError):
                 while True:
@@ -238,14 +225,14 @@ class RecordReplayTest(unittest.TestCase):
                         break
                     got += piece
         self.assertEqual(len(got), 40)
-        self.assertEqual(replay.request("POST", "/v1/chat/completions", rec_chat("Fault me"),
+        self.assertEqual(replay.request("POST", "/v1/chat/completions", openai_chat("Fault me"),
                                         scen("RATE_LIMITED", **REC_OA))[0], 429)
         self.assertEqual([e["source"] for e in self.journal(replay)], ["replayed"] * 5 + ["dpmock"])
 
     def test_recorded_pace_when_asked(self):
         up = self.slow_upstream(tps=20)
         rec = self.recorder(up.url)
-        self.assertEqual(rec.request("POST", "/v1/chat/completions", rec_chat("slow please", True), REC_OA)[0], 200)
+        self.assertEqual(rec.request("POST", "/v1/chat/completions", openai_chat("slow please", True), REC_OA)[0], 200)
         up.stop()
         rec.stop()
         raw = self.recordings()["rules"][0]["respond"]["raw"]
@@ -257,7 +244,7 @@ class RecordReplayTest(unittest.TestCase):
             with self.subTest(timing=timing):
                 replay = self.server("-q", "--rules", self.dir, "--replay-timing", timing)
                 t0 = time.monotonic()
-                st, _, data = replay.request("POST", "/v1/chat/completions", rec_chat("slow please", True), REC_OA)
+                st, _, data = replay.request("POST", "/v1/chat/completions", openai_chat("slow please", True), REC_OA)
                 took = time.monotonic() - t0
                 self.assertEqual((st, data), (200, raw_body(raw)))
                 self.assertTrue(low <= took <= high, (timing, took, span))
@@ -267,15 +254,16 @@ class RecordReplayTest(unittest.TestCase):
         up = self.server("-q", "--listen", "tls:0")
         url = "https://127.0.0.1:%d" % tls_port(up)
         rec = self.recorder(url, "--upstream-ca", CA)
-        for path, headers, body in (("/v1/chat/completions", REC_OA, rec_chat("Over TLS", True)),
-                                    ("/v1/messages", REC_AN, rec_messages("Over TLS")),
-                                    (GEMINI_PATH + "streamGenerateContent?alt=sse", REC_GE, rec_gemini("Over TLS"))):
+        for path, headers, body in (("/v1/chat/completions", REC_OA, openai_chat("Over TLS", True)),
+                                    ("/v1/messages", REC_AN, anthropic_messages("Over TLS")),
+                                    (GEMINI_PATH + "streamGenerateContent?alt=sse", REC_GE,
+                                     gemini_contents("Over TLS"))):
             st, _, data = rec.request("POST", path, body, headers)
             self.assertEqual(st, 200, data[:300])
         rules = self.recordings()["rules"]
         self.assertEqual([r["recorded"]["upstream"] for r in rules], [url] * 3)
         untrusted = self.server("-q", "--record", os.path.join(self.dir, "other"), "--upstream", "openai=" + url)
-        st, _, data = untrusted.request("POST", "/v1/chat/completions", rec_chat("Over TLS"), REC_OA)
+        st, _, data = untrusted.request("POST", "/v1/chat/completions", openai_chat("Over TLS"), REC_OA)
         err = json.loads(data)["error"]
         self.assertEqual((st, err["code"], err["type"]), (502, "upstream_unreachable", "server_error"))
         self.assertIn(url, err["message"])
@@ -285,15 +273,15 @@ class RecordReplayTest(unittest.TestCase):
     def test_unreachable_upstream_is_a_502_in_each_providers_shape(self):
         url = "http://127.0.0.1:%d" % free_port()  # nothing listens there
         rec = self.recorder(url)
-        st, _, data = rec.request("POST", "/v1/chat/completions", rec_chat("Anyone?"), REC_OA)
+        st, _, data = rec.request("POST", "/v1/chat/completions", openai_chat("Anyone?"), REC_OA)
         err = json.loads(data)["error"]
         self.assertEqual((st, err["type"], err["code"]), (502, "server_error", "upstream_unreachable"))
         self.assertIn("the openai upstream %s cannot be reached" % url, err["message"])
-        st, _, data = rec.request("POST", "/v1/messages", rec_messages("Anyone?"), REC_AN)
+        st, _, data = rec.request("POST", "/v1/messages", anthropic_messages("Anyone?"), REC_AN)
         body = json.loads(data)
         self.assertEqual((st, body["type"], body["error"]["type"]), (502, "error", "api_error"))
         self.assertIn(url, body["error"]["message"])
-        st, _, data = rec.request("POST", GEMINI_PATH + "generateContent", rec_gemini("Anyone?"), REC_GE)
+        st, _, data = rec.request("POST", GEMINI_PATH + "generateContent", gemini_contents("Anyone?"), REC_GE)
         err = json.loads(data)["error"]
         self.assertEqual((st, err["code"], err["status"]), (502, 502, "UNAVAILABLE"))
         self.assertEqual(os.listdir(self.dir), [])
@@ -301,7 +289,7 @@ class RecordReplayTest(unittest.TestCase):
 
     def test_upstream_errors_are_relayed_and_recorded_only_when_asked(self):
         up = self.server("-q")
-        body = rec_chat("No such model", model="gpt-does-not-exist")
+        body = openai_chat("No such model", model="gpt-does-not-exist")
         direct = up.request("POST", "/v1/chat/completions", body, REC_OA)
         rec = self.recorder(up.url)
         st, _, data = rec.request("POST", "/v1/chat/completions", body, REC_OA)
@@ -320,10 +308,10 @@ class RecordReplayTest(unittest.TestCase):
     def test_a_scenario_is_answered_by_dpmock_not_forwarded(self):
         up = self.server("-q")
         rec = self.recorder(up.url)
-        st, _, _ = rec.request("POST", "/v1/chat/completions", rec_chat("Limit me"), scen("RATE_LIMITED", **REC_OA))
+        st, _, _ = rec.request("POST", "/v1/chat/completions", openai_chat("Limit me"), scen("RATE_LIMITED", **REC_OA))
         self.assertEqual(st, 429)
         cut = rec.raw(raw_request("/v1/chat/completions", scen("STREAM_CUT; events=1", **REC_OA),
-                                  rec_chat("Cut me", True), close=True))
+                                  openai_chat("Cut me", True), close=True))
         self.assertFalse(cut.endswith(b"0\r\n\r\n"))
         self.assertEqual(self.journal(up), [])
         self.assertEqual(os.listdir(self.dir), [])
@@ -331,7 +319,7 @@ class RecordReplayTest(unittest.TestCase):
     def test_a_forwarding_loop_is_refused(self):
         port = free_port()
         rec = self.recorder("http://127.0.0.1:%d" % port, "--port", str(port))  # its own upstream
-        st, _, data = rec.request("POST", "/v1/chat/completions", rec_chat("Loop"), REC_OA)
+        st, _, data = rec.request("POST", "/v1/chat/completions", openai_chat("Loop"), REC_OA)
         self.assertEqual((st, json.loads(data)["error"]["code"]), (508, "forwarding_loop"))
         self.assertEqual([e["source"] for e in self.journal(rec)], ["upstream", "dpmock"])  # one hop, no more
         via = dict(self.journal(rec)[1]["headers"])["Via"]
@@ -342,7 +330,7 @@ class RecordReplayTest(unittest.TestCase):
         up = self.slow_upstream(tps=10)
         rec = self.recorder(up.url)
         with socket.create_connection((rec.host, rec.port), timeout=5) as s:
-            s.sendall(raw_request("/v1/chat/completions", REC_OA, rec_chat("slow please", True)))
+            s.sendall(raw_request("/v1/chat/completions", REC_OA, openai_chat("slow please", True)))
             got = b""
             while b"data: " not in got:  # the head and the first event: then leave
                 piece = s.recv(65536)
@@ -359,7 +347,7 @@ class RecordReplayTest(unittest.TestCase):
         up = self.server("-q")
         rec = self.recorder(up.url, "--record-redact", r"ACCT-\d+")
         prompt = "Account ACCT-123456, key %s, please" % REC_KEYS["openai"]
-        st, _, live = rec.request("POST", "/v1/chat/completions", rec_chat(prompt), REC_OA)
+        st, _, live = rec.request("POST", "/v1/chat/completions", openai_chat(prompt), REC_OA)
         self.assertEqual(st, 200)
         self.assertIn(b"ACCT-123456", live)  # the client gets the answer as the provider gave it
         with open(os.path.join(self.dir, "default.json")) as f:
@@ -372,7 +360,7 @@ class RecordReplayTest(unittest.TestCase):
         up.stop()
         rec.stop()
         replay = self.server("-q", "--rules", self.dir)  # the redacted prompt still matches
-        st, _, data = replay.request("POST", "/v1/chat/completions", rec_chat(prompt), REC_OA)
+        st, _, data = replay.request("POST", "/v1/chat/completions", openai_chat(prompt), REC_OA)
         self.assertEqual((st, data), (200, rule["respond"]["raw"]["body"].encode()))
         self.assertEqual(self.journal(replay)[0]["source"], "replayed")
 
@@ -384,16 +372,16 @@ class RecordReplayTest(unittest.TestCase):
         self.assertEqual(st, 200, data)
         self.addCleanup(SERVER.request, "DELETE", "/_control/rules?test=rawtest")
         headers = dict(OA, **{"X-DP-Test-Id": "rawtest"})
-        st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", rec_chat("raw please"), headers)
+        st, hdrs, data = SERVER.request("POST", "/v1/chat/completions", openai_chat("raw please"), headers)
         self.assertEqual((st, hdrs["content-type"], hdrs["x-extra"], data), (201, "text/plain", "1", b"as {{text}} is"))
-        self.assertEqual(SERVER.request("POST", "/v1/chat/completions?v=1", rec_chat("raw please"), headers)[0], 200)
-        self.assertEqual(SERVER.request("POST", "/v1/chat/completions", rec_chat("raw please!"), headers)[0], 200)
+        self.assertEqual(SERVER.request("POST", "/v1/chat/completions?v=1", openai_chat("raw please"), headers)[0], 200)
+        self.assertEqual(SERVER.request("POST", "/v1/chat/completions", openai_chat("raw please!"), headers)[0], 200)
         events = ["data: {\"n\": %d}\n\n" % i for i in range(3)]
         cut = {"match": {"text_exact": "raw cut"}, "respond": {"scenario": "STREAM_CUT; events=1", "raw": {
             "status": 200, "headers": {"content-type": "text/event-stream"}, "events": [
                 {"t": 0.001 * i, "data": e} for i, e in enumerate(events)]}}}
         self.assertEqual(SERVER.request("POST", "/_control/rules?test=rawtest", cut)[0], 200)
-        got = SERVER.raw(raw_request("/v1/chat/completions", headers, rec_chat("raw cut", True), close=True))
+        got = SERVER.raw(raw_request("/v1/chat/completions", headers, openai_chat("raw cut", True), close=True))
         self.assertEqual(decode_chunks(got.partition(b"\r\n\r\n")[2], strict=False)[0], [events[0].encode()])
         raw = good["respond"]["raw"]
         for spec, named in (
@@ -426,7 +414,7 @@ class RecordReplayTest(unittest.TestCase):
             self.assertEqual(srv.request("POST", "/_control/rules?test=paced", rule)[0], 200)
             self.addCleanup(srv.request, "DELETE", "/_control/rules?test=paced")
             t0 = time.monotonic()
-            st, _, data = srv.request("POST", "/v1/chat/completions", rec_chat("paced", True),
+            st, _, data = srv.request("POST", "/v1/chat/completions", openai_chat("paced", True),
                                       dict(OA, **{"X-DP-Test-Id": "paced"}))
             took = time.monotonic() - t0
             self.assertEqual((st, data), (200, b"data: 0.0\n\ndata: 0.15\n\ndata: 0.3\n\n"))

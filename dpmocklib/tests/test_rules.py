@@ -19,8 +19,8 @@ from dpmock import embedding_b64
 from dpmocklib.base import scenarios
 import dpmock
 
-from .support import (AN, DPMOCK, DPMOCKCTL, GE, OA, PY, Server, chat_body, decode_chunks, raw_request, run, scen,
-    sse_chunks, sse_events)
+from .support import (AN, DPMOCK, DPMOCKCTL, GE, OA, PY, Server, chat_body, ctl, decode_chunks, raw_request, run,
+    scen, sse_chunks, sse_events)
 
 
 WEATHER_RULES = [
@@ -287,12 +287,12 @@ class RulesTest(unittest.TestCase):
                            input=json.dumps({"id": "c", "match": {"text": "q"}, "respond": {"text": "r"}}).encode(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertEqual((r.returncode, json.loads(r.stdout)["ids"]), (0, ["c"]), r.stderr)
-        r = run([PY, DPMOCKCTL, "rules", "list", "--test", "ctl"], env=env)
+        r = ctl("rules", "list", "--test", "ctl", env=env)
         self.assertEqual(sorted(x["id"] for x in json.loads(r.stdout)["rules"]),
                          ["after-weather", "ask-weather", "c", "greeting"])
-        r = run([PY, DPMOCKCTL, "rules", "clear", "--test", "ctl"], env=env)
+        r = ctl("rules", "clear", "--test", "ctl", env=env)
         self.assertEqual(json.loads(r.stdout), {"cleared": 1})
-        r = run([PY, DPMOCKCTL, "rules", "add", os.path.join(self.dir, "missing.json")], env=env)
+        r = ctl("rules", "add", os.path.join(self.dir, "missing.json"), env=env)
         self.assertEqual(r.returncode, 1)
         self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
         r = subprocess.run([PY, DPMOCKCTL, "rules", "add", "-"], env=env, input=b'{"match": 3}', timeout=20,
