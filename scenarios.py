@@ -494,24 +494,40 @@ def parse_spec(text):
     return name, params
 
 
-def resolve(text):
+def resolve(text, extra=None):
     """(scenario, {param: value}) for a spec, defaults filled in and numbers clamped to their bounds.
 
+    A schedule also takes the parameters of the scenarios it applies (``FAIL_FIRST; n=2;
+    fault=RATE_LIMITED; retry_after=0``): checked now, kept in ``values["inner"]`` and given to the
+    inner scenario when it fires (``extra``: those, for ``resolve(inner name, extra)``).
     Raises KeyError for an unknown scenario name, ValueError for a bad parameter (naming it).
     """
     name, raw = parse_spec(text)
+    if extra:
+        raw = dict(extra, **raw)
     scenario = SCENARIOS.get(name)
     if scenario is None:
         raise KeyError(name)
     specs = {p.name: p for p in scenario.params}
-    for key in raw:
-        if key not in specs:
-            raise ValueError("%s has no parameter %r; it takes %s" % (
-                name, key, ", ".join(specs) if specs else "none"))
     values = {}
     for p in scenario.params:
         value = raw.get(p.name)
         values[p.name] = p.default if value is None else _param_value(name, p, value)
+    inner = {k: v for k, v in raw.items() if k not in specs}
+    if inner and scenario.group == "schedule":
+        targets = values.get("steps") or [values.get("fault")]
+        takes = {p.name for t in targets if t in SCENARIOS for p in SCENARIOS[t].params}
+        for key in inner:
+            if key not in takes:
+                raise ValueError("%s has no parameter %r, nor does %s; they take %s" % (
+                    name, key, " or ".join(t for t in targets if t != "OK"), ", ".join(sorted(set(specs) | takes))))
+        for t in targets:  # each value checked now, not when the schedule first fires
+            if t in SCENARIOS:
+                resolve(t, {k: v for k, v in inner.items() if k in {p.name for p in SCENARIOS[t].params}})
+        values["inner"] = inner
+    elif inner:
+        key = next(iter(inner))
+        raise ValueError("%s has no parameter %r; it takes %s" % (name, key, ", ".join(specs) if specs else "none"))
     return scenario, values
 
 

@@ -72,10 +72,12 @@ def anthropic_turn(body, need_max_tokens=True):
             raise invalid("messages.%d.role: Input should be 'user' or 'assistant'" % i)
         text = _anthropic_content(m.get("content"), turn, names)
         if m["role"] == "user":
-            turn.user_text = text
             content = m.get("content")
+            # A message of tool_result blocks only is the tool's answer, not the user's words: as on every
+            # provider, the user's last text (and turn count) stays that of the last message they wrote.
             if not isinstance(content, list) or any(isinstance(b, dict) and b.get("type") != "tool_result"
                                                     for b in content):
+                turn.user_text = text
                 turn.user_turns += 1
     last = messages[-1]
     if last["role"] == "user" and isinstance(last.get("content"), list):

@@ -7,7 +7,7 @@ from .base import DPMOCK, HTTPError, Reply, SHARED, Stream, Upload, scenarios
 from .faults import FAULTS, scenario_answer, select_scenario
 from .providers import PROVIDERS, detect_provider, new_id, request_key
 from .request import Answered, MAX_DISCARD, MAX_JSON_BODY, compiled_cache, read_json_body
-from .routing import BODY_JSON, BODY_NONE, BODY_STREAM
+from .routing import BODY_JSON, BODY_NONE, BODY_STREAM, percent_decode
 from .rules import RuleError, apply_rules, check_test_id
 
 
@@ -110,6 +110,7 @@ def take_test_id(req):
     an X-DP-Test-Id header. Each test's rules, counters and journal entries are its own."""
     if req.path.startswith("/_t/"):
         name, _, rest = req.path[4:].partition("/")
+        name = percent_decode(name)  # /_t/tests%2Ftest_a.py%3A%3Atest_b/v1/...: any test id, encoded
         req.path = "/" + rest
     else:
         name = req.headers.get("x-dp-test-id")
@@ -185,7 +186,9 @@ def scenario_for(w, req, spec, scenario, params):
             w.extra_headers = list(w.extra_headers) + [("x-dp-seed", str(seed))]
         if name is None:
             return None, {}
-        scenario, params = scenarios.resolve(name)
+        inner = params.get("inner") or {}
+        takes = {p.name for p in scenarios.SCENARIOS[name].params}
+        scenario, params = scenarios.resolve(name, {k: v for k, v in inner.items() if k in takes})
     return scenario_answer(scenario, req.route, req.provider), params
 
 

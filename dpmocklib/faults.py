@@ -14,6 +14,8 @@ def select_scenario(req):
     Both may carry parameters: ``STREAM_SLOW; ttft_ms=200; tps=20``. A bad one is a 400 naming it.
     """
     explicit = req.headers.get("x-dp-scenario")
+    if explicit is not None and not explicit.strip():
+        explicit = None  # an empty header (a client that always sends it) asks for no scenario
     spec = explicit.strip() if explicit is not None else (request_key(req) or "")
     if explicit is None and scenarios.get(spec.split(";")[0].strip()) is None:
         return None, None, {}

@@ -56,6 +56,17 @@ def _record_re(name):
     return pattern
 
 
+def recording_file(test):
+    """The file a test's recordings go to: its id when that is a plain file name, else the id made one
+    (other characters as '_') plus a digest of it, so two tests never share a file. The file says its test."""
+    if test is None:
+        return "default.json"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", test).strip(".") or "_"
+    if safe != test or safe == "default":
+        safe = "%s-%s" % (safe[:80], _digest(test)[:10])
+    return safe + ".json"
+
+
 class Recorder:
     """--record: forward what no rule answers to the provider's upstream, relay the answer as it
     arrives, and save it as a rule in DIR/TEST.json (written aside and renamed, under a lock: a
@@ -249,7 +260,7 @@ class Recorder:
 
     def write(self, test, spec):
         """Put a rule into its test's file (replacing the rule with its id): written aside, then renamed."""
-        name = (test or "default") + ".json"
+        name = recording_file(test)
         path = os.path.join(self.dir, name)
         with self.lock:
             rules = []

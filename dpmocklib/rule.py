@@ -9,6 +9,11 @@ from .providers import first_of, request_key
 from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
 
 
+#: The condition a text rule gets when it says nothing of tool results (strict mode's message names it so).
+IMPLIED_NO_TOOL_RESULT = "tool_result (implied by a text condition; say tool_result: true or a name to match " \
+    "tool-result turns)"
+
+
 class Rule:
     """One rule, compiled: its conditions as (name, predicate, wanted) triples over a RuleContext."""
 
@@ -45,6 +50,10 @@ class Rule:
         self.regex = None
         self.trigram = None
         self.conds = [self._condition(k, v) for k, v in self.match.items()]
+        if "tool_result" not in self.match and not {"text", "text_exact", "text_regex"}.isdisjoint(self.match):
+            # The user's words stay the last user text while the agent loop sends tool results: a rule on
+            # them answers the user's own turns only, or its tool call would answer its own result forever.
+            self.conds.append((IMPLIED_NO_TOOL_RESULT, lambda c: c.tool_result is None, False))
         #: it can answer a route without a conversation (models, files...): errors, scenarios, raw answers
         self.any_route = any("error" in a or "scenario" in a or "raw" in a for a in answers)
 

@@ -17,7 +17,7 @@ RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_exact", "text_reg
                    "turn", "stream", "key", "header", "query", "body")
 RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding",
                      "raw")
-_TEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+TEST_ID_MAX = 200  #: characters in a test id (pytest node ids with parameters fit)
 
 
 class RuleError(ValueError):
@@ -25,8 +25,12 @@ class RuleError(ValueError):
 
 
 def check_test_id(name, where="test id"):
-    if not isinstance(name, str) or not 1 <= len(name) <= 100 or not _TEST_ID_CHARS.issuperset(name):
-        raise RuleError("%s must be 1-100 letters, digits, '.', '_' or '-', not %r" % (where, str(name)[:40]))
+    """A test id is any printable text (a pytest node id: ``tests/test_a.py::test_b[openai-plain]``), up to
+    TEST_ID_MAX characters, without control characters or spaces at its ends."""
+    if not isinstance(name, str) or not 1 <= len(name) <= TEST_ID_MAX or not name.isprintable() \
+            or name.strip() != name:
+        raise RuleError("%s must be 1-%d printable characters, without control characters or spaces at its ends, "
+                        "not %r" % (where, TEST_ID_MAX, str(name)[:60]))
     return name
 
 
@@ -196,7 +200,8 @@ class RuleBook:
     # ---------------------------------------------------------------- matching
 
     def candidates(self, ctx, test):
-        """The rules that could match, in priority order."""
+        """The rules that could match: by priority, then a test's own before the global ones, then in the
+        order they were defined."""
         found = []
         index = self.index
         for key in ((test, ctx.route), (test, None), (None, ctx.route), (None, None)) if test else \
@@ -216,7 +221,7 @@ class RuleBook:
                     for gram in grams:
                         found += by_gram.get(gram, ())
         if len(found) > 1:
-            found.sort(key=lambda r: (-r.priority, r.order))
+            found.sort(key=lambda r: (-r.priority, r.test is None, r.order))
         return found
 
     def match(self, ctx, test):
@@ -242,9 +247,10 @@ class RuleBook:
         """The rules closest to matching, with the condition each failed (strict mode's diagnostic)."""
         rules = [r for r in self.all() if r.test in (None, test)]
         from .rule import json_pointer
-        scored = sorted(((len(r.misses(ctx)), r.priority * -1, r.order, r) for r in rules), key=lambda x: x[:3])
+        scored = sorted(((len(r.misses(ctx)), -r.priority, r.test is None, r.order, r) for r in rules),
+                        key=lambda x: x[:4])
         out = []
-        for _, _, _, r in scored[:n]:
+        for _, _, _, _, r in scored[:n]:
             miss = r.first_miss(ctx)
             if miss is None:
                 out.append("rule %r (used up: times=%s)" % (r.id, r.times))
@@ -254,7 +260,7 @@ class RuleBook:
                        {k: json_pointer(ctx.body, k) for k in miss[1]} if name == "body" else
                        mask_key(ctx.key) if name == "key" else
                        {k: ctx.query.get(k, [None])[0] for k in miss[1]} if name == "query" else
-                       getattr(ctx, {"text_regex": "text", "text_exact": "text"}.get(name, name), None))
+                       getattr(ctx, {"text_regex": "text", "text_exact": "text"}.get(name, name.split()[0]), None))
                 out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
                                                         json.dumps(got, default=lambda o: None)[:60]))
         return out

@@ -127,7 +127,7 @@ def entry_matches(e, filters):
             return False
         if name == "key" and entry_key(e) != value:
             return False
-        if name == "test" and e.test != value:
+        if name == "test" and e.test != (value or None):  # test= (empty): the requests outside any test
             return False
         if name == "rule" and e.rule != value:
             return False

@@ -11,7 +11,7 @@ import unittest
 from dpmocklib.base import scenarios
 import dpmock
 
-from .support import (AN, ANTHROPIC_BODY, CURL, GEMINI_BODY, GEMINI_GEN, GEMINI_STREAM, MIB, OA, SERVER, Server,
+from .support import (AN, ANTHROPIC_BODY, CURL, GE, GEMINI_BODY, GEMINI_GEN, GEMINI_STREAM, MIB, OA, SERVER, Server,
     chat_body, decode_chunks, post_raw, raw_request, recv_all, run, scen, split_response, sse_chunks, sse_events)
 
 
@@ -338,6 +338,33 @@ class ScheduleTest(unittest.TestCase):
 
     def test_fail_first_then_succeed_per_key(self):
         self.assertEqual(self.statuses("FAIL_FIRST; n=2; fault=RATE_LIMITED", 4), [429, 429, 200, 200])
+
+    def test_a_schedule_passes_on_its_faults_parameters_on_every_provider(self):
+        spec = "FAIL_FIRST; n=1; fault=RATE_LIMITED; retry_after=0"
+        for path, headers, body in (("/v1/chat/completions", OA, chat_body()),
+                                    ("/v1/messages", AN, json.dumps(ANTHROPIC_BODY).encode()),
+                                    (GEMINI_GEN, GE, json.dumps(GEMINI_BODY).encode())):
+            with self.subTest(path):
+                h = dict(headers, **{"X-DP-Scenario": spec, "X-DP-Test-Id": "sched-" + os.urandom(4).hex()})
+                st, hdrs, out = SERVER.request("POST", path, body, h)
+                wait = hdrs.get("retry-after") if path != GEMINI_GEN else \
+                    json.loads(out)["error"]["details"][0]["retryDelay"]  # Gemini says it in a RetryInfo
+                self.assertEqual((st, wait), (429, "0" if path != GEMINI_GEN else "0s"))
+                self.assertEqual(SERVER.request("POST", path, body, h)[0], 200)
+        for bad, named in (("FAIL_FIRST; fault=RATE_LIMITED; retry_aftr=0", "retry_aftr"),
+                           ("FAIL_FIRST; fault=RATE_LIMITED; retry_after=soon", "retry_after"),
+                           ("SEQUENCE; steps=RATE_LIMITED,OK; ms=5", "'ms'")):
+            st, _, out = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                        dict(OA, **{"X-DP-Scenario": bad}))
+            self.assertEqual(st, 400, bad)
+            self.assertIn(named, json.loads(out)["error"]["message"])
+
+    def test_an_empty_scenario_header_is_no_scenario(self):
+        for value in ("", "  "):
+            st, _, out = SERVER.request("POST", "/v1/chat/completions", chat_body(),
+                                        dict(OA, **{"X-DP-Scenario": value}))
+            self.assertEqual(st, 200, out)
+            self.assertIn("choices", json.loads(out))
 
     def test_fail_every_and_sequence(self):
         self.assertEqual(self.statuses("FAIL_EVERY; k=3; fault=SERVER_ERROR", 6), [200, 200, 500, 200, 200, 500])

@@ -153,7 +153,7 @@ class RulesTest(unittest.TestCase):
         reset = json.loads(self.srv.request("POST", "/_control/reset?test=alpha", b"")[2])
         self.assertEqual(reset["cleared_requests"], 2)
         self.assertEqual(json.loads(self.srv.request("GET", "/_control/requests?test=beta")[2])["matched"], 2)
-        self.assertEqual(self.srv.request("GET", "/_t/bad%20name/v1/models", None, OA)[0], 400)
+        self.assertEqual(self.srv.request("GET", "/_t/bad%01name/v1/models", None, OA)[0], 400)  # a control char
 
     def test_strict_mode_names_the_nearest_rule(self):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "the weather in"}]}
@@ -363,3 +363,117 @@ class EmbeddingRuleTest(unittest.TestCase):
         self.assertEqual(32, len(raw))
         for x, y in zip(vec, struct.unpack("<8f", raw)):
             self.assertAlmostEqual(x, y, places=6)
+
+
+#: One agent step on each provider: (path, headers, first request, the request after the tool's result,
+#: the answer text of a reply, the tool calls of a reply).
+def _agent_cases():
+    tool_oa = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    ask = "What is the weather in Paris?"
+    oa1 = {"model": "gpt-4o", "tools": tool_oa, "messages": [{"role": "user", "content": ask}]}
+    oa2 = dict(oa1, messages=oa1["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 C"}])
+    rs1 = {"model": "gpt-4o", "input": ask,
+           "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+    rs2 = dict(rs1, input=[{"type": "message", "role": "user", "content": ask},
+                           {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                           {"type": "function_call_output", "call_id": "c1", "output": "18 C"}])
+    an1 = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": ask}],
+           "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    an2 = dict(an1, messages=an1["messages"] + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18 C"}]}])
+    ge1 = {"contents": [{"role": "user", "parts": [{"text": ask}]}],
+           "tools": [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "object"}}]}]}
+    ge2 = dict(ge1, contents=ge1["contents"] + [
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"content": "18 C"}}}]}])
+    return [
+        ("chat", "/v1/chat/completions", OA, oa1, oa2, lambda r: r["choices"][0]["message"]["content"],
+         lambda r: [c["function"]["name"] for c in r["choices"][0]["message"].get("tool_calls") or []]),
+        ("responses", "/v1/responses", OA, rs1, rs2,
+         lambda r: "".join(c["text"] for o in r["output"] if o["type"] == "message" for c in o["content"]),
+         lambda r: [o["name"] for o in r["output"] if o["type"] == "function_call"]),
+        ("messages", "/v1/messages", AN, an1, an2,
+         lambda r: "".join(b["text"] for b in r["content"] if b["type"] == "text"),
+         lambda r: [b["name"] for b in r["content"] if b["type"] == "tool_use"]),
+        ("gemini", "/v1beta/models/gemini-2.5-flash:generateContent", GE, ge1, ge2,
+         lambda r: "".join(p.get("text", "") for p in r["candidates"][0]["content"]["parts"]),
+         lambda r: [p["functionCall"]["name"] for p in r["candidates"][0]["content"]["parts"] if "functionCall" in p]),
+    ]
+
+
+class AgentRuleTest(unittest.TestCase):
+    """What an agent loop sees: the same rules mean the same on every provider's tool-result turn."""
+
+    RULES = [
+        {"id": "ask", "match": {"text": "weather"},  # no tool_result condition: it must not loop the agent
+         "respond": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}},
+        {"id": "answer", "match": {"tool_result": "get_weather", "text_regex": r"weather in (?P<city>\w+)"},
+         "respond": {"text": "Sunny in {{city}}"}},
+    ]
+
+    def setUp(self):
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+
+    def post(self, path, body, headers):
+        st, _, out = self.srv.request("POST", path, json.dumps(body).encode(), headers)
+        return st, json.loads(out)
+
+    def add(self, rules, test=None):
+        path = "/_control/rules" + ("?test=" + test if test else "")
+        st, _, out = self.srv.request("POST", path, json.dumps(rules).encode(), {})
+        self.assertEqual(st, 200, out)
+
+    def test_a_text_rule_answers_the_users_turn_and_a_tool_result_rule_the_next(self):
+        self.add(self.RULES)
+        for name, path, headers, first, second, text, calls in _agent_cases():
+            with self.subTest(name):
+                st, r = self.post(path, first, headers)
+                self.assertEqual((st, calls(r)), (200, ["get_weather"]), r)
+                st, r = self.post(path, second, headers)
+                self.assertEqual((st, calls(r), text(r)), (200, [], "Sunny in Paris"), r)
+
+    def test_strict_mode_names_the_implied_condition(self):
+        self.add(self.RULES[:1])
+        for name, path, headers, _, second, _, _ in _agent_cases():
+            with self.subTest(name):
+                st, r = self.post(path, second, dict(headers, **{"X-DP-Strict": "1"}))
+                self.assertEqual(st, 400, r)
+                message = json.dumps(r)
+                self.assertIn("tool_result (implied by a text condition", message)
+                self.assertIn('got \\"get_weather\\"', message)
+
+    def test_a_tests_rules_come_before_the_global_ones(self):
+        self.add({"match": {"text": "hello"}, "respond": {"text": "global"}})
+        self.add({"match": {"text": "hello"}, "respond": {"text": "the test's own"}}, "t1")
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+        for headers, want in (({"X-DP-Test-Id": "t1"}, "the test's own"), ({}, "global"),
+                              ({"X-DP-Test-Id": "t2"}, "global")):
+            st, r = self.post("/v1/chat/completions", body, dict(OA, **headers))
+            self.assertEqual(r["choices"][0]["message"]["content"], want, headers)
+
+    def test_any_printable_test_id_names_a_namespace(self):
+        node = "tests/test_agent.py::test_weather[openai-plain] (x)"
+        self.add({"match": {"text": "hello"}, "respond": {"text": "node id"}}, urllib_quote(node))
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+        st, r = self.post("/v1/chat/completions", body, dict(OA, **{"X-DP-Test-Id": node}))
+        self.assertEqual(r["choices"][0]["message"]["content"], "node id")
+        st, r = self.post("/_t/%s/v1/chat/completions" % urllib_quote(node), body, OA)
+        self.assertEqual(r["choices"][0]["message"]["content"], "node id")
+        st, _, out = self.srv.request("GET", "/_control/requests", None, {})
+        self.assertEqual([e["test"] for e in json.loads(out)["requests"]], [node, node])
+        st, _, out = self.srv.request("GET", "/_control/requests?test=", None, {})
+        self.assertEqual(json.loads(out)["requests"], [])
+        for bad in ("x" * 201, " padded", "tab\there"):
+            st, _, out = self.srv.request("GET", "/_t/%s/v1/models" % urllib_quote(bad), None, OA)
+            self.assertEqual(st, 400, bad)
+            self.assertIn("printable", json.loads(out)["error"]["message"])
+
+
+def urllib_quote(text):
+    from urllib.parse import quote
+    return quote(text, safe="")
