@@ -85,6 +85,7 @@ def anthropic_turn(body, need_max_tokens=True):
             if isinstance(block, dict) and block.get("type") == "tool_result":
                 turn.tool_result = (names.get(block.get("tool_use_id"), "tool"),
                                     _anthropic_content(block.get("content"), Turn(""), {}))
+                turn.tool_args = names.get(("args", block.get("tool_use_id")))
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -126,6 +127,7 @@ def _anthropic_content(content, turn, names):
             turn.add_text(texts[-1])
         elif kind == "tool_use":
             names[block.get("id")] = block.get("name")
+            names[("args", block.get("id"))] = block.get("input")
             turn.add_text(json.dumps(block.get("input")))
         elif kind == "tool_result":
             turn.add_text(_anthropic_content(block.get("content"), Turn(""), names))

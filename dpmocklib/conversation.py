@@ -17,6 +17,7 @@ class Turn:
         self.media = 0  #: image/document/file parts in the prompt
         self.user_text = ""  #: the last user message's text
         self.tool_result = None  #: (tool name, result text) when the last message answers a tool call
+        self.tool_args = None  #: the arguments (JSON text or an object) of the call that result answers
         self.tools = []  #: (name, JSON schema) the model may call
         self.forced_tool = None  #: a tool the request insists on
         self.tools_off = False  #: tool_choice none / mode NONE

@@ -61,6 +61,10 @@ def gemini_turn(body, model):
         content = first_of(response, "content", "result", "output")
         turn.tool_result = (results[-1].get("name") or "tool",
                             content if isinstance(content, str) else json.dumps(response))
+        calls = [first_of(p, "functionCall", "function_call") for c in contents[:-1] if c.get("role") == "model"
+                 for p in c["parts"]]  # the arguments of the last call of that name
+        turn.tool_args = next((call.get("args") for call in reversed(calls) if isinstance(call, dict)
+                               and call.get("name") == turn.tool_result[0]), None)
     for t in body.get("tools") or []:
         decls = first_of(t, "functionDeclarations", "function_declarations")
         for i, d in enumerate(decls if isinstance(decls, list) else ()):

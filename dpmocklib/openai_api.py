@@ -50,6 +50,7 @@ def openai_turn(body):
         for tc in m.get("tool_calls") or []:
             if isinstance(tc, dict):
                 calls[tc.get("id")] = first_of(tc.get("function"), "name")
+                calls[("args", tc.get("id"))] = first_of(tc.get("function"), "arguments")
         if m["role"] == "user":
             turn.user_text = text
             turn.user_turns += 1
@@ -59,6 +60,7 @@ def openai_turn(body):
     if last["role"] in ("tool", "function"):
         name = calls.get(last.get("tool_call_id")) or last.get("name") or "tool"
         turn.tool_result = (name, openai_content(last.get("content"), Turn("")))
+        turn.tool_args = calls.get(("args", last.get("tool_call_id")))
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):

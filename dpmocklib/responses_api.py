@@ -93,12 +93,14 @@ def responses_turn(body, model, items):
                 turn.system = (turn.system + "\n" + text).strip("\n")
         elif kind == "function_call":
             names[item["call_id"]] = item["name"]
+            names[("args", item["call_id"])] = item["arguments"]
             turn.add_text(item["arguments"])
         elif kind == "function_call_output":
             result = openai_content(item["output"], turn)
     if items and items[-1]["type"] == "function_call_output":
         last = items[-1]
         turn.tool_result = (names.get(last["call_id"]) or last.get("name") or "tool", result)
+        turn.tool_args = names.get(("args", last["call_id"]))
     for i, t in enumerate(body.get("tools") or ()):
         if t.get("type") == "function":
             if not t.get("name"):

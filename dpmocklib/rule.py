@@ -1,6 +1,7 @@
 """One rule: its spec checked and compiled into conditions, what a request looks like to rules (RuleContext),
 and the answer's templates filled in. Imported when the first rule is made (rules.py holds the rule book)."""
 
+import json
 import re
 
 from .base import ANTHROPIC, GEMINI, OPENAI, scenarios
@@ -54,6 +55,7 @@ class Rule:
             # The user's words stay the last user text while the agent loop sends tool results: a rule on
             # them answers the user's own turns only, or its tool call would answer its own result forever.
             self.conds.append((IMPLIED_NO_TOOL_RESULT, lambda c: c.tool_result is None, False))
+        check_templates(self.respond, "respond", self.regex)
         #: it can answer a route without a conversation (models, files...): errors, scenarios, raw answers
         self.any_route = any("error" in a or "scenario" in a or "raw" in a for a in answers)
 
@@ -214,8 +216,8 @@ _NOTHING = object()
 class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
-    __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "turn", "stream", "key",
-                 "headers", "query", "body", "_trigrams", "conversation")
+    __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "tool_output", "tool_args",
+                 "turn", "stream", "key", "headers", "query", "body", "_trigrams", "conversation")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
@@ -224,6 +226,8 @@ class RuleContext:
         self.system = turn.system if turn is not None else ""
         self.tools = [name for name, _ in turn.tools] if turn is not None else []
         self.tool_result = turn.tool_result[0] if turn is not None and turn.tool_result else None
+        self.tool_output = turn.tool_result[1] if turn is not None and turn.tool_result else None
+        self.tool_args = turn.tool_args if turn is not None else None
         self.turn = turn.user_turns if turn is not None else 0
         self.stream = req.route.streaming(req)
         self.key = request_key(req) or ""
@@ -241,13 +245,76 @@ class RuleContext:
         return self._trigrams
 
 
+#: ``{{name}}`` in an answer's strings; the names (and what they give) are TEMPLATE_NAMES, checked when a rule loads.
+TEMPLATE = re.compile(r"\{\{\s*([\w-]+(?:\.[\w-]+)*)\s*\}\}")
+TEMPLATE_NAMES = ("text", "model", "tool_name", "tool_result", "tool_result.KEY", "args.KEY")
+
+
+def check_templates(value, where, regex):
+    """Refuse a template name nothing defines (``{{cty}}``), naming where it is and what is known."""
+    if isinstance(value, str):
+        for m in TEMPLATE.finditer(value):
+            name = m.group(1)
+            head = name.split(".")[0]
+            if name in ("text", "model", "tool_name", "tool_result") or (head in ("tool_result", "args")
+                                                                          and "." in name):
+                continue
+            if regex is not None and (name in regex.groupindex or
+                                      (name.isdigit() and 1 <= int(name) <= regex.groups)):
+                continue
+            groups = ["{{%d}}" % i for i in range(1, (regex.groups if regex is not None else 0) + 1)]
+            groups += ["{{%s}}" % g for g in (regex.groupindex if regex is not None else ())]
+            raise RuleError("%s: {{%s}} is not a template name; known: %s" % (
+                where, name, ", ".join(["{{%s}}" % n for n in TEMPLATE_NAMES] + groups)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_templates(v, "%s[%d]" % (where, i), regex)
+    elif isinstance(value, dict) and "raw" not in value:  # a recorded answer is served byte for byte
+        for k, v in value.items():
+            check_templates(v, "%s.%s" % (where, k), regex)
+
+
+def _lookup(value, path):
+    """``path`` (dot-separated keys or list indexes) into a JSON value: JSON text is parsed first."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    for key in path:
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+    return value
+
+
+def _template_value(name, ctx, groups):
+    if name in groups:
+        return groups[name]
+    head, _, rest = name.partition(".")
+    if name in ("text", "model", "tool_name", "tool_result"):
+        value = {"text": ctx.text, "model": ctx.model, "tool_name": ctx.tool_result,
+                 "tool_result": ctx.tool_output}[name]
+    elif head == "tool_result":
+        value = _lookup(ctx.tool_output, rest.split("."))
+    elif head == "args":
+        value = _lookup(ctx.tool_args, rest.split("."))
+    else:
+        value = None
+    if value is None:
+        return ""  # the turn has no such thing (no tool result, no such key): nothing, not the braces
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def render(value, ctx, groups):
-    """Fill {{text}}, {{model}}, {{1}} and named groups into the strings of an answer."""
+    """Fill the templates (TEMPLATE_NAMES, and the text_regex's groups) into the strings of an answer."""
     if isinstance(value, str):
         if "{{" not in value:
             return value
-        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: {"text": ctx.text, "model": ctx.model}.get(
-            m.group(1), groups.get(m.group(1), m.group(0))), value)
+        return TEMPLATE.sub(lambda m: _template_value(m.group(1), ctx, groups), value)
     if isinstance(value, list):
         return [render(v, ctx, groups) for v in value]
     if isinstance(value, dict):

@@ -373,23 +373,25 @@ def _agent_cases():
     oa1 = {"model": "gpt-4o", "tools": tool_oa, "messages": [{"role": "user", "content": ask}]}
     oa2 = dict(oa1, messages=oa1["messages"] + [
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "18 C"}])
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 18}'}])
     rs1 = {"model": "gpt-4o", "input": ask,
            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
     rs2 = dict(rs1, input=[{"type": "message", "role": "user", "content": ask},
-                           {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
-                           {"type": "function_call_output", "call_id": "c1", "output": "18 C"}])
+                           {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                            "arguments": '{"city": "Paris"}'},
+                           {"type": "function_call_output", "call_id": "c1", "output": '{"temp": 18}'}])
     an1 = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": ask}],
            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
     an2 = dict(an1, messages=an1["messages"] + [
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18 C"}]}])
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
+                                       "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": '{"temp": 18}'}]}])
     ge1 = {"contents": [{"role": "user", "parts": [{"text": ask}]}],
            "tools": [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "object"}}]}]}
     ge2 = dict(ge1, contents=ge1["contents"] + [
-        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {}}}]},
-        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"content": "18 C"}}}]}])
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 18}}}]}])
     return [
         ("chat", "/v1/chat/completions", OA, oa1, oa2, lambda r: r["choices"][0]["message"]["content"],
          lambda r: [c["function"]["name"] for c in r["choices"][0]["message"].get("tool_calls") or []]),
@@ -436,6 +438,26 @@ class AgentRuleTest(unittest.TestCase):
                 self.assertEqual((st, calls(r)), (200, ["get_weather"]), r)
                 st, r = self.post(path, second, headers)
                 self.assertEqual((st, calls(r), text(r)), (200, [], "Sunny in Paris"), r)
+
+    def test_templates_give_the_tool_result_and_the_calls_arguments(self):
+        self.add({"match": {"tool_result": True},
+                  "respond": {"text": "{{tool_name}}: {{tool_result.temp}} degrees in {{args.city}} ({{tool_result}})"}})
+        for name, path, headers, _, second, text, _ in _agent_cases():
+            with self.subTest(name):
+                st, r = self.post(path, second, headers)
+                self.assertEqual(st, 200, r)
+                self.assertEqual(json.loads(text(r).split(" (", 1)[1][:-1]), {"temp": 18})
+                self.assertEqual(text(r).split(" (")[0], "get_weather: 18 degrees in Paris")
+
+    def test_a_template_name_nothing_defines_is_refused_when_the_rule_loads(self):
+        for rule, named in (({"match": {"text_regex": r"in (?P<city>\w+)"}, "respond": {"text": "in {{cty}}"}}, "cty"),
+                            ({"match": {"text": "x"}, "respond": {"tool_calls": [
+                                {"name": "f", "arguments": {"q": "{{2}}"}}]}}, "{{2}}")):
+            st, _, out = self.srv.request("POST", "/_control/rules", json.dumps(rule).encode(), {})
+            self.assertEqual(st, 400, out)
+            message = json.loads(out)["error"]["message"]
+            self.assertIn(named, message)
+            self.assertIn("{{args.KEY}}", message)
 
     def test_strict_mode_names_the_implied_condition(self):
         self.add(self.RULES[:1])
