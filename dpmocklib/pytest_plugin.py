@@ -89,7 +89,9 @@ def format_journal(entries, body_chars=300):
     lines = []
     for e in entries:
         why = ", ".join(x for x in ("route %s" % e["route"] if e.get("route") else "no route",
-                                    "rule %s" % e["rule"] if e.get("rule") else "",
+                                    ("rule %s" % e["rule"] if not e["rule"].startswith("miss:") else e["rule"])
+                                    if e.get("rule") else "",
+                                    "warning: %s" % e["warning"] if e.get("warning") else "",
                                     "scenario %s" % e["scenario"] if e.get("scenario") else "") if x)
         lines.append("#%s %s %s%s -> %s (%s)" % (e["seq"], e["method"], e["path"],
                                                    "?" + e["query"] if e.get("query") else "", e["status"], why))

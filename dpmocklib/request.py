@@ -57,7 +57,8 @@ class Request:
 
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
-                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server", "source")
+                 "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server", "source",
+                 "miss", "warning")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -81,6 +82,8 @@ class Request:
         self.turn = None  #: the conversation, once a route's reader has read it
         self.answer = None  #: a matching rule's answer
         self.rule = None  #: the id of the rule that answered (or why none did, in strict mode)
+        self.miss = None  #: (rule book, RuleContext) when rules exist and none answered: the journal says why
+        self.warning = None  #: what was wrong with the answer served (a rule's tool call that does not fit)
         self.server = None  #: the MockServer answering it (its stores: files, threads...)
         self.source = None  #: who answered, for the journal: rule, replayed, recorded, upstream (None: dpmock)
 

@@ -281,6 +281,8 @@ def apply_rules(w, req):
             req.rule = "miss: " + ("; ".join(near) if near else "no rules")
             raise HTTPError(400, "dpmock strict mode: no rule matched this request%s" % (
                 "; nearest: " + "; ".join(near) if near else " (no rules are loaded)"), "no_rule_matched")
+        if book.count and req.route.reader is not None and req.body_bytes <= 65536:  # bounded: the journal holds it
+            req.miss = (book, ctx)
         return None
     rule, answer, groups = hit
     req.rule = rule.id
@@ -291,4 +293,37 @@ def apply_rules(w, req):
     if err is not None:
         raise HTTPError(err["status"], err.get("message") or "error from rule %s" % rule.id, err.get("code"),
                         etype=err.get("type"))
+    if answer.get("tool_calls") and req.turn is not None:
+        problem = tool_call_problem(answer["tool_calls"], req.turn)
+        if problem is not None:
+            problem = "rule %r %s" % (rule.id, problem)
+            if strict:
+                raise HTTPError(400, "dpmock strict mode: %s" % problem, "rule_tool_call_invalid")
+            req.warning = problem
+            w.server.log.error("warning: %s", problem)
     return answer
+
+
+def tool_call_problem(calls, turn):
+    """What is wrong with a rule's tool calls for this request (a tool it did not offer, arguments that do not
+    fit the tool's schema), or None. Requests that offer no tools are not checked (legacy clients)."""
+    offered = dict(turn.tools)
+    if not offered:
+        return None
+    for call in calls:
+        name = call.get("name")
+        if name not in offered:
+            return "calls tool %r, which the request does not offer (it offers %s)" % (
+                name, ", ".join(sorted(offered)))
+        args = call.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return "calls tool %r with arguments that are not JSON: %r" % (name, args[:60])
+        if isinstance(offered[name], dict) and offered[name]:
+            from .schema import schema_error  # the schema engine loads with the first checked call
+            where = schema_error(args if args is not None else {}, offered[name])
+            if where is not None:
+                return "calls tool %r with arguments that do not fit its schema: %s" % (name, where)
+    return None

@@ -3,6 +3,7 @@
 Imported only when a request asks for structured output."""
 
 import copy
+import json
 import math
 import re
 
@@ -53,6 +54,47 @@ def schema_instance(schema, text="example"):
         return _gen(schema, ctx, 0, 0)
     except Exception:  # never raise: RecursionError on absurd inputs, anything unforeseen
         return text
+
+
+def schema_error(value, schema):
+    """None when ``value`` fits ``schema``, else where it does not, as ``/json/pointer: what``."""
+    ctx = _Ctx(schema, "")
+    try:
+        return None if _ok(value, schema, ctx) else _where(value, schema, ctx, "", 0)
+    except Exception:  # never raise: a schema too odd to explain is reported without the detail
+        return "/: does not fit the schema"
+
+
+def _where(value, schema, ctx, path, depth):
+    """The deepest place under ``path`` where ``value`` fails ``schema`` (it is known to fail)."""
+    here = path or "/"
+    if schema is False or depth > 32:
+        return "%s: nothing is allowed here" % here
+    s = _canon(schema, ctx)
+    ref = s.get("$ref")
+    if isinstance(ref, str) and not _ok(value, _resolve(ref, ctx), ctx):
+        return _where(value, _resolve(ref, ctx), ctx, path, depth + 1)
+    types = s.get("type")
+    if types and not any(_is_type(value, t) for t in types):
+        return "%s: %s is not of type %s" % (here, json.dumps(value)[:40], " or ".join(types))
+    enum = s.get("enum")
+    if isinstance(enum, list) and not any(_jeq(value, e) for e in enum):
+        return "%s: %s is not one of %s" % (here, json.dumps(value)[:40], json.dumps(enum)[:60])
+    if isinstance(value, dict):
+        for r in s.get("required") or ():
+            if isinstance(r, str) and r not in value:
+                return "%s: %r is required" % (here, r)
+        props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+        for key, item in value.items():
+            if key in props and not _ok(item, props[key], ctx):
+                return _where(item, props[key], ctx, "%s/%s" % (path, key), depth + 1)
+            if key not in props and s.get("additionalProperties") is False:
+                return "%s/%s: no such property (additionalProperties is false)" % (path, key)
+    if isinstance(value, list) and isinstance(s.get("items"), dict):
+        for i, item in enumerate(value):
+            if not _ok(item, s["items"], ctx):
+                return _where(item, s["items"], ctx, "%s/%d" % (path, i), depth + 1)
+    return "%s: %s does not fit the schema" % (here, json.dumps(value)[:40])
 
 
 class _Ctx(object):

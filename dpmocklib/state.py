@@ -14,7 +14,8 @@ class JournalEntry:
     """One request as the journal keeps it, raw: formatting waits until someone reads it."""
 
     __slots__ = ("seq", "time", "client", "method", "path", "query", "headers", "body", "body_bytes", "route",
-                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule", "source")
+                 "scenario", "status", "bytes_sent", "duration_ms", "reused", "ended", "test", "rule", "source",
+                 "miss", "warning")
 
     def __init__(self, client, req, reused):
         self.seq = 0
@@ -28,7 +29,7 @@ class JournalEntry:
         self.reused = reused
         self.ended = "pending"  #: until the answer is over
         self.test = req.test
-        self.rule = self.source = None
+        self.rule = self.source = self.miss = self.warning = None
 
 
 class _Waiter:
@@ -174,7 +175,16 @@ def public_entry(e):
             "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
             "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
             "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended, "test": e.test, "rule": e.rule, "source": e.source or "dpmock"}
+            "ended": e.ended, "test": e.test, "rule": e.rule if e.miss is None else miss_reason(e),
+            "source": e.source or "dpmock", "warning": e.warning}
+
+
+def miss_reason(e):
+    """Why no rule answered, worked out when the journal is read (a miss costs nothing when nobody asks):
+    the nearest rules as the rule book holds them now."""
+    book, ctx = e.miss
+    near = book.nearest(ctx, e.test)
+    return "miss: " + ("; ".join(near) if near else "no rules")
 
 
 class Schedules:

@@ -148,6 +148,7 @@ class ResponseWriter:
             e.duration_ms = (time.monotonic() - req.t0) * 1000
             e.ended = self.ended or ("closed" if self.conn.close_connection else "ok")
             e.rule, e.scenario, e.source = req.rule, req.scenario, req.source
+            e.miss, e.warning = req.miss, req.warning
 
     def send_json(self, status, obj, headers=(), close=False):
         """A JSON answer, compact as the providers send it."""

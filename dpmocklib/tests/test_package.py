@@ -405,7 +405,7 @@ class PytestPluginTest(unittest.TestCase):
         self.assertEqual(code, 1, out)
         self.assertIn("1 failed, 15 passed", out)
         self.assertIn("dpmock journal (test test_app.py-test_a_failure_shows_the_journal-", out)
-        self.assertIn("POST /v1/chat/completions -> 200 (route chat)", out)
+        self.assertIn("POST /v1/chat/completions -> 200 (route chat, miss: rule", out)  # and why no rule answered
         self.assertIn('"content":"what went wrong"', out)
 
     def test_the_plugin_with_a_vendored_copy(self):

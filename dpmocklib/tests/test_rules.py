@@ -368,7 +368,8 @@ class EmbeddingRuleTest(unittest.TestCase):
 #: One agent step on each provider: (path, headers, first request, the request after the tool's result,
 #: the answer text of a reply, the tool calls of a reply).
 def _agent_cases():
-    tool_oa = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool_oa = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
     ask = "What is the weather in Paris?"
     oa1 = {"model": "gpt-4o", "tools": tool_oa, "messages": [{"role": "user", "content": ask}]}
     oa2 = dict(oa1, messages=oa1["messages"] + [
@@ -376,19 +377,19 @@ def _agent_cases():
             {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 18}'}])
     rs1 = {"model": "gpt-4o", "input": ask,
-           "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}
+           "tools": [{"type": "function", "name": "get_weather", "parameters": schema}]}
     rs2 = dict(rs1, input=[{"type": "message", "role": "user", "content": ask},
                            {"type": "function_call", "call_id": "c1", "name": "get_weather",
                             "arguments": '{"city": "Paris"}'},
                            {"type": "function_call_output", "call_id": "c1", "output": '{"temp": 18}'}])
     an1 = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": ask}],
-           "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+           "tools": [{"name": "get_weather", "input_schema": schema}]}
     an2 = dict(an1, messages=an1["messages"] + [
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
                                        "input": {"city": "Paris"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": '{"temp": 18}'}]}])
     ge1 = {"contents": [{"role": "user", "parts": [{"text": ask}]}],
-           "tools": [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "object"}}]}]}
+           "tools": [{"functionDeclarations": [{"name": "get_weather", "parameters": schema}]}]}
     ge2 = dict(ge1, contents=ge1["contents"] + [
         {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
         {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 18}}}]}])
@@ -458,6 +459,35 @@ class AgentRuleTest(unittest.TestCase):
             message = json.loads(out)["error"]["message"]
             self.assertIn(named, message)
             self.assertIn("{{args.KEY}}", message)
+
+    def test_a_tool_call_that_does_not_fit_the_request_is_refused_in_strict_mode_and_flagged_otherwise(self):
+        for i, (call, named) in enumerate(((
+                {"name": "get_wether", "arguments": {"city": "Paris"}}, "'get_wether', which the request does not offer"),
+                ({"name": "get_weather", "arguments": {"city": 5}}, "/city: 5 is not of type string"),
+                ({"name": "get_weather", "arguments": {}}, "'city' is required"))):
+            test = "bad-call-%d" % i
+            self.add({"id": "bad", "match": {"text": "weather"}, "respond": {"tool_calls": [call]}}, test)
+            for name, path, headers, first, _, _, calls in _agent_cases():
+                with self.subTest(name, call=call):
+                    h = dict(headers, **{"X-DP-Test-Id": test})
+                    st, r = self.post(path, first, dict(h, **{"X-DP-Strict": "1"}))
+                    self.assertEqual(st, 400, r)
+                    self.assertIn("rule 'bad' calls tool", json.dumps(r))
+                    self.assertIn(named, json.dumps(r).replace('\\"', '"'))
+                    st, r = self.post(path, first, h)  # without strict mode: served, and flagged
+                    self.assertEqual((st, calls(r)), (200, [call["name"]]), r)
+            st, _, out = self.srv.request("GET", "/_control/requests?test=" + test, None, {})
+            warnings = [e["warning"] for e in json.loads(out)["requests"]]
+            self.assertEqual(len(warnings), 8)
+            self.assertTrue(all(w and named in w for w in warnings[1::2]), warnings)
+
+    def test_a_miss_says_why_in_the_journal(self):
+        self.add(self.RULES, "miss")
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "something else"}]}
+        self.post("/v1/chat/completions", body, dict(OA, **{"X-DP-Test-Id": "miss"}))
+        st, _, out = self.srv.request("GET", "/_control/requests?test=miss", None, {})
+        rule = json.loads(out)["requests"][0]["rule"]
+        self.assertTrue(rule.startswith("miss: rule 'ask' (text \"weather\""), rule)
 
     def test_strict_mode_names_the_implied_condition(self):
         self.add(self.RULES[:1])
