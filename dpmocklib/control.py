@@ -30,6 +30,7 @@ def handle_control_status(w, req):
         "scenarios": scenarios.names(),
         "seed": srv.config.seed,
         "journal": {"size": srv.config.journal_size, "held": len(srv.journal.entries), "last_seq": srv.journal.seq},
+        "rules_broken": srv.rules.problems(),
         "endpoints": ["%s %s" % (r.method, r.pattern) for r in req.server.router.routes],
     })
 
@@ -100,7 +101,8 @@ def handle_control_rules_add(w, req):
 def handle_control_rules_list(w, req):
     test = control_test(req)
     rules = [r.public() for r in w.server.rules.all() if test is None or r.test in (None, test)]
-    w.send_json(200, {"rules": rules, "count": len(rules), "strict": w.server.rules.strict})
+    w.send_json(200, {"rules": rules, "count": len(rules), "strict": w.server.rules.strict,
+                      "broken": w.server.rules.problems()})
 
 
 def handle_control_rules_clear(w, req):

@@ -5,7 +5,7 @@ Usage:
     python3 dpmockctl.py requests [--path TEXT] [--route NAME] [--scenario NAME] [--key KEY]
                                   [--since SEQ] [--limit N] [--wait-for N] [--url URL] [--timeout SECONDS]
 
-    python3 dpmockctl.py rules add FILE|- | rules list | rules clear [--test NAME]
+    python3 dpmockctl.py rules add FILE|- [--test NAME] | rules list [--test NAME] | rules clear --test NAME|--all
 
 Commands: status, wait, restart, shutdown, stop, requests, reset, schedules, rules (see --help).
 --url defaults to $DP_MOCK_SERVER, else http://127.0.0.1:8080.
@@ -359,6 +359,7 @@ def parser():
     p.add_argument("--pidfile", metavar="PATH",
                    help="the server is the one holding this pid file (status, stop, restart)")
     p.add_argument("--json", action="store_true", help="wait, restart: print the status JSON, not one line")
+    p.add_argument("--all", action="store_true", help="rules clear: every test's run-time rules and the global ones")
     p.add_argument("--version", action="version", version="dpmockctl " + __version__)
     g = p.add_argument_group("requests filters")
     g.add_argument("--path", metavar="TEXT", help="path contains TEXT")
@@ -388,6 +389,13 @@ def main(argv=None):
             p.error("rules takes add FILE|-, list or clear")
         if (a.action == "add") != (a.file is not None):
             p.error("rules add takes one FILE (or - for stdin); list and clear take none")
+        if a.action == "clear" and not a.test and not a.all:
+            p.error("rules clear without --test removes the run-time rules of every test: say --all for that, "
+                    "or --test NAME for one test's")
+        if a.all and (a.action != "clear" or a.test):
+            p.error("--all goes with rules clear, without --test")
+    elif a.all:
+        p.error("--all goes with rules clear only")
     elif a.action is not None:
         p.error("unrecognized argument %r" % a.action)
     a.url_given = a.url is not None

@@ -48,6 +48,7 @@ class RuleBook:
         self.file_rules = {}  # file path -> [Rule]
         self.runtime = []
         self.mtimes = {}
+        self.broken = {}  #: file path -> why its last reload failed (it keeps its old rules meanwhile)
         self._order = itertools.count()
         self._ids = itertools.count(1)
         self.index = {}  # (test, route) -> ([rules without trigram], {trigram: [rules]})
@@ -86,11 +87,15 @@ class RuleBook:
                 if initial:
                     raise StartError(str(e))
                 self.log.error("rules: %s", e)
+                self.broken[path] = str(e)
                 continue
+            self.broken.pop(path, None)
             with self.lock:
                 self.file_rules[path] = rules
             changed = True
             self.log.info("rules: %d from %s", len(rules), path)
+        for path in set(self.broken) - set(current):
+            del self.broken[path]
         for path in set(self.file_rules) - set(current):
             with self.lock:
                 del self.file_rules[path]
@@ -98,6 +103,10 @@ class RuleBook:
             changed = True
         if changed:
             self.rebuild()
+
+    def problems(self):
+        """The rules files whose last reload failed: [{"file", "problem"}] (their old rules still apply)."""
+        return [{"file": path, "problem": why} for path, why in sorted(self.broken.items())]
 
     def load_file(self, path):
         with open(path, encoding="utf-8") as f:

@@ -529,3 +529,55 @@ class AgentRuleTest(unittest.TestCase):
 def urllib_quote(text):
     from urllib.parse import quote
     return quote(text, safe="")
+
+
+class RuleSourcesTest(unittest.TestCase):
+
+    def test_a_rules_file_broken_at_reload_is_listed_until_mended(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "a.json")
+        with open(path, "w") as f:
+            json.dump([{"match": {"text": "hi"}, "respond": {"text": "from a"}}], f)
+        srv = Server("-q", "--rules", d)
+        self.addCleanup(srv.stop)
+
+        def listed():
+            rules = json.loads(srv.request("GET", "/_control/rules")[2])
+            status = json.loads(srv.request("GET", "/_control/status")[2])
+            self.assertEqual(rules["broken"], status["rules_broken"])
+            return rules
+        self.assertEqual(listed()["broken"], [])
+        with open(path, "w") as f:
+            f.write('[{"match": {"text": "hi"},\n "respond": {"txt": "typo"}}]')
+        os.utime(path, ns=(time.time_ns() + 10 ** 9,) * 2)
+        os.kill(srv.proc.pid, signal.SIGHUP)  # re-read now, not at the next second's check
+        for _ in range(100):
+            broken = listed()["broken"]
+            if broken:
+                break
+            time.sleep(0.05)
+        self.assertEqual([b["file"] for b in broken], [path])
+        self.assertIn("txt", broken[0]["problem"])
+        self.assertEqual(listed()["count"], 1)  # the old rule still answers
+        with open(path, "w") as f:
+            json.dump([{"match": {"text": "hi"}, "respond": {"text": "mended"}}], f)
+        os.utime(path, ns=(time.time_ns() + 2 * 10 ** 9,) * 2)
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        for _ in range(100):
+            if not listed()["broken"]:
+                break
+            time.sleep(0.05)
+        self.assertEqual(listed()["broken"], [])
+
+    def test_dpmockctl_rules_clear_asks_for_all(self):
+        srv = Server("-q")
+        self.addCleanup(srv.stop)
+        env = dict(os.environ, DP_MOCK_SERVER=srv.url)
+        r = ctl("rules", "clear", env=env)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--all", r.stderr.decode())
+        self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+        r = ctl("rules", "clear", "--all", env=env)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(ctl("rules", "list", "--all", env=env).returncode, 2)
