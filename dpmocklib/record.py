@@ -19,6 +19,7 @@ from .request import PIECE, CTL_BYTES, TOKEN_CHARS, compiled_cache, read_json_bo
 from .routing import BODY_STREAM, STREAM_FLAG, STREAM_NEVER, API_VERSIONS, percent_decode
 from .rule import Rule
 from .rules import RuleError
+from .responses_api import remember_response
 from .state import SECRET_HEADERS
 
 
@@ -214,6 +215,7 @@ class Recorder:
 
     def save(self, req, turn, up, raw):
         """Normalise and redact an answer, save it as a rule; a failure is logged, the answer still relayed."""
+        remember_response(req, raw)  # with the upstream's own ids, which the client chains by
         secrets = request_secrets(req)
         scrub = lambda value: scrub_value(value, secrets, self.redact)  # noqa: E731
         match = recorded_match(req, turn, scrub)
@@ -553,6 +555,7 @@ def send_recorded(w, req, raw):
     body in one write, a stream event by event (each one stream item), at the recorded pace if asked."""
     if req.has_body() and not req.body_done:
         req.drain()
+    remember_response(req, raw)  # a replayed Responses answer can be chained to, as a recorded one was
     headers = [(k, v) for k, v in raw.get("headers", {}).items() if k.lower() != "content-type"]
     ctype = next((v for k, v in raw.get("headers", {}).items() if k.lower() == "content-type"), scenarios.JSON)
     paced = w.server.config.replay_timing == "recorded"

@@ -1,6 +1,7 @@
 """OpenAI Responses: /v1/responses, its stream of typed events, and stored responses."""
 
 import itertools
+import json
 import re
 import time
 
@@ -128,13 +129,16 @@ def responses_turn(body, model, items):
     return turn
 
 
-def responses_history(store, previous_id):
+def responses_history(store, previous_id, lenient=False):
     """The items a previous response carries into this one (its conversation, input and output), and
-    what they cost the store."""
+    what they cost the store. ``lenient``: an unknown one is no error (while recording, the upstream
+    holds the responses dpmock never saw)."""
     if previous_id is None:
         return [], 0
     record = store.get(previous_id)
     if record is None:
+        if lenient:
+            return [], 0
         raise HTTPError(400, "Previous response with id '%s' not found." % previous_id, "previous_response_not_found",
                         param="previous_response_id")
     return record.context, record.size
@@ -201,8 +205,37 @@ def responses_reader(req):
     model = require_model(body)
     if body.get("input") is None:
         raise _missing("input")
-    history, _ = responses_history(req.server.responses, body.get("previous_response_id"))
+    history, _ = responses_history(req.server.responses, body.get("previous_response_id"),
+                                   lenient=req.server.recorder is not None)
     return responses_turn(body, model, history + responses_input(body["input"]))
+
+
+def remember_response(req, raw):
+    """A Responses answer dpmock did not make (forwarded while recording, or a recording replayed), stored
+    as its own are: a later request chained to it by previous_response_id finds its conversation, so a
+    recorded multi-turn agent replays whole, offline. ``raw`` is the recorded answer (body or events)."""
+    body = req.json
+    if req.route.name != "responses" or raw.get("status", 500) >= 400 or not isinstance(body, dict) \
+            or body.get("store") is False:
+        return
+    response = None
+    try:
+        if "body" in raw:
+            response = json.loads(raw["body"])
+        for ev in raw.get("events", ()):  # a stream: the response.completed event carries the whole response
+            for line in ev.get("data", "").splitlines():
+                if line.startswith("data:") and '"response.completed"' in line:
+                    response = json.loads(line[5:]).get("response")
+    except (ValueError, AttributeError):
+        return
+    if not isinstance(response, dict) or not isinstance(response.get("id"), str):
+        return
+    output = response.get("output") if isinstance(response.get("output"), list) else []
+    history, inherited = responses_history(req.server.responses, body.get("previous_response_id"), lenient=True)
+    items = responses_input(body["input"])
+    size = inherited + req.body_bytes + len(raw.get("body", "")) + sum(len(e.get("data", "")) for e in
+                                                                      raw.get("events", ()))
+    req.server.responses.add(StoredResponse(response, items, history + items + output, size))
 
 
 def handle_openai_responses(w, req):

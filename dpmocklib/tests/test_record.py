@@ -152,6 +152,34 @@ class RecordReplayTest(unittest.TestCase):
                 self.assertNotIn("x-dp-seed", hdrs)
         self.assertEqual({e["source"] for e in self.journal(replay)}, {"replayed"})
 
+    def test_a_responses_chain_records_upstream_and_replays_whole_offline(self):
+        tools = [{"type": "function", "name": "get_weather",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+        first = {"model": "gpt-4o", "input": "What is the weather in Paris?", "tools": tools}
+
+        def chain(srv, stream):
+            """The agent's two steps: ask, then answer the tool call, chained by previous_response_id."""
+            st, _, data = srv.request("POST", "/v1/responses", dict(first, stream=stream), REC_OA)
+            self.assertEqual(st, 200, data[:300])
+            r1 = responses_final(data, stream)
+            call = next(o for o in r1["output"] if o["type"] == "function_call")
+            second = {"model": "gpt-4o", "tools": tools, "previous_response_id": r1["id"], "stream": stream,
+                      "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "18 C"}]}
+            st, _, data = srv.request("POST", "/v1/responses", second, REC_OA)
+            self.assertEqual(st, 200, data[:300])
+            r2 = responses_final(data, stream)
+            return [o["type"] for o in r1["output"]], r2["output"][-1]["content"][0]["text"]
+
+        up = self.server("-q")  # the upstream holds the chain: dpmock here knows neither response id
+        rec = self.recorder(up.url)
+        recorded = [chain(rec, stream) for stream in (False, True)]
+        self.assertEqual([e["source"] for e in self.journal(rec)], ["recorded"] * 4)
+        rec.stop()
+        up.stop()
+        replay = self.server("-q", "--rules", self.dir, "--strict")  # offline: nothing to forward to
+        self.assertEqual([chain(replay, stream) for stream in (False, True)], recorded)
+        self.assertEqual([e["source"] for e in self.journal(replay)], ["replayed"] * 4)
+
     def test_record_command_prints_each_recording_one_file_per_test(self):
         up = self.server("-q")
         ups = ["%s=%s" % (p, up.url) for p in ("openai", "anthropic", "gemini")]
@@ -446,3 +474,13 @@ class RecordReplayTest(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             self.assertTrue("## Record and replay" in f.read(), "README.md has no Record and replay section")
         self.assertIn("--record DIR", run([PY, DPMOCK, "--help"]).stdout.decode())
+
+
+def responses_final(data, stream):
+    """The response object of a /responses answer: the body, or a stream's response.completed event."""
+    if not stream:
+        return json.loads(data)
+    for line in data.decode().splitlines():
+        if line.startswith("data:") and '"response.completed"' in line:
+            return json.loads(line[5:])["response"]
+    raise AssertionError("no response.completed event in %r" % data[:300])
