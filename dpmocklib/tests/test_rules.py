@@ -442,7 +442,8 @@ class AgentRuleTest(unittest.TestCase):
 
     def test_templates_give_the_tool_result_and_the_calls_arguments(self):
         self.add({"match": {"tool_result": True},
-                  "respond": {"text": "{{tool_name}}: {{tool_result.temp}} degrees in {{args.city}} ({{tool_result}})"}})
+                  "respond": {"text": "{{tool_name}}: {{tool_result.temp}} degrees in {{args.city}} "
+                                      "({{tool_result}})"}})
         for name, path, headers, _, second, text, _ in _agent_cases():
             with self.subTest(name):
                 st, r = self.post(path, second, headers)
@@ -462,7 +463,8 @@ class AgentRuleTest(unittest.TestCase):
 
     def test_a_tool_call_that_does_not_fit_the_request_is_refused_in_strict_mode_and_flagged_otherwise(self):
         for i, (call, named) in enumerate(((
-                {"name": "get_wether", "arguments": {"city": "Paris"}}, "'get_wether', which the request does not offer"),
+                {"name": "get_wether", "arguments": {"city": "Paris"}},
+                "'get_wether', which the request does not offer"),
                 ({"name": "get_weather", "arguments": {"city": 5}}, "/city: 5 is not of type string"),
                 ({"name": "get_weather", "arguments": {}}, "'city' is required"))):
             test = "bad-call-%d" % i
@@ -581,3 +583,142 @@ class RuleSourcesTest(unittest.TestCase):
         r = ctl("rules", "clear", "--all", env=env)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(ctl("rules", "list", "--all", env=env).returncode, 2)
+
+
+class ThreeStepAgentTest(unittest.TestCase):
+    """One rule set, one three-step agent with parallel tool calls: the same answers turn by turn on Chat,
+    Responses, Messages and generateContent, streamed and not."""
+
+    RULES = [
+        {"id": "ask", "match": {"text": "weather"}, "respond": {"tool_calls": [
+            {"name": "get_weather", "arguments": {"city": "Paris"}},
+            {"name": "get_weather", "arguments": {"city": "London"}}]}},
+        {"id": "then-time", "match": {"tool_result": "get_weather"},
+         "respond": {"tool_calls": [{"name": "get_time", "arguments": {"city": "{{args.city}}"}}]}},
+        {"id": "done", "match": {"tool_result": "get_time"},
+         "respond": {"text": "It is {{tool_result}} in {{args.city}}, {{tool_result.x}}and the user asked: {{text}}"}},
+    ]
+    RESULTS = {"get_weather": '{"temp": 18}', "get_time": "10:00"}
+    SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    ASK = "What is the weather in Paris and London?"
+
+    def setUp(self):
+        self.srv = Server("-q", "--strict")
+        self.addCleanup(self.srv.stop)
+        st, _, out = self.srv.request("POST", "/_control/rules", json.dumps(self.RULES).encode(), {})
+        self.assertEqual(st, 200, out)
+
+    # one adapter per API: (path, headers, first body, calls of a reply, text of a reply, the next body)
+    def chat(self):
+        tools = [{"type": "function", "function": {"name": n, "parameters": self.SCHEMA}} for n in self.RESULTS]
+
+        def calls(r):
+            return [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                    for c in r["choices"][0]["message"].get("tool_calls") or []]
+
+        def nxt(body, found):
+            msgs = body["messages"] + [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": i, "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+                for i, n, a in found]}]
+            msgs += [{"role": "tool", "tool_call_id": i, "content": self.RESULTS[n]} for i, n, _ in found]
+            return dict(body, messages=msgs)
+        return ("/v1/chat/completions", OA, {"model": "gpt-4o", "tools": tools,
+                                             "messages": [{"role": "user", "content": self.ASK}]},
+                calls, lambda r: r["choices"][0]["message"]["content"], nxt, "openai")
+
+    def responses(self):
+        tools = [{"type": "function", "name": n, "parameters": self.SCHEMA} for n in self.RESULTS]
+
+        def calls(r):
+            return [(o["call_id"], o["name"], json.loads(o["arguments"])) for o in r["output"]
+                    if o["type"] == "function_call"]
+
+        def nxt(body, found):
+            items = [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(
+                body["input"], str) else body["input"]
+            items = items + [{"type": "function_call", "call_id": i, "name": n, "arguments": json.dumps(a)}
+                             for i, n, a in found]
+            items += [{"type": "function_call_output", "call_id": i, "output": self.RESULTS[n]} for i, n, _ in found]
+            return dict(body, input=items)
+        return ("/v1/responses", OA, {"model": "gpt-4o", "tools": tools, "input": self.ASK}, calls,
+                lambda r: "".join(c["text"] for o in r["output"] if o["type"] == "message" for c in o["content"]),
+                nxt, "responses")
+
+    def messages(self):
+        tools = [{"name": n, "input_schema": self.SCHEMA} for n in self.RESULTS]
+
+        def calls(r):
+            return [(b["id"], b["name"], b["input"]) for b in r["content"] if b["type"] == "tool_use"]
+
+        def nxt(body, found):
+            return dict(body, messages=body["messages"] + [
+                {"role": "assistant", "content": [{"type": "tool_use", "id": i, "name": n, "input": a}
+                                                  for i, n, a in found]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": i, "content": self.RESULTS[n]}
+                                             for i, n, _ in found]}])
+        return ("/v1/messages", AN, {"model": "claude-sonnet-4-5", "max_tokens": 200, "tools": tools,
+                                     "messages": [{"role": "user", "content": self.ASK}]}, calls,
+                lambda r: "".join(b["text"] for b in r["content"] if b["type"] == "text"), nxt, "anthropic")
+
+    def gemini(self):
+        tools = [{"functionDeclarations": [{"name": n, "parameters": self.SCHEMA} for n in self.RESULTS]}]
+
+        def calls(r):
+            return [(None, p["functionCall"]["name"], p["functionCall"]["args"])
+                    for p in r["candidates"][0]["content"]["parts"] if "functionCall" in p]
+
+        def nxt(body, found):
+            return dict(body, contents=body["contents"] + [
+                {"role": "model", "parts": [{"functionCall": {"name": n, "args": a}} for _, n, a in found]},
+                {"role": "user", "parts": [{"functionResponse": {"name": n, "response": {"content": self.RESULTS[n]}}}
+                                           for _, n, _ in found]}])
+        return ("/v1beta/models/gemini-2.5-flash:generateContent", GE, {
+            "contents": [{"role": "user", "parts": [{"text": self.ASK}]}], "tools": tools}, calls,
+            lambda r: "".join(p.get("text", "") for p in r["candidates"][0]["content"]["parts"]), nxt, "gemini")
+
+    def run_agent(self, api):
+        path, headers, body, calls, text, nxt, name = api()
+        turns = []
+        for _ in range(3):
+            st, _, out = self.srv.request("POST", path, json.dumps(body).encode(), headers)
+            self.assertEqual(st, 200, out[:300])
+            r = json.loads(out)
+            found = calls(r)
+            streamed = self.stream(path, body, headers, name)
+            turns.append(([(n, a) for _, n, a in found], text(r) or ""))  # OpenAI: content null beside calls
+            self.assertEqual(streamed, (len(found), text(r) or ""), name)  # the stream says the same
+            if not found:
+                break
+            body = nxt(body, found)
+        return turns
+
+    def stream(self, path, body, headers, name):
+        """(tool calls, text) of the same request streamed: calls counted by their names in the events."""
+        if name == "gemini":
+            path = path.replace(":generateContent", ":streamGenerateContent") + "?alt=sse"
+        else:
+            body = dict(body, stream=True)
+        raw = self.srv.raw(raw_request(path, headers, json.dumps(body).encode(), close=True))
+        events = [json.loads(d) for c in sse_chunks(raw)[1] for _, d in sse_events(c.replace(b"\r\n", b"\n"))
+                  if d not in (None, "[DONE]")]
+        if name == "responses":
+            final = next(e["response"] for e in events if e["type"] == "response.completed")
+            return (sum(o["type"] == "function_call" for o in final["output"]),
+                    "".join(c["text"] for o in final["output"] if o["type"] == "message" for c in o["content"]))
+        if name == "openai":
+            n = len({tc["index"] for e in events for tc in (e["choices"][0]["delta"].get("tool_calls") or [])
+                     if e.get("choices")})
+        elif name == "anthropic":
+            n = sum(e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use" for e in events)
+        else:
+            n = sum("functionCall" in p for e in events for p in e["candidates"][0]["content"]["parts"])
+        return n, stream_text(raw, name)
+
+    def test_the_same_turns_on_every_api_streamed_and_not(self):
+        want = [([("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})], ""),
+                ([("get_time", {"city": "London"})], ""),
+                ([], "It is 10:00 in London, and the user asked: " + self.ASK)]
+        for api in (self.chat, self.responses, self.messages, self.gemini):
+            with self.subTest(api.__name__):
+                turns = self.run_agent(api)
+                self.assertEqual(turns, want)
