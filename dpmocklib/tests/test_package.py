@@ -422,6 +422,16 @@ class PytestPluginTest(unittest.TestCase):
         self.assertEqual(code, 0, out)
         self.assertIn("2 passed", out)
 
+    def test_the_readme_agent_example_passes(self):
+        if _optional("openai") is None:
+            self.skipTest("the openai package is not installed (optional; the CI venv has it)")
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        example = readme[readme.index("### For agent developers"):].split("```python\n", 1)[1].split("```", 1)[0]
+        code, out = self.pytest(source=example)
+        self.assertEqual(code, 0, out)
+        self.assertIn("1 passed", out)
+
     def test_the_plugin_under_xdist(self):
         if _optional("xdist") is None:
             self.skipTest("pytest-xdist is not installed (optional; the CI venv has it)")

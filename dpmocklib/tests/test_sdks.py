@@ -8,7 +8,7 @@ import unittest
 from dpmock import cosine
 from dpmocklib.base import scenarios
 
-from .support import SERVER, _have
+from .support import SERVER, Server, _have
 
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
@@ -512,3 +512,41 @@ class GeminiStructuredSdkTest(unittest.TestCase):
                                            config=self.types.GenerateContentConfig(tools=[get_weather]))
         self.assertEqual(seen, ["Lisbon"])
         self.assertEqual(r.text, "Lisbon: Weather in Lisbon? was asked")
+
+
+@unittest.skipUnless(_have("agents"), "the openai-agents package is not installed (optional)")
+class OpenAIAgentsSdkTest(unittest.TestCase):
+    """The OpenAI Agents SDK, offline: its agent loop calls a function tool and answers from its result, on
+    the Responses API (its default) and on Chat Completions, with tracing off (it would call OpenAI)."""
+
+    RULES = [{"match": {"text": "weather"}, "respond": {"tool_calls": [
+                  {"name": "get_weather", "arguments": {"city": "Paris"}}]}},
+             {"match": {"tool_result": "get_weather"}, "respond": {"text": "It is {{tool_result}} in {{args.city}}"}}]
+
+    def setUp(self):
+        self.srv = Server("-q", "--strict")
+        self.addCleanup(self.srv.stop)
+        st, _, out = self.srv.request("POST", "/_control/rules", json.dumps(self.RULES).encode(), {})
+        self.assertEqual(st, 200, out)
+
+    def test_an_agent_with_a_tool_runs_offline_on_both_apis(self):
+        agents = importlib.import_module("agents")
+        openai = importlib.import_module("openai")
+        agents.set_tracing_disabled(True)
+        calls = []
+
+        @agents.function_tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            calls.append(city)
+            return "sunny"
+        for model_class in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
+            with self.subTest(model_class.__name__):
+                client = openai.AsyncOpenAI(api_key="sk-test", base_url=self.srv.url + "/v1", max_retries=0)
+                agent = agents.Agent(name="weather", instructions="Answer about the weather.", tools=[get_weather],
+                                     model=model_class(model="gpt-4o", openai_client=client))
+                result = agents.Runner.run_sync(agent, "What is the weather in Paris?")
+                self.assertEqual(result.final_output, "It is sunny in Paris")
+        self.assertEqual(calls, ["Paris", "Paris"])
+        routes = [e["route"] for e in json.loads(self.srv.request("GET", "/_control/requests")[2])["requests"]]
+        self.assertEqual(routes, ["responses", "responses", "chat", "chat"])
