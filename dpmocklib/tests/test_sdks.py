@@ -550,3 +550,31 @@ class OpenAIAgentsSdkTest(unittest.TestCase):
         self.assertEqual(calls, ["Paris", "Paris"])
         routes = [e["route"] for e in json.loads(self.srv.request("GET", "/_control/requests")[2])["requests"]]
         self.assertEqual(routes, ["responses", "responses", "chat", "chat"])
+
+
+@unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")
+class AnthropicToolRunnerSdkTest(unittest.TestCase):
+    """anthropic's own agent helper (client.beta.messages.tool_runner) loops over dpmock's rules to the answer."""
+
+    def test_the_tool_runner_calls_the_tool_and_ends_on_the_rules_answer(self):
+        anthropic = importlib.import_module("anthropic")
+        srv = Server("-q", "--strict")
+        self.addCleanup(srv.stop)
+        rules = [{"match": {"text": "weather"}, "respond": {"tool_calls": [
+                     {"name": "get_weather", "arguments": {"city": "Paris"}}]}},
+                 {"match": {"tool_result": "get_weather"}, "respond": {"text": "{{tool_result}} in {{args.city}}"}}]
+        self.assertEqual(srv.request("POST", "/_control/rules", json.dumps(rules).encode(), {})[0], 200)
+        calls = []
+
+        @anthropic.beta_tool
+        def get_weather(city: str) -> str:
+            """The weather in a city."""
+            calls.append(city)
+            return "Sunny"
+        client = anthropic.Anthropic(api_key="sk-ant-test", base_url=srv.url, max_retries=0)
+        self.addCleanup(client.close)
+        runner = client.beta.messages.tool_runner(model="claude-sonnet-4-5", max_tokens=200, tools=[get_weather],
+                                                  messages=[{"role": "user", "content": "The weather in Paris?"}])
+        final = runner.until_done()
+        self.assertEqual([b.text for b in final.content if b.type == "text"], ["Sunny in Paris"])
+        self.assertEqual(calls, ["Paris"])
