@@ -490,6 +490,8 @@ def parse_spec(text):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError("scenario parameter %r is not name=value" % item)
+        if key.strip() in params:
+            raise ValueError("scenario parameter %r is given twice" % key.strip())
         params[key.strip()] = value.strip()
     return name, params
 
@@ -515,12 +517,13 @@ def resolve(text, extra=None):
         values[p.name] = p.default if value is None else _param_value(name, p, value)
     inner = {k: v for k, v in raw.items() if k not in specs}
     if inner and scenario.group == "schedule":
-        targets = values.get("steps") or [values.get("fault")]
+        targets = [t for t in (values.get("steps") or [values.get("fault")]) if t != "OK"]
         takes = {p.name for t in targets if t in SCENARIOS for p in SCENARIOS[t].params}
         for key in inner:
             if key not in takes:
-                raise ValueError("%s has no parameter %r, nor does %s; they take %s" % (
-                    name, key, " or ".join(t for t in targets if t != "OK"), ", ".join(sorted(set(specs) | takes))))
+                raise ValueError("%s has no parameter %r%s; %s take%s %s" % (
+                    name, key, ", nor does %s" % " or ".join(targets) if targets else "",
+                    "they" if targets else "it", "" if targets else "s", ", ".join(sorted(set(specs) | takes))))
         for t in targets:  # each value checked now, not when the schedule first fires
             if t in SCENARIOS:
                 resolve(t, {k: v for k, v in inner.items() if k in {p.name for p in SCENARIOS[t].params}})

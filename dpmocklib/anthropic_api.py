@@ -80,7 +80,9 @@ def anthropic_turn(body, need_max_tokens=True):
                 turn.user_text = text
                 turn.user_turns += 1
     last = messages[-1]
-    if last["role"] == "user" and isinstance(last.get("content"), list):
+    wrote = isinstance(last.get("content"), list) and any(
+        isinstance(b, dict) and b.get("type") == "text" and str(b.get("text", "")).strip() for b in last["content"])
+    if last["role"] == "user" and isinstance(last.get("content"), list) and not wrote:  # words: the user's turn
         for block in last["content"]:
             if isinstance(block, dict) and block.get("type") == "tool_result":
                 turn.tool_result = (names.get(block.get("tool_use_id"), "tool"),
@@ -97,6 +99,8 @@ def anthropic_turn(body, need_max_tokens=True):
                 if not isinstance(t.get("input_schema"), dict):
                     raise invalid("tools.%d.custom.input_schema: Field required" % i)
                 turn.tools.append((t["name"], t["input_schema"]))
+            else:  # one of Anthropic's own tools (bash_20250124, ...): offered, though dpmock never calls it itself
+                turn.typed_tools.append(t["name"])
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         turn.tools_off = choice.get("type") == "none"

@@ -51,7 +51,10 @@ def handle_control_requests(w, req):
 
 def control_test(req):
     """The test a control request is about: ?test=NAME, else X-DP-Test-Id (None: every test)."""
-    name = req.arg("test") or req.test
+    name = req.arg("test")
+    if name == "":  # as the journal reads it, "outside any test": not "every test", which is no parameter
+        raise invalid("test= (empty) names no test: leave it out for every test, or name one", "test")
+    name = name or req.test
     try:
         return check_test_id(name) if name is not None else None
     except RuleError as e:

@@ -18,7 +18,9 @@ class Turn:
         self.user_text = ""  #: the last user message's text
         self.tool_result = None  #: (tool name, result text) when the last message answers a tool call
         self.tool_args = None  #: the arguments (JSON text or an object) of the call that result answers
+        self.must_call = False  #: dpmock's own answer calls a tool even after a tool's result (Responses' required)
         self.tools = []  #: (name, JSON schema) the model may call
+        self.typed_tools = []  #: names of tools with a provider-defined schema (Anthropic's bash, ...)
         self.forced_tool = None  #: a tool the request insists on
         self.tools_off = False  #: tool_choice none / mode NONE
         self.thinking = False
@@ -60,7 +62,7 @@ class Plan:
             if turn.max_tokens is not None and len(self.pieces) > turn.max_tokens:
                 self.pieces = self.pieces[:turn.max_tokens]
                 self.finish = "length"
-        elif turn.tool_result is None and turn.tools and not turn.tools_off:
+        elif (turn.tool_result is None or turn.must_call) and turn.tools and not turn.tools_off:
             name = turn.forced_tool or turn.tools[0][0]
             schema = dict(turn.tools).get(name, {})
             from .schema import schema_instance  # the schema engine loads on the first request that needs it

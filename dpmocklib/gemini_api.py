@@ -56,11 +56,16 @@ def gemini_turn(body, model):
             turn.user_turns += 1
     results = [first_of(p, "functionResponse", "function_response") for p in contents[-1]["parts"]]
     results = [r for r in results if isinstance(r, dict)]
+    if results and contents[-1].get("role", "user") == "user" and any(
+            isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"].strip()
+            for p in contents[-1]["parts"]):
+        results = []  # the user wrote beside the results: their turn, as a user message after them is elsewhere
     if results:
         response = results[-1].get("response")
         content = first_of(response, "content", "result", "output")
-        turn.tool_result = (results[-1].get("name") or "tool",
-                            content if isinstance(content, str) else json.dumps(response))
+        if not isinstance(content, str):  # an object: its result field (google-genai's {"result": ...}), as JSON
+            content = json.dumps(response if content is None else content, separators=(",", ":"))
+        turn.tool_result = (results[-1].get("name") or "tool", content)
         calls = [first_of(p, "functionCall", "function_call") for c in contents[:-1] if c.get("role") == "model"
                  for p in c["parts"]]  # the arguments of the last call of that name
         turn.tool_args = next((call.get("args") for call in reversed(calls) if isinstance(call, dict)

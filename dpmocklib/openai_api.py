@@ -47,6 +47,8 @@ def openai_turn(body):
             raise invalid("Invalid value for 'messages[%d].role': expected one of system, developer, user, "
                           "assistant, tool." % i, "messages[%d].role" % i)
         text = openai_content(m.get("content"), turn)
+        if isinstance(m.get("function_call"), dict):  # the legacy functions API: results name the function
+            calls[("fn", m["function_call"].get("name"))] = m["function_call"].get("arguments")
         for tc in m.get("tool_calls") or []:
             if isinstance(tc, dict):
                 calls[tc.get("id")] = first_of(tc.get("function"), "name")
@@ -60,7 +62,8 @@ def openai_turn(body):
     if last["role"] in ("tool", "function"):
         name = calls.get(last.get("tool_call_id")) or last.get("name") or "tool"
         turn.tool_result = (name, openai_content(last.get("content"), Turn("")))
-        turn.tool_args = calls.get(("args", last.get("tool_call_id")))
+        turn.tool_args = calls.get(("args", last.get("tool_call_id"))) if last["role"] == "tool" else \
+            calls.get(("fn", last.get("name")))
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):

@@ -116,8 +116,8 @@ def responses_turn(body, model, items):
             raise invalid("Tool choice 'function' not found in 'tools' parameter.", "tool_choice")
         turn.forced_tool = choice["name"]
     turn.tools_off = choice == "none"
-    if choice == "required" or turn.forced_tool:
-        turn.tool_result = None  # the model must call a tool, even right after a tool's result
+    # dpmock's own answer must call a tool, even right after a tool's result (rules still see the result)
+    turn.must_call = choice == "required" or bool(turn.forced_tool)
     reasoning = body.get("reasoning")
     turn.thinking = isinstance(reasoning, dict) and reasoning.get("effort") != "none"
     limit = body.get("max_output_tokens")

@@ -250,10 +250,14 @@ TEMPLATE = re.compile(r"\{\{\s*([\w-]+(?:\.[\w-]+)*)\s*\}\}")
 TEMPLATE_NAMES = ("text", "model", "tool_name", "tool_result", "tool_result.KEY", "args.KEY")
 
 
-def check_templates(value, where, regex):
+#: ``{{{{`` in an answer is a literal ``{{`` (for text that shows templates of its own: Jinja, Mustache).
+ESCAPE, _SENTINEL = "{{{{", "\x00dpmock-open\x00"
+
+
+def check_templates(value, where, regex, top=True):
     """Refuse a template name nothing defines (``{{cty}}``), naming where it is and what is known."""
     if isinstance(value, str):
-        for m in TEMPLATE.finditer(value):
+        for m in TEMPLATE.finditer(value.replace(ESCAPE, _SENTINEL)):
             name = m.group(1)
             head = name.split(".")[0]
             if name in ("text", "model", "tool_name", "tool_result") or (head in ("tool_result", "args")
@@ -268,10 +272,10 @@ def check_templates(value, where, regex):
                 where, name, ", ".join(["{{%s}}" % n for n in TEMPLATE_NAMES] + groups)))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_templates(v, "%s[%d]" % (where, i), regex)
-    elif isinstance(value, dict) and "raw" not in value:  # a recorded answer is served byte for byte
+            check_templates(v, "%s[%d]" % (where, i), regex, top)
+    elif isinstance(value, dict) and not (top and "raw" in value):  # a recorded answer is served byte for byte
         for k, v in value.items():
-            check_templates(v, "%s.%s" % (where, k), regex)
+            check_templates(v, "%s.%s" % (where, k), regex, False)
 
 
 def _lookup(value, path):
@@ -291,7 +295,8 @@ def _lookup(value, path):
     return value
 
 
-def _template_value(name, ctx, groups):
+def _template_value(name, ctx, groups, typed=False):
+    """A template's value as text (compact JSON for other values); ``typed``: as the JSON value itself."""
     if name in groups:
         return groups[name]
     head, _, rest = name.partition(".")
@@ -304,19 +309,29 @@ def _template_value(name, ctx, groups):
         value = _lookup(ctx.tool_args, rest.split("."))
     else:
         value = None
+    if typed:
+        return value
     if value is None:
         return ""  # the turn has no such thing (no tool result, no such key): nothing, not the braces
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def render(value, ctx, groups):
-    """Fill the templates (TEMPLATE_NAMES, and the text_regex's groups) into the strings of an answer."""
+def render(value, ctx, groups, typed=False):
+    """Fill the templates (TEMPLATE_NAMES, and the text_regex's groups) into the strings of an answer.
+
+    Inside tool call arguments and ``json`` values (``typed``), a string that is one template and nothing
+    else becomes that value itself (``"{{tool_result.n}}"`` -> 2, not "2"; a missing one -> null)."""
     if isinstance(value, str):
         if "{{" not in value:
             return value
-        return TEMPLATE.sub(lambda m: _template_value(m.group(1), ctx, groups), value)
+        if typed:
+            m = TEMPLATE.fullmatch(value.strip())
+            if m is not None and ESCAPE not in value:
+                return _template_value(m.group(1), ctx, groups, typed=True)
+        text = value.replace(ESCAPE, _SENTINEL)
+        return TEMPLATE.sub(lambda m: _template_value(m.group(1), ctx, groups), text).replace(_SENTINEL, "{{")
     if isinstance(value, list):
-        return [render(v, ctx, groups) for v in value]
+        return [render(v, ctx, groups, typed) for v in value]
     if isinstance(value, dict):
-        return {k: render(v, ctx, groups) for k, v in value.items()}
+        return {k: render(v, ctx, groups, typed or k in ("arguments", "json")) for k, v in value.items()}
     return value

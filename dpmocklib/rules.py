@@ -254,7 +254,8 @@ class RuleBook:
 
     def nearest(self, ctx, test, n=3):
         """The rules closest to matching, with the condition each failed (strict mode's diagnostic)."""
-        rules = [r for r in self.all() if r.test in (None, test)]
+        with self.lock:  # a reload may be replacing a file's rules meanwhile
+            rules = [r for r in self.all() if r.test in (None, test)]
         from .rule import json_pointer
         scored = sorted(((len(r.misses(ctx)), -r.priority, r.test is None, r.order, r) for r in rules),
                         key=lambda x: x[:4])
@@ -291,6 +292,7 @@ def apply_rules(w, req):
             raise HTTPError(400, "dpmock strict mode: no rule matched this request%s" % (
                 "; nearest: " + "; ".join(near) if near else " (no rules are loaded)"), "no_rule_matched")
         if book.count and req.route.reader is not None and req.body_bytes <= 65536:  # bounded: the journal holds it
+            ctx._trigrams = None  # the index's cache: not worth keeping (a long prompt's trigrams weigh MBs)
             req.miss = (book, ctx)
         return None
     rule, answer, groups = hit
@@ -317,6 +319,7 @@ def tool_call_problem(calls, turn):
     """What is wrong with a rule's tool calls for this request (a tool it did not offer, arguments that do not
     fit the tool's schema), or None. Requests that offer no tools are not checked (legacy clients)."""
     offered = dict(turn.tools)
+    offered.update((name, None) for name in turn.typed_tools)  # their schemas are the provider's: not checked
     if not offered:
         return None
     for call in calls:

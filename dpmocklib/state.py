@@ -175,16 +175,21 @@ def public_entry(e):
             "body_base64": b64_text, "body_bytes": e.body_bytes, "body_truncated": e.body_bytes > len(e.body),
             "route": e.route.name if e.route else None, "scenario": e.scenario, "status": e.status,
             "bytes_sent": e.bytes_sent, "duration_ms": round(e.duration_ms, 3), "reused": e.reused,
-            "ended": e.ended, "test": e.test, "rule": e.rule if e.miss is None else miss_reason(e),
+            "ended": e.ended, "test": e.test,
+            "rule": e.rule if e.rule is not None or e.miss is None else miss_reason(e),
             "source": e.source or "dpmock", "warning": e.warning}
 
 
 def miss_reason(e):
-    """Why no rule answered, worked out when the journal is read (a miss costs nothing when nobody asks):
-    the nearest rules as the rule book holds them now."""
-    book, ctx = e.miss
+    """Why no rule answered, worked out the first time the journal is read (a miss costs nothing when
+    nobody asks), then kept: the nearest rules as the rule book held them at that first reading."""
+    miss = e.miss
+    if isinstance(miss, str):
+        return miss
+    book, ctx = miss
     near = book.nearest(ctx, e.test)
-    return "miss: " + ("; ".join(near) if near else "no rules")
+    e.miss = "miss: " + ("; ".join(near) if near else "no rules")
+    return e.miss
 
 
 class Schedules:
@@ -327,6 +332,9 @@ class ResponseStore:
 
     def add(self, record):
         with self.lock:
+            old = self.records.pop(record.response["id"], None)  # the same id again (a replay): replaced
+            if old is not None:
+                self.size -= old.size
             self.records[record.response["id"]] = record
             self.size += record.size
             while len(self.records) > self.LIMIT or (self.size > self.BYTES and len(self.records) > 1):

@@ -491,6 +491,41 @@ class AgentRuleTest(unittest.TestCase):
         rule = json.loads(out)["requests"][0]["rule"]
         self.assertTrue(rule.startswith("miss: rule 'ask' (text \"weather\""), rule)
 
+    def test_edges_mean_the_same_everywhere(self):
+        self.add(self.RULES + [{"id": "typed", "priority": 1, "match": {"tool_result": "get_weather", "text": "typed"},
+                                "respond": {"tool_calls": [{"name": "get_weather", "arguments": {
+                                    "city": "{{args.city}}", "n": "{{tool_result.temp}}", "raw": "{{{{city}}"}}]}}])
+        cases = {c[0]: c for c in _agent_cases()}
+        # Responses with tool_choice required: rules still see the tool's result, as on Chat
+        _, path, headers, _, second, text, calls = cases["responses"]
+        st, r = self.post(path, dict(second, tool_choice="required"), headers)
+        self.assertEqual((calls(r), text(r)), ([], "Sunny in Paris"), r)
+        # a user message of results plus the user's own words is the user's turn (as a user message after them)
+        follow = "And the weather in Rome?"
+        _, path, headers, _, second, _, calls = cases["messages"]
+        last = dict(second["messages"][-1],
+                    content=second["messages"][-1]["content"] + [{"type": "text", "text": follow}])
+        st, r = self.post(path, dict(second, messages=second["messages"][:-1] + [last]), headers)
+        self.assertEqual(calls(r), ["get_weather"], r)
+        _, path, headers, _, second, _, calls = cases["gemini"]
+        last = dict(second["contents"][-1], parts=second["contents"][-1]["parts"] + [{"text": follow}])
+        st, r = self.post(path, dict(second, contents=second["contents"][:-1] + [last]), headers)
+        self.assertEqual(calls(r), ["get_weather"], r)
+        _, path, headers, _, second, _, calls = cases["chat"]
+        st, r = self.post(path, dict(second, messages=second["messages"] + [{"role": "user", "content": follow}]),
+                          headers)
+        self.assertEqual(calls(r), ["get_weather"], r)
+        # one template alone in tool call arguments keeps its JSON type; {{{{ is a literal {{
+        body = dict(second, messages=[dict(second["messages"][0], content="typed weather in Paris")] +
+                    second["messages"][1:])
+        st, r = self.post(path, body, dict(headers, **{"X-DP-Strict": "1"}))
+        self.assertEqual(st, 200, r)
+        args = json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+        self.assertEqual(args, {"city": "Paris", "n": 18, "raw": "{{city}}"})
+        # an empty ?test= on a request that changes state names no test: refused, not "every test"
+        st, _, out = self.srv.request("POST", "/_control/reset?test=", b"", {})
+        self.assertEqual(st, 400, out)
+
     def test_strict_mode_names_the_implied_condition(self):
         self.add(self.RULES[:1])
         for name, path, headers, _, second, _, _ in _agent_cases():
