@@ -114,6 +114,8 @@ def take_test_id(req):
         req.path = "/" + rest
     else:
         name = req.headers.get("x-dp-test-id")
+        if name is not None and not name.strip():
+            name = None  # an empty header (a client that always sends it) is no test, as X-DP-Scenario's is
     if name is not None:
         try:
             req.test = check_test_id(name)
