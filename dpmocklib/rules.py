@@ -309,6 +309,8 @@ def apply_rules(w, req):
         if problem is not None:
             problem = "rule %r %s" % (rule.id, problem)
             if strict:
+                with book.lock:  # refused, not served: the rule's times and script step are not used up
+                    rule.hits[req.test] = max(0, rule.hits.get(req.test, 1) - 1)
                 raise HTTPError(400, "dpmock strict mode: %s" % problem, "rule_tool_call_invalid")
             req.warning = problem
             w.server.log.error("warning: %s", problem)

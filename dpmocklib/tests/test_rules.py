@@ -483,6 +483,15 @@ class AgentRuleTest(unittest.TestCase):
             self.assertEqual(len(warnings), 8)
             self.assertTrue(all(w and named in w for w in warnings[1::2]), warnings)
 
+    def test_a_refused_tool_call_does_not_use_up_the_rule(self):
+        self.add({"id": "once", "times": 1, "match": {"text": "weather"},
+                  "respond": {"tool_calls": [{"name": "get_weather", "arguments": {}}]}}, "once")
+        _, path, headers, first, _, _, calls = _agent_cases()[0]
+        h = dict(headers, **{"X-DP-Test-Id": "once"})
+        self.assertEqual(self.post(path, first, dict(h, **{"X-DP-Strict": "1"}))[0], 400)
+        st, r = self.post(path, first, h)
+        self.assertEqual((st, calls(r)), (200, ["get_weather"]), r)  # still its one time
+
     def test_a_miss_says_why_in_the_journal(self):
         self.add(self.RULES, "miss")
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "something else"}]}
