@@ -411,26 +411,24 @@ class PytestPluginTest(unittest.TestCase):
     def test_the_plugin_with_a_vendored_copy(self):
         self.check(*self.pytest())
 
-    def test_the_readme_example_passes(self):
+    def readme_example(self, heading):
+        """The first Python block after ``heading`` in the README, run with the plugin: (its lines, pytest's output)."""
         if _optional("openai") is None:
             self.skipTest("the openai package is not installed (optional; the CI venv has it)")
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
-        example = readme[readme.index("## From pytest"):].split("```python\n", 1)[1].split("```", 1)[0]
-        self.assertLessEqual(len(example.strip().splitlines()), 20)
+        example = readme[readme.index(heading):].split("```python\n", 1)[1].split("```", 1)[0]
         code, out = self.pytest(source=example)
         self.assertEqual(code, 0, out)
+        return len(example.strip().splitlines()), out
+
+    def test_the_readme_example_passes(self):
+        lines, out = self.readme_example("## From pytest")
+        self.assertLessEqual(lines, 20)
         self.assertIn("2 passed", out)
 
     def test_the_readme_agent_example_passes(self):
-        if _optional("openai") is None:
-            self.skipTest("the openai package is not installed (optional; the CI venv has it)")
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-            readme = f.read()
-        example = readme[readme.index("### For agent developers"):].split("```python\n", 1)[1].split("```", 1)[0]
-        code, out = self.pytest(source=example)
-        self.assertEqual(code, 0, out)
-        self.assertIn("1 passed", out)
+        self.assertIn("1 passed", self.readme_example("### For agent developers")[1])
 
     def test_the_plugin_under_xdist(self):
         if _optional("xdist") is None:
