@@ -121,6 +121,20 @@ def recv_all(sock):
     return b"".join(chunks)
 
 
+def recv_until_reset(s):
+    """Everything received before the server reset the connection; AssertionError if it ended otherwise."""
+    got = b""
+    try:
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            got += piece
+    except ConnectionResetError:
+        return got
+    raise AssertionError("the connection ended without a reset, after %r" % got[:80])
+
+
 def split_response(raw):
     """Split one raw HTTP response into (status, headers dict, body bytes as framed, rest)."""
     head, _, rest = raw.partition(b"\r\n\r\n")

@@ -11,8 +11,9 @@ import unittest
 from dpmocklib.base import scenarios
 import dpmock
 
-from .support import (AN, ANTHROPIC_BODY, CURL, GE, GEMINI_BODY, GEMINI_GEN, GEMINI_STREAM, MIB, OA, SERVER, Server,
-    chat_body, decode_chunks, post_raw, raw_request, recv_all, run, scen, split_response, sse_chunks, sse_events)
+from .support import (AN, ANTHROPIC_BODY, CURL, GE, GEMINI_BODY, GEMINI_GEN, GEMINI_STREAM, MIB, OA, SERVER,
+    Server, chat_body, decode_chunks, post_raw, raw_request, recv_all, recv_until_reset, run, scen, split_response,
+    sse_chunks, sse_events)
 
 
 class FaultSelectionTest(unittest.TestCase):
@@ -210,13 +211,7 @@ class ConnectionFaultTest(unittest.TestCase):
     def test_reset(self):
         with socket.create_connection((SERVER.host, SERVER.port), timeout=5) as s:
             s.sendall(raw_request("/v1/chat/completions", scen("RESET; after_bytes=20"), chat_body()))
-            got = b""
-            with self.assertRaises(ConnectionResetError):
-                while True:
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    got += piece
+            got = recv_until_reset(s)
         self.assertEqual(got, b"HTTP/1.1 200 OK\r\nDat")
 
     def test_short_body_no_final_chunk_bad_chunk(self):

@@ -13,8 +13,8 @@ import unittest
 import dpmock
 
 from .support import (CA, DPMOCK, HERE, OA, PY, SERVER, Server, anthropic_headers, anthropic_messages,
-    decode_chunks, free_port, gemini_contents, gemini_headers, openai_chat, openai_headers, raw_request, run, scen,
-    tls_port)
+    decode_chunks, free_port, gemini_contents, gemini_headers, openai_chat, openai_headers, raw_request,
+    recv_until_reset, run, scen, tls_port)
 
 
 REC_KEYS = {"openai": "sk-rec-OPENAI-0123456789", "anthropic": "sk-ant-rec-ANTHROPIC-0123456789",
@@ -245,13 +245,7 @@ class RecordReplayTest(unittest.TestCase):
         with socket.create_connection((replay.host, replay.port), timeout=5) as s:
             s.sendall(raw_request("/v1/chat/completions", scen("RESET; after_bytes=40", **REC_OA),
                                   openai_chat("Fault me"), close=True))
-            got = b""
-            with self.assertRaises(ConnectionResetError):
-                while True:
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    got += piece
+            got = recv_until_reset(s)
         self.assertEqual(len(got), 40)
         self.assertEqual(replay.request("POST", "/v1/chat/completions", openai_chat("Fault me"),
                                         scen("RATE_LIMITED", **REC_OA))[0], 429)
