@@ -540,7 +540,7 @@ def _param_value(scenario, p, raw):
             value = int(raw) if p.kind == "int" else float(raw)
         except ValueError:
             raise ValueError("%s: %s must be %s number, not %r" % (
-                scenario, p.name, "a whole" if p.kind == "int" else "a", raw))
+                scenario, p.name, "a whole" if p.kind == "int" else "a", raw if len(raw) <= 40 else raw[:40] + "..."))
         if value != value:  # NaN
             raise ValueError("%s: %s must be a number, not %r" % (scenario, p.name, raw))
         return min(max(value, p.low), p.high)

@@ -216,9 +216,7 @@ class _Runner:
         server = self.server
         try:
             while True:
-                if self.config.rules or self.config.idle_exit:
-                    threading.Thread(target=self._watch, args=(server, self.config), name="dpmock-watch",
-                                     daemon=True).start()
+                self._watch(server, self.config)
                 try:
                     server.serve_forever(poll_interval=0.05)
                 finally:

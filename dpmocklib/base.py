@@ -109,6 +109,54 @@ def is_digits(text):
     return text.isascii() and text.isdigit()
 
 
+def read_regular_file(path, limit):
+    """A regular file's bytes, up to ``limit`` (ValueError past it). A FIFO, device or folder is an OSError,
+    never opened for reading (which could block): it is opened without blocking and checked first."""
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        data = b""
+        while len(data) <= limit:
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError("%s: over the %d byte limit" % (path, limit))
+    return data
+
+
+def cached(cache, key, make, limit=1024):
+    """``cache[key]``, made by ``make(key)`` on first use; the cache starts again empty past ``limit`` entries."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    value = make(key)
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def clip(text, n=40):
+    """``text`` cut to ``n`` characters (marked with ...), for messages that quote what a client sent."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def bounded_int(text, low, high):
+    """The whole number ``text`` spells in ASCII digits, when it is from low to high; else None. Its length is
+    checked first: int() of thousands of digits is slow, and past 4,300 an error of its own."""
+    if not isinstance(text, str) or not is_digits(text) or len(text.lstrip("0")) > len(str(high)):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
 def b64(data):
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 

@@ -3,7 +3,6 @@
 import os
 import socket
 import sys
-import threading
 
 from . import __version__
 from .base import StartError
@@ -102,8 +101,7 @@ def main(argv=None, router=None):
         print("dpmock: %s" % e, file=sys.stderr)
         return 1
     install_signals(server)
-    if config.idle_exit or config.parent_pid or config.rules:
-        threading.Thread(target=watch, args=(server, config), name="dpmock-watch", daemon=True).start()
+    watch(server, config)
     if ready is not None:
         redirect_stdio()
         os.write(ready, ("ok %s\n" % server.url).encode())

@@ -5,7 +5,7 @@ import os
 import time
 
 from . import __version__
-from .base import HTTPError, scenarios
+from .base import HTTPError, clip, scenarios
 from .providers import invalid
 from .request import MAX_JSON_BODY
 from .routing import int_arg
@@ -50,10 +50,14 @@ def handle_control_requests(w, req):
 
 
 def control_test(req):
-    """The test a control request is about: ?test=NAME, else X-DP-Test-Id (None: every test)."""
+    """The test a control request is about: ?test=NAME, else X-DP-Test-Id (None: every test). An empty one
+    names no test and is refused: a harness whose test variable is unset must not act on its neighbours."""
     name = req.arg("test")
     if name == "":  # as the journal reads it, "outside any test": not "every test", which is no parameter
         raise invalid("test= (empty) names no test: leave it out for every test, or name one", "test")
+    header = req.headers.get("x-dp-test-id")
+    if name is None and req.test is None and header is not None and not header.strip():
+        raise invalid("X-DP-Test-Id is empty: it names no test; leave it out for every test, or name one", "test")
     name = name or req.test
     try:
         return check_test_id(name) if name is not None else None
@@ -127,11 +131,11 @@ def _float_arg(req, name, default, low, high):
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = float(raw) if len(raw) <= 32 else None
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise invalid("%s: expected a number from %s to %s, got %r" % (name, low, high, raw), name)
+        raise invalid("%s: expected a number from %s to %s, got %r" % (name, low, high, clip(raw)), name)
     return value
 
 

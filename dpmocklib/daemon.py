@@ -4,6 +4,7 @@ import fcntl
 import os
 import signal
 import sys
+import threading
 import time
 
 from .base import LAUNCHER, StartError
@@ -112,6 +113,9 @@ def reexec(server, pidfile):
         env[ENV_PIDFILE_FD] = str(pidfile.fd)
     else:
         env.pop(ENV_PIDFILE_FD, None)
+    helpers = sys.modules.get(__package__ + ".saferegex")
+    if helpers is not None:
+        helpers.pool().close()  # the new image could not reap them
     server.log.flush()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -130,22 +134,35 @@ def write_port_file(path, port):
 
 
 def watch(server, config):
-    """Stop the server once it has been idle for --idle-exit seconds or --parent-pid has gone;
-    re-read the rules files when one changed (checked every second) or on SIGHUP."""
-    ticks = 0
+    """Start the watch threads this config asks for: the lifetime one (--idle-exit, --parent-pid) and the
+    rules one, apart, so a slow rules folder can never delay the stop of a server whose parent is gone."""
+    if config.idle_exit or config.parent_pid:
+        threading.Thread(target=watch_lifetime, args=(server, config), name="dpmock-lifetime", daemon=True).start()
+    if config.rules:
+        threading.Thread(target=watch_rules, args=(server,), name="dpmock-rules", daemon=True).start()
+
+
+def watch_lifetime(server, config):
+    """Stop the server once it has been idle for --idle-exit seconds or --parent-pid has gone."""
     while not server.stop_event.wait(0.1):
-        ticks += 1
-        if config.rules and (ticks % 10 == 0 or server.reload_rules.is_set()):
-            server.reload_rules.clear()
-            try:
-                server.rules.reload()
-            except Exception:  # a bug must not end this thread (--parent-pid and --idle-exit live here)
-                server.log.error("rules: reload failed:\n%s", format_exc())
         if config.parent_pid and not pid_alive(config.parent_pid):
             server.request_stop("parent process %d is gone" % config.parent_pid)
         elif config.idle_exit and server.active == 0 and \
                 time.monotonic() - server.last_activity >= config.idle_exit:
             server.request_stop("no request for %g s" % config.idle_exit)
+
+
+def watch_rules(server):
+    """Re-read the rules files when one changed (checked every second) or on SIGHUP or a new recording."""
+    while not server.stop_event.is_set():
+        server.reload_rules.wait(1.0)
+        if server.stop_event.is_set():
+            break
+        server.reload_rules.clear()
+        try:
+            server.rules.reload()
+        except Exception:  # a bug must not end this thread
+            server.log.error("rules: reload failed:\n%s", format_exc())
 
 
 def pid_alive(pid):

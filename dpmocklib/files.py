@@ -4,7 +4,7 @@ import json
 import re
 import time
 
-from .base import GEMINI, HTTPError, OPENAI, b64, is_digits
+from .base import GEMINI, HTTPError, OPENAI, b64, bounded_int, clip
 from .providers import first_of, check_key, invalid, new_id, rfc3339
 from .request import MAX_FIELD, MAX_FORM_BYTES, MAX_PARTS
 from .routing import int_arg
@@ -50,9 +50,9 @@ def handle_files_list(w, req):
     if req.provider == GEMINI:
         size = int_arg(req, "pageSize", 10, 1, 100)
         token = req.arg("pageToken") or "0"
-        if not is_digits(token):
-            raise invalid("Invalid page token %r." % token)
-        start = int(token)
+        start = bounded_int(token, 0, len(records))
+        if start is None:
+            raise invalid("Invalid page token %r." % clip(token), "pageToken")
         answer = {"files": [gemini_file(r, req.origin()) for r in records[start:start + size]]}
         if start + size < len(records):
             answer["nextPageToken"] = str(start + size)
@@ -198,9 +198,9 @@ def resumable_chunk(w, req, upload_id):
     command = [c.strip() for c in (req.headers.get("x-goog-upload-command") or "").lower().split(",")]
     offset = req.headers.get("x-goog-upload-offset")
     if "upload" in command:
-        if offset is None or not is_digits(offset) or int(offset) != session["received"]:
+        if offset is None or bounded_int(offset, 0, 2 ** 62) != session["received"]:
             raise invalid("X-Goog-Upload-Offset %r does not match the %d bytes received"
-                          % (offset, session["received"]))
+                          % (clip(offset), session["received"]))
         for piece in req.body_pieces():
             session["received"] += len(piece)
             session["hash"].update(piece)

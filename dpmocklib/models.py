@@ -1,6 +1,6 @@
 """Model lists: /v1/models and its Gemini and Anthropic forms."""
 
-from .base import ANTHROPIC, OPENAI, is_digits, scenarios
+from .base import ANTHROPIC, OPENAI, bounded_int, clip, scenarios
 from .providers import check_key, check_model, invalid
 from .routing import int_arg
 
@@ -32,9 +32,9 @@ def handle_models_list(w, req):
         models = [gemini_model(m) for m in scenarios.GEMINI_MODELS]
         size = int_arg(req, "pageSize", 50, 1, 1000)
         token = req.arg("pageToken") or "0"
-        if not is_digits(token) or int(token) > len(models):
-            raise invalid("Invalid page token %r." % token)
-        start = int(token)
+        start = bounded_int(token, 0, len(models))
+        if start is None:
+            raise invalid("Invalid page token %r." % clip(token), "pageToken")
         answer = {"models": models[start:start + size]}
         if start + size < len(models):
             answer["nextPageToken"] = str(start + size)

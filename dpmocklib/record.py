@@ -11,14 +11,14 @@ import socket
 import threading
 import time
 
-from .base import GEMINI, HTTPError, StartError, b64, scenarios
+from .base import GEMINI, HTTPError, StartError, b64, read_regular_file, scenarios
 from .config import split_url
 from .conversation import read_turn
 from .providers import bearer_token, first_of
 from .request import PIECE, CTL_BYTES, TOKEN_CHARS, compiled_cache, read_json_body
 from .routing import BODY_STREAM, STREAM_FLAG, STREAM_NEVER, API_VERSIONS, percent_decode
 from .rule import Rule
-from .rules import RuleError
+from .rules import MAX_FILE, RuleError
 from .responses_api import remember_response
 from .state import SECRET_HEADERS
 
@@ -88,10 +88,33 @@ class Recorder:
         self._tls = None
         try:
             os.makedirs(self.dir, exist_ok=True)
+            names = sorted(os.listdir(self.dir))
         except OSError as e:
             raise StartError("cannot make the --record folder %s: %s" % (self.dir, e.strerror))
+        self.check_folder(names)
         if config.upstream_ca:  # a bad bundle stops the start, not the first request
             self.tls_context()
+
+    def check_folder(self, names):
+        """At start: remove the temporary files of a recorder that was killed mid-write (dpmock's own: its
+        pattern, a process that is gone), and say in one line each which files are no recordings."""
+        from .daemon import pid_alive
+        for name in names:
+            path = os.path.join(self.dir, name)
+            m = _TMP_NAME.match(name)
+            if m is not None:
+                pid = int(m.group(1))
+                if pid == os.getpid() or not pid_alive(pid):
+                    try:
+                        os.unlink(path)
+                        self.log.info("record: removed %s, left by a recorder that stopped mid-write", path)
+                    except OSError as e:
+                        self.log.error("record: cannot remove %s: %s", path, e.strerror)
+            elif name.endswith(".json"):
+                problem = recording_problem(path)
+                if problem is not None:
+                    self.log.error("record: %s: %s; it is left alone (its test's answers are relayed, not "
+                                   "recorded)", path, problem)
 
     def tls_context(self):
         """Verified TLS (host name and chain) against --upstream-ca, else the system's trust store."""
@@ -224,12 +247,12 @@ class Recorder:
         if "body" in raw:
             raw["body"] = scrub(norm.text(raw["body"]))
         elif "body_base64" in raw:
-            raw["body_base64"] = b64(scrub_bytes(binascii.a2b_base64(raw["body_base64"]), secrets))
+            raw["body_base64"] = b64(scrub_bytes(binascii.a2b_base64(raw["body_base64"]), scrub))
         for ev in raw.get("events", ()):
             if "data" in ev:
                 ev["data"] = scrub(norm.text(ev["data"]))
             else:
-                ev["data_base64"] = b64(scrub_bytes(binascii.a2b_base64(ev["data_base64"]), secrets))
+                ev["data_base64"] = b64(scrub_bytes(binascii.a2b_base64(ev["data_base64"]), scrub))
         raw["headers"] = scrub(raw["headers"])
         origin = {"method": req.method, "path": req.path, "upstream": up.url, "status": raw["status"]}
         query = "&".join(p for p in req.query_string.split("&") if p and percent_decode(p.partition("=")[0], True)
@@ -243,7 +266,7 @@ class Recorder:
             if any(s in text for s in secrets):
                 raise ValueError("a key would reach the recording")
             path = self.write(req.test, spec)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             self.log.error("record: %s %s not recorded: %s", req.method, req.path,
                            getattr(e, "strerror", None) or e)
             return
@@ -266,9 +289,8 @@ class Recorder:
         path = os.path.join(self.dir, name)
         with self.lock:
             rules = []
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    doc = json.load(f)
+            if os.path.lexists(path):
+                doc = json.loads(read_regular_file(path, MAX_FILE).decode("utf-8"))
                 held = doc.get("test") if isinstance(doc, dict) and "rules" in doc else None
                 rules = doc["rules"] if isinstance(doc, dict) and "rules" in doc else doc
                 if held != test or not isinstance(rules, list):
@@ -296,6 +318,23 @@ class Recorder:
                     pass
                 raise
         return path
+
+
+#: A recorder's temporary file: .NAME.json.PID.N.tmp (written aside, then renamed over NAME.json).
+_TMP_NAME = re.compile(r"\..+\.json\.([0-9]{1,9})\.[0-9]+\.tmp\Z")
+
+
+def recording_problem(path):
+    """What keeps a file of the record folder from being a recordings file, or None."""
+    try:
+        doc = json.loads(read_regular_file(path, MAX_FILE).decode("utf-8"))
+    except OSError as e:
+        return "cannot be read: %s" % (e.strerror or e)
+    except (ValueError, RecursionError) as e:
+        return "not JSON text: %s" % (getattr(e, "msg", None) or e)
+    if not (isinstance(doc, list) or isinstance(doc, dict) and isinstance(doc.get("rules"), list)):
+        return "not a recordings file ({\"test\", \"rules\": [...]})"
+    return None
 
 
 def _digest(text):
@@ -447,10 +486,10 @@ def scrub_value(value, secrets, patterns):
     return value
 
 
-def scrub_bytes(data, secrets):
-    for s in secrets:
-        data = data.replace(s.encode("utf-8"), REDACTED.encode("ascii"))
-    return data
+def scrub_bytes(data, scrub):
+    """Bytes that are not UTF-8 text, scrubbed as text all the same: the bytes that are no character pass
+    through as they are (surrogateescape), so keys and --record-redact matches go from binary bodies too."""
+    return scrub(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
 def recorded_match(req, turn, scrub):

@@ -115,6 +115,8 @@ class _RxParser(object):
         digits = lambda s: s.isdigit() and s.isascii()
         if not (digits(low) or low == "" and comma) or high and not digits(high):
             return None
+        if len(low) > 9 or len(high) > 9:
+            raise _RxUnsupported("repeat count too large")
         lo = int(low) if low else 0
         hi = (int(high) if high else None) if comma else lo
         if hi is not None and hi < lo:

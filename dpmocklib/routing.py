@@ -3,7 +3,7 @@
 import importlib
 from collections import namedtuple
 
-from .base import DPMOCK, HTTPError, SHARED, is_digits, scenarios
+from .base import DPMOCK, HTTPError, SHARED, bounded_int, clip, scenarios
 from .providers import invalid
 
 
@@ -234,6 +234,7 @@ def int_arg(req, name, default, low, high):
     raw = req.arg(name)
     if raw is None:
         return default
-    if not is_digits(raw) or not low <= int(raw) <= high:
-        raise invalid("%s: expected an integer from %d to %d, got %r" % (name, low, high, raw), name)
-    return int(raw)
+    value = bounded_int(raw, low, high)
+    if value is None:
+        raise invalid("%s: expected an integer from %d to %d, got %r" % (name, low, high, clip(raw)), name)
+    return value

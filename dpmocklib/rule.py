@@ -3,12 +3,18 @@ and the answer's templates filled in. Imported when the first rule is made (rule
 
 import json
 import re
+import time
 
-from .base import ANTHROPIC, GEMINI, OPENAI, scenarios
+from .base import ANTHROPIC, GEMINI, OPENAI, bounded_int, cached, scenarios
 from .conversation import RULE_FINISH
 from .providers import first_of, request_key
 from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
 
+
+MAX_DEPTH = 32  #: how deeply a rule's values may nest (match.body values, respond.json, tool call arguments)
+MAX_REGEX = 4096  #: characters in a text_regex
+MAX_INT = 10 ** 9  #: priority and times are within +-MAX_INT
+REGEX_BUDGET = 1.0  #: seconds of text_regex searches one request may spend, all its rules together
 
 #: The condition a text rule gets when it says nothing of tool results (strict mode's message names it so).
 IMPLIED_NO_TOOL_RESULT = "tool_result (implied by a text condition; say tool_result: true or a name to match " \
@@ -24,6 +30,9 @@ class Rule:
     def __init__(self, spec, order, test=None, source=None):
         if not isinstance(spec, dict):
             raise RuleError("a rule must be a JSON object with match and respond")
+        deep = too_deep(spec, MAX_DEPTH + 2)  # the rule and its field are two levels
+        if deep is not None:
+            raise RuleError("%s is nested more than %d levels deep" % (deep, MAX_DEPTH))
         unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test", "recorded"}
         if unknown:
             raise RuleError("unknown rule field %r; a rule has id, priority, times, match, respond, recorded"
@@ -35,13 +44,13 @@ class Rule:
         self.id = spec.get("id")
         if self.id is not None and (not isinstance(self.id, str) or not self.id):
             raise RuleError("id must be a non-empty string")
-        self.priority = _rule_int(spec, "priority", 0)
-        self.times = _rule_int(spec, "times", None, low=1)
+        self.priority = _rule_int(spec, "priority", 0, -MAX_INT)
+        self.times = _rule_int(spec, "times", None, 1, nullable=True)
         self.test = check_test_id(spec["test"], "test") if spec.get("test") is not None else test
         self.source, self.order, self.hits = source, order, {}
-        self.match = spec.get("match") or {}
+        self.match = spec.get("match", {})
         if not isinstance(self.match, dict):
-            raise RuleError("match must be an object")
+            raise RuleError("match must be an object of conditions (leave it out to match every request)")
         self.respond = spec.get("respond")
         answers = self.respond if isinstance(self.respond, list) else [self.respond]
         if not answers:
@@ -76,15 +85,16 @@ class Rule:
                 raise RuleError("match.model must be a string (exact, or a glob with *)")
             if not any(ch in want for ch in "*?["):
                 return name, (lambda c, w=want: c.model == w), want
-            import fnmatch
-            glob = re.compile(fnmatch.translate(want)).match  # compiled once, not at every request
-            return name, (lambda c: glob(c.model) is not None), want
+            glob = glob_matcher(want)  # compiled once, not at every request
+            return name, (lambda c: glob(c.model)), want
         if name == "text_regex":
+            if not isinstance(want, str) or len(want) > MAX_REGEX:
+                raise RuleError("match.text_regex must be a regular expression of at most %d characters" % MAX_REGEX)
             try:
                 self.regex = re.compile(want)
-            except (re.error, TypeError) as e:
+            except (re.error, RecursionError, OverflowError, ValueError) as e:
                 raise RuleError("match.text_regex is not a regular expression: %s" % e)
-            return name, (lambda c: self.regex.search(c.text) is not None), want
+            return name, (lambda c: self.search(c) is not None), want
         if name == "tool_result":
             if not isinstance(want, (bool, str)):
                 raise RuleError("match.tool_result must be true, false or a tool name")
@@ -107,16 +117,42 @@ class Rule:
             if not isinstance(want, dict) or not want:
                 raise RuleError("match.%s must be an object: %s" % (name, "name -> value" if name == "header" else
                                                                        "JSON pointer -> value"))
-            if name == "body" and not all(k.startswith("/") or k == "" for k in want):
-                raise RuleError("match.body keys must be JSON pointers such as /temperature")
-            want = {k.lower(): v for k, v in want.items()} if name == "header" else want
-            return name, (lambda c, w=want: c.header_has(w)) if name == "header" else \
-                (lambda c, w=want: all(json_pointer(c.body, k) == v for k, v in w.items())), want
+            if name == "header":
+                bad = next((k for k, v in want.items() if not k or not isinstance(v, str)), None)
+                if bad is not None:
+                    raise RuleError("match.header[%r] must be a header name with a string value" % bad[:40])
+                want = {k.lower(): v for k, v in want.items()}
+                return name, (lambda c, w=want: c.header_has(w)), want
+            bad = next((k for k in want if not (k.startswith("/") or k == "") or _BAD_ESCAPE.search(k)), None)
+            if bad is not None:
+                raise RuleError("match.body key %r is not a JSON pointer (RFC 6901: /temperature, /messages/0/role; "
+                                "~ is written ~0 and / in a name ~1)" % bad[:60])
+            return name, (lambda c, w=want: all(json_equal(v, json_pointer(c.body, k)) for k, v in w.items())), want
         if name in ("system", "text"):
             return name, (lambda c, n=name, w=want: w in getattr(c, n)), want
         if name == "tool":
             return name, (lambda c, w=want: w in c.tools), want
         return name, (lambda c, n=name, w=want: getattr(c, n) == w), want
+
+    def search(self, ctx):
+        """The text_regex's (groups, groupdict) in the request's text, or None: searched once per request, in a
+        helper process bounded in time (saferegex), so no pattern can stall the server."""
+        found = ctx.found
+        if self in found:
+            return found[self]
+        from .saferegex import RegexTimeout, TIME_LIMIT, search
+        result = None
+        if ctx.regex_left > 0:
+            t = time.monotonic()
+            try:
+                result = search(self.regex.pattern, ctx.text, min(TIME_LIMIT, ctx.regex_left))
+            except RegexTimeout:
+                ctx.stalled.append(self.id)
+            ctx.regex_left -= time.monotonic() - t
+        else:
+            ctx.stalled.append(self.id)
+        found[self] = result
+        return result
 
     def first_miss(self, ctx):
         """The first condition ctx fails (name, wanted), else None."""
@@ -139,13 +175,88 @@ class Rule:
         return out
 
 
-def _rule_int(spec, name, default, low=None):
+def _rule_int(spec, name, default, low, nullable=False):
     value = spec.get(name, default)
-    if value is None:
+    if value is None and nullable:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        raise RuleError("%s must be a whole number%s" % (name, " of at least %d" % low if low is not None else ""))
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_INT:
+        raise RuleError("%s must be a whole number from %d to %d%s" % (name, low, MAX_INT,
+                                                                     " (or null: no limit)" if nullable else ""))
     return value
+
+
+def too_deep(value, limit):
+    """Where ``value`` nests more than ``limit`` containers deep (a path such as respond.json.a...), else None."""
+    if not _deep(value, limit):
+        return None
+    path = []
+    while len(path) < 3:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        key, value = next((k, x) for k, x in items if isinstance(x, (dict, list)) and _deep(x, limit - len(path) - 1))
+        path.append(str(key))
+    return ".".join(path) + "..."
+
+
+def _deep(value, left):
+    """Whether ``value`` (a dict or list) holds containers more than ``left`` levels deep."""
+    if left <= 0:
+        return True
+    for x in (value.values() if isinstance(value, dict) else value):
+        if isinstance(x, (dict, list)) and _deep(x, left - 1):
+            return True
+    return False
+
+
+_GLOBS = {}
+
+
+def glob_matcher(pattern):
+    """A model glob (``*``, ``?``, ``[...]``) as a test that never backtracks: the pieces between its stars are
+    fixed-width regexes, found left to right (the first at the start, the last at the end), O(len x pieces)."""
+    return cached(_GLOBS, pattern, _glob_matcher)
+
+
+def _glob_matcher(pattern):
+    import fnmatch
+    pieces, piece, i = [], [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            pieces.append(piece)
+            piece = []
+        elif ch == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "!":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            j = pattern.find("]", j)
+            if j < 0:
+                piece.append(re.escape(ch))
+            else:
+                piece.append(fnmatch.translate(pattern[i:j + 1])[4:-3])  # '(?s:[...])\Z' -> '[...]'
+                i = j
+        else:
+            piece.append("." if ch == "?" else re.escape(ch))
+        i += 1
+    pieces.append(piece)
+    rxs = [(re.compile("(?s:%s)" % "".join(p)), len(p)) for p in pieces]
+    first, last = rxs[0], rxs[-1]
+    if len(rxs) == 1:
+        return lambda s: isinstance(s, str) and first[0].fullmatch(s) is not None
+
+    def test(s):
+        if not isinstance(s, str) or len(s) < first[1] + last[1] or first[0].match(s) is None \
+                or last[0].match(s, len(s) - last[1]) is None:
+            return False
+        pos, end = first[1], len(s) - last[1]
+        for rx, width in rxs[1:-1]:
+            m = rx.search(s, pos, end)
+            if m is None:
+                return False
+            pos = m.end()
+        return True
+    return test
 
 
 def check_answer(a, where):
@@ -195,19 +306,46 @@ def check_answer(a, where):
         check_raw(a["raw"], where + ".raw")
 
 
+_BAD_ESCAPE = re.compile("~(?![01])")  #: RFC 6901: ~ only as ~0 (a ~) and ~1 (a /)
+
+
 def json_pointer(doc, pointer):
-    """The value at an RFC 6901 JSON pointer, or a sentinel when there is none."""
+    """The value at an RFC 6901 JSON pointer, or a sentinel when there is none. An array index is 0 or
+    digits without a leading zero (so /a/01 is no element); "-" (past the end) never has a value."""
     if pointer == "":
         return doc
     for part in pointer[1:].split("/"):
         part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(doc, dict) and part in doc:
+        if isinstance(doc, dict):
+            if part not in doc:
+                return _NOTHING
             doc = doc[part]
-        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+        elif isinstance(doc, list) and is_index(part) and int(part) < len(doc):
             doc = doc[int(part)]
         else:
             return _NOTHING
     return doc
+
+
+def is_index(part):
+    """An RFC 6901 array index: 0, or ASCII digits with no leading zero (short enough for an int)."""
+    return part == "0" or (0 < len(part) <= 18 and part[0] in "123456789" and part.isascii() and part.isdigit())
+
+
+def json_equal(want, got):
+    """JSON equality by JSON type: 1 is not true, 0 is not false, "1" is not 1 (1 and 1.0 are one number)."""
+    if isinstance(want, bool) or isinstance(got, bool):
+        return type(want) is type(got) and want == got
+    if isinstance(want, (int, float)):
+        return isinstance(got, (int, float)) and want == got
+    if want is None or isinstance(want, str):
+        return type(want) is type(got) and want == got
+    if isinstance(want, list):
+        return isinstance(got, list) and len(want) == len(got) and all(map(json_equal, want, got))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and want.keys() == got.keys() and all(json_equal(v, got[k])
+                                                                           for k, v in want.items())
+    return False
 
 
 _NOTHING = object()
@@ -217,11 +355,13 @@ class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
     __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "tool_output", "tool_args",
-                 "turn", "stream", "key", "headers", "query", "body", "_trigrams", "conversation")
+                 "turn", "stream", "key", "headers", "query", "body", "_trigrams", "conversation", "found",
+                 "regex_left", "stalled")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
-        self.model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model") or ""
+        model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model")
+        self.model = model if isinstance(model, str) else ""
         self.text = turn.user_text if turn is not None else ""
         self.system = turn.system if turn is not None else ""
         self.tools = [name for name, _ in turn.tools] if turn is not None else []
@@ -234,6 +374,9 @@ class RuleContext:
         self.headers, self.query, self.body = req.headers, req.query, req.json
         self._trigrams = None
         self.conversation = req.route.reader is not None  #: the route can use any answer
+        self.found = {}  #: rule -> its text_regex's search result, for this request
+        self.regex_left = REGEX_BUDGET  #: seconds of regex search left to this request
+        self.stalled = []  #: the rules whose text_regex ran out of time (no match, and a warning)
 
     def header_has(self, want):
         return all(self.headers.get(k) == v for k, v in want.items())
@@ -263,8 +406,7 @@ def check_templates(value, where, regex, top=True):
             if name in ("text", "model", "tool_name", "tool_result") or (head in ("tool_result", "args")
                                                                           and "." in name):
                 continue
-            if regex is not None and (name in regex.groupindex or
-                                      (name.isdigit() and 1 <= int(name) <= regex.groups)):
+            if regex is not None and (name in regex.groupindex or bounded_int(name, 1, regex.groups) is not None):
                 continue
             groups = ["{{%d}}" % i for i in range(1, (regex.groups if regex is not None else 0) + 1)]
             groups += ["{{%s}}" % g for g in (regex.groupindex if regex is not None else ())]
@@ -283,12 +425,12 @@ def _lookup(value, path):
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     for key in path:
         if isinstance(value, dict):
             value = value.get(key)
-        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+        elif isinstance(value, list) and is_index(key) and int(key) < len(value):
             value = value[int(key)]
         else:
             return None
@@ -309,6 +451,9 @@ def _template_value(name, ctx, groups, typed=False):
         value = _lookup(ctx.tool_args, rest.split("."))
     else:
         value = None
+    if isinstance(value, (dict, list)) and _deep(value, MAX_DEPTH):
+        raise RuleError("the request's {{%s}} is nested more than %d levels deep: too deep to fill in" % (
+            name, MAX_DEPTH))
     if typed:
         return value
     if value is None:

@@ -4,9 +4,10 @@ per-test namespaces, the index a request is matched through) and step 7 of dispa
 import itertools
 import json
 import os
+import stat
 import threading
 
-from .base import HTTPError, StartError
+from .base import HTTPError, StartError, read_regular_file
 from .conversation import read_turn
 from .providers import mask_key
 from .state import mask_header
@@ -18,6 +19,8 @@ RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_exact", "text_reg
 RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding",
                      "raw")
 TEST_ID_MAX = 200  #: characters in a test id (pytest node ids with parameters fit)
+MAX_FILE = 256 * 1024 * 1024  #: bytes in one rules file
+HASH_EVERY = 10  #: every this many reloads (about 10 s), files are read and compared by content too
 
 
 class RuleError(ValueError):
@@ -47,7 +50,8 @@ class RuleBook:
         self.lock = threading.Lock()
         self.file_rules = {}  # file path -> [Rule]
         self.runtime = []
-        self.mtimes = {}
+        self.signatures = {}  # file path -> (size, inode, device, mtime, ctime, sha1 of the text) when last read
+        self.reloads = 0
         self.broken = {}  #: file path -> why its last reload failed (it keeps its old rules meanwhile)
         self._order = itertools.count()
         self._ids = itertools.count(1)
@@ -58,59 +62,102 @@ class RuleBook:
 
     # ---------------------------------------------------------------- sources
 
-    def files(self):
+    def files(self, initial=False):
+        """The rules files: each --rules file, and the *.json entries of each --rules folder (a folder that
+        cannot be listed is a problem of its own, logged once; its files keep their rules meanwhile)."""
         out = []
         for path in self.paths:
             if os.path.isdir(path):
-                out += sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
+                try:
+                    names = os.listdir(path)
+                except OSError as e:
+                    why = "%s: cannot list the rules folder: %s" % (path, e.strerror)
+                    if initial:
+                        raise StartError(why)
+                    self.problem(path, why)
+                    out += [p for p in self.file_rules if os.path.dirname(p) == path]
+                    continue
+                if self.broken.pop(path, None) is not None:
+                    self.log.info("rules: %s mended", path)
+                out += sorted(os.path.join(path, n) for n in names if n.endswith(".json"))
             else:
                 out.append(path)
         return out
 
     def reload(self, initial=False):
-        """Re-read every rules file that changed; a broken one keeps its old rules and logs one line."""
-        changed = False
-        current = self.files()
+        """Re-read every rules file that changed (its size, inode, mtime or ctime; its content every
+        HASH_EVERY reloads): a broken one keeps its old rules and logs one line naming it, once."""
+        current = self.files(initial)
+        self.reloads += 1
+        rehash = self.reloads % HASH_EVERY == 0
+        updates = {}
         for path in current:
             try:
-                mtime = os.stat(path).st_mtime_ns
-            except OSError as e:
+                text = self.changed_text(path, rehash)
+                if text is None:
+                    continue
+                rules = self.parse_file(path, text)
+            except Exception as e:  # OSError, ValueError (not UTF-8, not JSON, a bad rule); a bug stops one file
+                why = ("%s: cannot be read: %s" % (path, e.strerror or e) if isinstance(e, OSError) else
+                       str(e) if isinstance(e, ValueError) else "%s: %s: %s" % (path, type(e).__name__, e))
                 if initial:
-                    raise StartError("cannot read rules file %s: %s" % (path, e.strerror))
+                    raise StartError(why)
+                self.problem(path, why)
                 continue
-            if self.mtimes.get(path) == mtime:
-                continue
-            self.mtimes[path] = mtime
-            try:
-                rules = self.load_file(path)
-            except (OSError, ValueError) as e:
-                if initial:
-                    raise StartError(str(e))
-                self.log.error("rules: %s", e)
-                self.broken[path] = str(e)
-                continue
-            self.broken.pop(path, None)
-            with self.lock:
-                self.file_rules[path] = rules
-            changed = True
+            updates[path] = rules
+            if self.broken.pop(path, None) is not None:
+                self.log.info("rules: %s mended", path)
             self.log.info("rules: %d from %s", len(rules), path)
-        for path in set(self.broken) - set(current):
+        gone = [p for p in self.file_rules if p not in current]
+        for path in gone:
+            self.log.error("rules: %s is gone: its %d rules no longer apply", path, len(self.file_rules[path]))
+        for path in set(self.signatures) - set(current):
+            del self.signatures[path]
+        for path in set(self.broken) - set(current) - set(self.paths):
             del self.broken[path]
-        for path in set(self.file_rules) - set(current):
+        if updates or gone:
             with self.lock:
-                del self.file_rules[path]
-            self.mtimes.pop(path, None)
-            changed = True
-        if changed:
-            self.rebuild()
+                files = dict(self.file_rules, **updates)
+                for path in gone:
+                    del files[path]
+                self.swap(files, self.runtime)
+
+    def changed_text(self, path, rehash):
+        """A rules file's text when it changed since it was last read, else None. Only a regular file is
+        opened (never a FIFO or a device, which could block), and only up to MAX_FILE bytes."""
+        st = os.stat(path)  # OSError for a file removed, unreadable or in a symlink loop
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        sig = (st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
+        old_sig, old_digest = self.signatures.get(path, (None, None))
+        if old_sig == sig and not rehash:
+            return None
+        self.signatures[path] = (sig, old_digest)  # a failed read is retried when the file changes again
+        if st.st_size > MAX_FILE:
+            raise ValueError("%s: %d bytes is over the %d byte limit of a rules file" % (path, st.st_size, MAX_FILE))
+        data = read_regular_file(path, MAX_FILE)  # it may have become a FIFO since the stat: not opened then
+        import hashlib
+        digest = hashlib.sha1(data).digest()
+        self.signatures[path] = (sig, digest)
+        if digest == old_digest:
+            return None  # touched, or rewritten the same: the same rules (or the same problem, said once)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError("%s: not UTF-8 text (byte %d)" % (path, e.start))
+
+    def problem(self, path, why):
+        """A rules file that cannot be (re)loaded: one log line, once per problem; listed by problems()."""
+        if self.broken.get(path) != why:
+            self.log.error("rules: %s", why)
+        self.broken[path] = why
 
     def problems(self):
         """The rules files whose last reload failed: [{"file", "problem"}] (their old rules still apply)."""
         return [{"file": path, "problem": why} for path, why in sorted(self.broken.items())]
 
-    def load_file(self, path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+    def parse_file(self, path, text):
+        """The rules of one file's text (all of them, or ValueError naming the file, the rule and the field)."""
         try:
             doc = json.loads(text)
         except ValueError as e:
@@ -140,7 +187,7 @@ class RuleBook:
         return rule
 
     def add(self, specs, test=None):
-        """Add rules at run time (all or none); returns their ids."""
+        """Add rules at run time, all or none: every rule is checked before any is added; returns their ids."""
         specs = specs if isinstance(specs, list) else [specs]
         if not specs:
             raise RuleError("no rules given")
@@ -157,30 +204,25 @@ class RuleBook:
                     raise RuleError("a rule with id %r exists%s; DELETE /_control/rules/%s first" % (
                         r.id, " in test %s" % r.test if r.test else "", r.id))
                 taken.add((r.test, r.id))
-            self.runtime.extend(rules)
-        self.rebuild()
+            self.swap(self.file_rules, self.runtime + rules)
         return [r.id for r in rules]
 
     def remove(self, rule_id, test=None):
         with self.lock:
-            for r in self.runtime:
-                if r.id == rule_id and r.test == test:
-                    self.runtime.remove(r)
-                    break
-            else:
+            keep = [r for r in self.runtime if not (r.id == rule_id and r.test == test)]
+            if len(keep) == len(self.runtime):
                 source = next((r.source for r in self.all() if r.id == rule_id and r.test == test), None)
                 if source:
                     raise RuleError("rule %r comes from %s: edit that file instead" % (rule_id, source))
                 return False
-        self.rebuild()
+            self.swap(self.file_rules, keep)
         return True
 
     def clear(self, test=None):
         with self.lock:
             before = len(self.runtime)
-            self.runtime = [r for r in self.runtime if test is not None and r.test != test]
-        self.rebuild()
-        return before - len(self.runtime)
+            self.swap(self.file_rules, [r for r in self.runtime if test is not None and r.test != test])
+            return before - len(self.runtime)
 
     def reset_hits(self, test=None):
         for r in self.all():
@@ -192,19 +234,19 @@ class RuleBook:
     def all(self):
         return [r for rules in self.file_rules.values() for r in rules] + self.runtime
 
-    def rebuild(self):
-        """The index: per (test, route) and trigram, rules in priority order (higher first, then as defined)."""
-        with self.lock:
-            rules = sorted(self.all(), key=lambda r: (-r.priority, r.order))
-            index = {}
-            for r in rules:
-                route = r.match.get("route")
-                entry = index.setdefault((r.test, route), ([], {}))
-                if r.trigram is not None:
-                    entry[1].setdefault(r.trigram, []).append(r)
-                else:
-                    entry[0].append(r)
-            self.index, self.count = index, len(rules)
+    def swap(self, file_rules, runtime):
+        """Put these rules in force (under self.lock): the index is built first, then everything is replaced at
+        once, so a request sees the old rules or the new ones, never a mix. The index: per (test, route) and
+        trigram, rules in priority order (higher first, then as defined)."""
+        rules = sorted([r for rs in file_rules.values() for r in rs] + runtime, key=lambda r: (-r.priority, r.order))
+        index = {}
+        for r in rules:
+            entry = index.setdefault((r.test, r.match.get("route")), ([], {}))
+            if r.trigram is not None:
+                entry[1].setdefault(r.trigram, []).append(r)
+            else:
+                entry[0].append(r)
+        self.file_rules, self.runtime, self.index, self.count = file_rules, runtime, index, len(rules)
 
     # ---------------------------------------------------------------- matching
 
@@ -246,9 +288,9 @@ class RuleBook:
             answers = rule.respond if isinstance(rule.respond, list) else [rule.respond]
             groups = {}
             if rule.regex is not None:
-                m = rule.regex.search(ctx.text)
-                groups = dict((str(i), g or "") for i, g in enumerate(m.groups(), 1))
-                groups.update((k, v or "") for k, v in m.groupdict().items())
+                found, named = ctx.found[rule]  # searched by its condition, just now
+                groups = dict((str(i), g or "") for i, g in enumerate(found, 1))
+                groups.update((k, v or "") for k, v in named.items())
             return rule, answers[min(n, len(answers) - 1)], groups
         return None
 
@@ -271,9 +313,16 @@ class RuleBook:
                        mask_key(ctx.key) if name == "key" else
                        {k: ctx.query.get(k, [None])[0] for k in miss[1]} if name == "query" else
                        getattr(ctx, {"text_regex": "text", "text_exact": "text"}.get(name, name.split()[0]), None))
-                out.append("rule %r (%s %s, got %s)" % (r.id, name, json.dumps(miss[1])[:60],
-                                                        json.dumps(got, default=lambda o: None)[:60]))
+                out.append("rule %r (%s %s, got %s)" % (r.id, name, _preview(miss[1]), _preview(got)))
         return out
+
+
+def _preview(value):
+    """A value's JSON, cut to 60 characters (a request's value may be too deep to write: then it says so)."""
+    try:
+        return json.dumps(value, default=lambda o: None)[:60]
+    except (RecursionError, ValueError):
+        return "(nested too deeply to show)"
 
 
 def apply_rules(w, req):
@@ -285,6 +334,10 @@ def apply_rules(w, req):
     from .rule import RuleContext, render  # loaded already: a rule exists, or strict mode's miss needs it
     ctx = RuleContext(req, read_turn(req))
     hit = book.match(ctx, req.test)
+    if ctx.stalled:
+        req.warning = "text_regex of rule %s ran out of time on this request's %d-character text: no match" % (
+            ", ".join(repr(r) for r in ctx.stalled[:3]), len(ctx.text))
+        w.server.log.error("warning: %s", req.warning)
     if hit is None:
         if strict and req.route.reader is not None and w.server.recorder is None:  # recording: a miss is recorded
             near = book.nearest(ctx, req.test)
@@ -299,7 +352,10 @@ def apply_rules(w, req):
     req.rule = rule.id
     req.source = "replayed" if "raw" in answer else "rule"
     if "raw" not in answer:  # a recorded answer is served byte for byte: no {{template}} in it is filled
-        answer = render(answer, ctx, groups)
+        try:
+            answer = render(answer, ctx, groups)
+        except RuleError as e:
+            raise HTTPError(400, "rule %r: %s" % (rule.id, e), "rule_template_invalid")
     err = answer.get("error")
     if err is not None:
         raise HTTPError(err["status"], err.get("message") or "error from rule %s" % rule.id, err.get("code"),

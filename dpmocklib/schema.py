@@ -15,7 +15,8 @@ MAX_DEPTH = 16          # nesting depth from which only the cheapest valid value
 MAX_REF_REPEAT = 2      # a $ref may recur this often on one path before cheap mode
 HARD_DEPTH = 48         # past this depth generation gives up (None)
 MAX_ITEMS = 1000        # clamp for minItems / minProperties
-MAX_PATTERN_CHECK = 100  # longer strings are never checked against a pattern (re can backtrack exponentially)
+MAX_PATTERN_CHECK = 100  # longer strings are never checked against a pattern
+PATTERN_TIME = 0.1       # seconds a pattern check may take (saferegex); past it, the pattern matches nothing
 BUDGET = 20000          # values generated per call before cheap mode (twice that: give up)
 STEP_LIMIT = 200000     # schema resolutions + validation steps per call
 UNION_TRIALS = 8        # anyOf / oneOf branches tried
@@ -448,10 +449,10 @@ def _ok_string(value, s):
         return False
     pattern = s.get("pattern")
     if isinstance(pattern, str):
-        if len(value) > MAX_PATTERN_CHECK:  # re backtracks exponentially on some patterns: never on long text
+        if len(value) > MAX_PATTERN_CHECK:
             return False
         rx = _regex(pattern)
-        if rx is not None and rx.search(value) is None:
+        if rx is not None and not _found(rx, value):
             return False
     fmt = s.get("format")
     return not isinstance(fmt, str) or _format_ok(fmt, value)
@@ -559,7 +560,24 @@ def _ecma_to_python(source):
 
 def _search(pattern, value):
     rx = _regex(pattern) if isinstance(pattern, str) else None
-    return rx is not None and isinstance(value, str) and rx.search(value) is not None
+    return rx is not None and isinstance(value, str) and _found(rx, value)
+
+
+_STALLED = set()  #: patterns a search ran out of time on: they match nothing from then on
+
+
+def _found(rx, value):
+    """Whether a client's pattern matches: searched where it cannot stall the server (saferegex)."""
+    if rx.pattern in _STALLED:
+        return False
+    from .saferegex import RegexTimeout, search
+    try:
+        return search(rx.pattern, value, PATTERN_TIME) is not None
+    except RegexTimeout:
+        if len(_STALLED) > 256:
+            _STALLED.clear()
+        _STALLED.add(rx.pattern)
+        return False
 
 
 _FORMAT_RX = {
@@ -800,15 +818,9 @@ def _patterns(view):
     return [p for p in found if isinstance(p, str)]
 
 
-_NESTED_QUANTIFIER = r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]"
-
-
 def _text_may_meet(pattern, text):
-    """Whether the client's text may be checked against a pattern: not when it is long, nor when the
-    pattern quantifies a quantified group (re can backtrack exponentially on those, holding the GIL)."""
-    if not isinstance(pattern, str):
-        return True
-    return len(text) <= MAX_PATTERN_CHECK and re.search(_NESTED_QUANTIFIER, pattern) is None
+    """Whether the client's text may be offered to a pattern: not when it is long."""
+    return not isinstance(pattern, str) or len(text) <= MAX_PATTERN_CHECK
 
 
 def _gen_string(view, ctx, variant, preferred):

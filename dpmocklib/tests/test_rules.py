@@ -588,9 +588,12 @@ class RuleSourcesTest(unittest.TestCase):
         srv = Server("-q", "--rules", d)
         self.addCleanup(srv.stop)
 
-        def listed():
-            rules = json.loads(srv.request("GET", "/_control/rules")[2])
-            status = json.loads(srv.request("GET", "/_control/status")[2])
+        def listed():  # the two lists agree (read again if a reload came between the two requests)
+            for _ in range(20):
+                rules = json.loads(srv.request("GET", "/_control/rules")[2])
+                status = json.loads(srv.request("GET", "/_control/status")[2])
+                if rules["broken"] == status["rules_broken"]:
+                    break
             self.assertEqual(rules["broken"], status["rules_broken"])
             return rules
         self.assertEqual(listed()["broken"], [])
