@@ -117,12 +117,14 @@ def read_regular_file(path, limit):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file")
-        data = b""
-        while len(data) <= limit:
-            more = os.read(fd, limit + 1 - len(data))
+        pieces, size = [], 0
+        while size <= limit:
+            more = os.read(fd, min(1 << 20, limit + 1 - size))  # never a buffer of the limit's size up front
             if not more:
                 break
-            data += more
+            pieces.append(more)
+            size += len(more)
+        data = b"".join(pieces)
     finally:
         os.close(fd)
     if len(data) > limit:
@@ -151,9 +153,12 @@ def clip(text, n=40):
 def bounded_int(text, low, high):
     """The whole number ``text`` spells in ASCII digits, when it is from low to high; else None. Its length is
     checked first: int() of thousands of digits is slow, and past 4,300 an error of its own."""
-    if not isinstance(text, str) or not is_digits(text) or len(text.lstrip("0")) > len(str(high)):
+    if not isinstance(text, str) or not is_digits(text):
         return None
-    value = int(text)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
     return value if low <= value <= high else None
 
 

@@ -50,7 +50,7 @@ def handle_files_list(w, req):
     if req.provider == GEMINI:
         size = int_arg(req, "pageSize", 10, 1, 100)
         token = req.arg("pageToken") or "0"
-        start = bounded_int(token, 0, len(records))
+        start = bounded_int(token, 0, 2 ** 62)  # past the end (files deleted since): an empty page
         if start is None:
             raise invalid("Invalid page token %r." % clip(token), "pageToken")
         answer = {"files": [gemini_file(r, req.origin()) for r in records[start:start + size]]}

@@ -58,13 +58,15 @@ def _record_re(name):
 
 
 def recording_file(test):
-    """The file a test's recordings go to: its id when that is a plain file name, else the id made one
-    (other characters as '_') plus a digest of it, so two tests never share a file. The file says its test."""
+    """The file a test's recordings go to: its id when that is a plain file name (lower case letters, digits,
+    '.', '_', '-'; not "default"), else the id made one (other characters as '_') plus '~' and a digest of it.
+    No plain name has a '~', and none differs from another by case alone (as on a case-blind file system),
+    so two tests never share a file. The file says its test."""
     if test is None:
         return "default.json"
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", test).strip(".") or "_"
+    safe = re.sub(r"[^a-z0-9._-]", "_", test).strip(".") or "_"
     if safe != test or safe == "default":
-        safe = "%s-%s" % (safe[:80], _digest(test)[:10])
+        safe = "%s~%s" % (re.sub(r"[^A-Za-z0-9._-]", "_", test).strip(".")[:80] or "_", _digest(test)[:10])
     return safe + ".json"
 
 
@@ -330,8 +332,8 @@ def recording_problem(path):
         doc = json.loads(read_regular_file(path, MAX_FILE).decode("utf-8"))
     except OSError as e:
         return "cannot be read: %s" % (e.strerror or e)
-    except (ValueError, RecursionError) as e:
-        return "not JSON text: %s" % (getattr(e, "msg", None) or e)
+    except (ValueError, RecursionError, MemoryError) as e:
+        return "not JSON text: %s" % (getattr(e, "msg", None) or type(e).__name__)
     if not (isinstance(doc, list) or isinstance(doc, dict) and isinstance(doc.get("rules"), list)):
         return "not a recordings file ({\"test\", \"rules\": [...]})"
     return None

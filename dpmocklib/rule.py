@@ -30,7 +30,7 @@ class Rule:
     def __init__(self, spec, order, test=None, source=None):
         if not isinstance(spec, dict):
             raise RuleError("a rule must be a JSON object with match and respond")
-        deep = too_deep(spec, MAX_DEPTH + 2)  # the rule and its field are two levels
+        deep = depth_problem(spec)
         if deep is not None:
             raise RuleError("%s is nested more than %d levels deep" % (deep, MAX_DEPTH))
         unknown = set(spec) - {"id", "priority", "times", "match", "respond", "test", "recorded"}
@@ -135,24 +135,12 @@ class Rule:
         return name, (lambda c, n=name, w=want: getattr(c, n) == w), want
 
     def search(self, ctx):
-        """The text_regex's (groups, groupdict) in the request's text, or None: searched once per request, in a
-        helper process bounded in time (saferegex), so no pattern can stall the server."""
+        """The text_regex's (groups, groupdict) in the request's text, or None: searched once per request,
+        where no pattern can stall the server (saferegex)."""
         found = ctx.found
-        if self in found:
-            return found[self]
-        from .saferegex import RegexTimeout, TIME_LIMIT, search
-        result = None
-        if ctx.regex_left > 0:
-            t = time.monotonic()
-            try:
-                result = search(self.regex.pattern, ctx.text, min(TIME_LIMIT, ctx.regex_left))
-            except RegexTimeout:
-                ctx.stalled.append(self.id)
-            ctx.regex_left -= time.monotonic() - t
-        else:
-            ctx.stalled.append(self.id)
-        found[self] = result
-        return result
+        if self not in found:
+            search_regexes([self], ctx)
+        return found[self]
 
     def first_miss(self, ctx):
         """The first condition ctx fails (name, wanted), else None."""
@@ -175,6 +163,31 @@ class Rule:
         return out
 
 
+def search_regexes(rules, ctx, only_if_rest_holds=False):
+    """Search the text_regex of each of these rules in the request's text, all in one round trip to the regex
+    helper (saferegex), within the request's REGEX_BUDGET; results go to ctx.found (None: no match, or out of
+    time: then the rule is in ctx.stalled with why). ``only_if_rest_holds``: only rules whose other conditions
+    hold (the ones the search could decide)."""
+    todo = [r for r in rules if r.regex is not None and r not in ctx.found and (not only_if_rest_holds or all(
+        ok(ctx) for name, ok, _ in r.conds if name != "text_regex"))]
+    if not todo:
+        return
+    from .saferegex import RegexTimeout, TIME_LIMIT, search_many
+    results, why = [False] * len(todo), "the request's regex time (%g s) was used up" % REGEX_BUDGET
+    if ctx.regex_left > 0:
+        t = time.monotonic()
+        try:
+            results = search_many(ctx.text, [(r.regex.pattern, TIME_LIMIT) for r in todo], ctx.regex_left)
+            why = "it ran out of time (%g s)" % TIME_LIMIT
+        except RegexTimeout as e:
+            why = str(e)
+        ctx.regex_left -= time.monotonic() - t
+    for r, result in zip(todo, results):
+        ctx.found[r] = result or None
+        if result is False:
+            ctx.stalled.append((r.id, why))
+
+
 def _rule_int(spec, name, default, low, nullable=False):
     value = spec.get(name, default)
     if value is None and nullable:
@@ -183,6 +196,30 @@ def _rule_int(spec, name, default, low, nullable=False):
         raise RuleError("%s must be a whole number from %d to %d%s" % (name, low, MAX_INT,
                                                                      " (or null: no limit)" if nullable else ""))
     return value
+
+
+def depth_problem(spec):
+    """The first of a rule's values that nests more than MAX_DEPTH levels (a match.body value, an answer's
+    json or a tool call's arguments, each counted from itself), or of the rule as a whole more than that
+    plus the levels around them; None when there is none."""
+    match = spec.get("match")
+    if isinstance(match, dict) and isinstance(match.get("body"), dict):
+        for pointer, value in match["body"].items():
+            if isinstance(value, (dict, list)) and _deep(value, MAX_DEPTH):
+                return "match.body[%r]" % pointer[:40]
+    respond = spec.get("respond")
+    for i, answer in enumerate(respond if isinstance(respond, list) else [respond]):
+        if not isinstance(answer, dict):
+            continue
+        where = "respond[%d]" % i if isinstance(respond, list) else "respond"
+        if isinstance(answer.get("json"), (dict, list)) and _deep(answer["json"], MAX_DEPTH):
+            return where + ".json"
+        calls = answer.get("tool_calls")
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            args = call.get("arguments") if isinstance(call, dict) else None
+            if isinstance(args, (dict, list)) and _deep(args, MAX_DEPTH):
+                return "%s.tool_calls[%d].arguments" % (where, j)
+    return too_deep(spec, MAX_DEPTH + 6)  # the rule, respond's list, an answer, tool_calls, a call: 5 more
 
 
 def too_deep(value, limit):

@@ -46,7 +46,7 @@ class RuleBook:
     """
 
     def __init__(self, log, paths=(), strict=False):
-        self.log, self.paths, self.strict = log, list(paths), strict
+        self.log, self.paths, self.strict = log, [os.path.normpath(p) for p in paths], strict
         self.lock = threading.Lock()
         self.file_rules = {}  # file path -> [Rule]
         self.runtime = []
@@ -102,6 +102,8 @@ class RuleBook:
                        str(e) if isinstance(e, ValueError) else "%s: %s: %s" % (path, type(e).__name__, e))
                 if initial:
                     raise StartError(why)
+                if isinstance(e, OSError):  # not its text: the same text back is read, parsed and mended
+                    self.signatures.pop(path, None)
                 self.problem(path, why)
                 continue
             updates[path] = rules
@@ -277,7 +279,11 @@ class RuleBook:
 
     def match(self, ctx, test):
         """(rule, answer, groups) of the first rule that matches and may still fire, else None."""
-        for rule in self.candidates(ctx, test):
+        candidates = self.candidates(ctx, test)
+        if ctx.text and any(r.regex is not None for r in candidates):
+            from .rule import search_regexes
+            search_regexes(candidates, ctx, only_if_rest_holds=True)
+        for rule in candidates:
             if (not ctx.conversation and not rule.any_route) or rule.first_miss(ctx) is not None:
                 continue
             with self.lock:
@@ -298,7 +304,8 @@ class RuleBook:
         """The rules closest to matching, with the condition each failed (strict mode's diagnostic)."""
         with self.lock:  # a reload may be replacing a file's rules meanwhile
             rules = [r for r in self.all() if r.test in (None, test)]
-        from .rule import json_pointer
+        from .rule import json_pointer, search_regexes
+        search_regexes(rules, ctx)
         scored = sorted(((len(r.misses(ctx)), -r.priority, r.test is None, r.order, r) for r in rules),
                         key=lambda x: x[:4])
         out = []
@@ -335,8 +342,10 @@ def apply_rules(w, req):
     ctx = RuleContext(req, read_turn(req))
     hit = book.match(ctx, req.test)
     if ctx.stalled:
-        req.warning = "text_regex of rule %s ran out of time on this request's %d-character text: no match" % (
-            ", ".join(repr(r) for r in ctx.stalled[:3]), len(ctx.text))
+        rid, why = ctx.stalled[0]
+        req.warning = "text_regex of rule %r%s not searched in this request's %d-character text: %s; " \
+            "counted as no match" % (rid, " (and %d more)" % (len(ctx.stalled) - 1) if len(ctx.stalled) > 1 else "",
+                                     len(ctx.text), why)
         w.server.log.error("warning: %s", req.warning)
     if hit is None:
         if strict and req.route.reader is not None and w.server.recorder is None:  # recording: a miss is recorded
@@ -368,7 +377,7 @@ def apply_rules(w, req):
                 with book.lock:  # refused, not served: the rule's times and script step are not used up
                     rule.hits[req.test] = max(0, rule.hits.get(req.test, 1) - 1)
                 raise HTTPError(400, "dpmock strict mode: %s" % problem, "rule_tool_call_invalid")
-            req.warning = problem
+            req.warning = problem if req.warning is None else req.warning + "; " + problem
             w.server.log.error("warning: %s", problem)
     return answer
 

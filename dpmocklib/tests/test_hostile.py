@@ -95,6 +95,82 @@ class RegexTest(HostileCase):
         self.assertEqual(self.srv.stop(), 0)
         self.assertLess(time.monotonic() - t0, 3.0)
 
+    def test_patterns_that_look_cheap_but_are_not_never_stall(self):
+        evil = ["(?:){100000000}x", "(?:\\b){100000000}x", "(?:(?=a)){100000000}x", "(?:a|aa)" * 30 + "b",
+                "\\w*\\w*\\w*\\w*\\d", "(.*a){25}"]
+        self.rules([{"id": "evil%d" % i, "match": {"text_regex": p}, "respond": {"text": "hit"}}
+                    for i, p in enumerate(evil)])
+        def fmt(pattern):
+            return {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "required": ["v"], "properties": {"v": {"type": "string", "pattern": pattern}}}}}
+        done = []
+        threads = [threading.Thread(target=lambda: done.append(self.chat("a" * 60, timeout=20)))]
+        threads += [threading.Thread(target=lambda p=p: done.append(self.chat("a" * 60, timeout=20,
+                                                                              response_format=fmt(p))))
+                    for p in (evil[0], evil[3])]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        for _ in range(5):
+            t0 = time.monotonic()
+            self.assertEqual(self.srv.request("GET", "/_control/status")[0], 200)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            time.sleep(0.05)
+        for t in threads:
+            t.join(20)
+        self.assertEqual(sorted(st for st, _ in done), [200] * len(threads))
+
+    def helpers(self):
+        """The pids of the server's regex helpers."""
+        out = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/stat" % pid) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    helper = b"dpmock regex helper" in f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if helper and ppid == self.srv.proc.pid:
+                out.append(int(pid))
+        return out
+
+    @unittest.skipUnless(os.path.isdir("/proc"), "needs /proc to find the helpers")
+    def test_helpers_killed_or_hung_up_from_outside_are_replaced(self):
+        self.rules({"match": {"text_regex": r"order (\d+)$"}, "respond": {"text": "order {{1}}"}})
+        long_text = "x " * 200 + "order 7"  # over 256 characters: searched in a helper
+        self.assertEqual(self.chat(long_text)[1]["choices"][0]["message"]["content"], "order 7")
+        pids = self.helpers()
+        self.assertTrue(pids)
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)  # pkill -HUP -f dpmock reaches them too: ignored
+        time.sleep(0.2)
+        self.assertEqual(sorted(self.helpers()), sorted(pids))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        for _ in range(3):  # a dead helper is replaced, not a miss
+            st, body = self.chat(long_text)
+            self.assertEqual(body["choices"][0]["message"]["content"], "order 7")
+
+    @unittest.skipUnless(os.path.isdir("/proc"), "needs /proc to find the helpers")
+    def test_a_helper_ends_when_the_server_is_killed_mid_search(self):
+        self.rules({"match": {"text_regex": "(a+)+$"}, "respond": {"text": "x"}})
+        t = threading.Thread(target=lambda: self.assertRaises(Exception, self.chat, "a" * 80 + "!"))
+        t.start()
+        for _ in range(50):
+            pids = self.helpers()
+            if pids:
+                break
+            time.sleep(0.02)
+        self.assertTrue(pids)
+        self.srv.proc.kill()
+        t.join(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % p) and not _zombie(p) for p in pids):
+            time.sleep(0.05)
+        self.assertFalse([p for p in pids if os.path.exists("/proc/%d" % p) and not _zombie(p)])
+
     def test_groups_fill_templates_on_short_and_long_prompts(self):
         self.rules([{"match": {"text_regex": r"order (?P<num>\d+) for (\w+)"},
                      "respond": {"text": "order {{num}} ({{2}})"}}])
@@ -290,6 +366,24 @@ class WatcherTest(HostileCase):
         self.parent.wait()
         self.assertIsNotNone(wait_exit(self.srv.proc, 3))
 
+    def test_a_named_file_removed_and_put_back_unchanged_is_mended(self):
+        path = self.write("solo.json", [{"match": {"text": "solo"}, "respond": {"text": "s1"}}])
+        with open(path, "rb") as f:
+            text = f.read()
+        srv = self.start("--rules", path)
+        os.remove(path)
+
+        def broken():
+            return json.loads(srv.request("GET", "/_control/rules")[2])["broken"]
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: broken()))
+        self.assertEqual(json.loads(srv.request("GET", "/_control/rules")[2])["count"], 1)  # it keeps its rules
+        with open(path, "wb") as f:
+            f.write(text)
+        os.kill(srv.proc.pid, signal.SIGHUP)
+        self.assertTrue(wait_for(lambda: not broken()))
+        self.assertTrue(wait_for(lambda: b"mended" in srv.errors()))
+
     def test_a_fifo_at_start_is_one_line_and_no_hang(self):
         os.mkfifo(os.path.join(self.dir, "pipe.json"))
         r = subprocess.run([PY, DPMOCK, "--foreground", "--port", "0", "--rules", self.dir], cwd=HERE,
@@ -297,6 +391,23 @@ class WatcherTest(HostileCase):
         self.assertEqual(r.returncode, 1)
         self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1, r.stderr)
         self.assertIn("pipe.json", r.stderr.decode())
+
+
+def wait_for(cond, timeout=5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def wait_exit(proc, timeout):
@@ -353,6 +464,10 @@ class NumbersTest(HostileCase):
                 self.assertLess(len(err["message"]), 300)
                 if param:
                     self.assertEqual(err["param"], param)
+        for path, headers in (("/_control/requests?limit=" + "0" * 5000 + "1", {}),
+                              ("/v1beta/models?pageToken=" + "0" * 5000 + "1", GE),
+                              ("/v1beta/files?pageToken=" + "0" * 5000 + "1", GE)):
+            self.assertEqual(self.srv.request("GET", path, None, headers)[0], 200, path[:40])  # leading zeros: 1
         st, _, data = self.srv.request("POST", "/v1/chat/completions", json.dumps(openai_chat("x")).encode(),
                                        dict(OA, **{"X-DP-Scenario": "STREAM_SLOW; tps=" + huge}))
         self.assertEqual(st, 400)
