@@ -23,7 +23,7 @@ ANTHROPIC_MESSAGES_SHAPE = {
     "stream": bool, "temperature": float, "top_p": float, "top_k": int, "stop_sequences": [str],
     "thinking": {"type": str, "budget_tokens": int}, "metadata": dict, "service_tier": str,
     "output_config": {"format": dict, "effort": str}, "output_format": dict,
-    "thread": {"type": str, "previous_message_id": str},
+    "thread": {"type": str, "previous_message_id": str}, "anthropic_version": str,
 }
 
 
@@ -163,6 +163,15 @@ def signature(text):
 def anthropic_usage(plan, output_tokens):
     return {"input_tokens": plan.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
             "output_tokens": output_tokens, "service_tier": "standard"}
+
+
+def handle_vertex_messages(w, req):
+    """Vertex AI's rawPredict / streamRawPredict: the model in the path, the API version in the body."""
+    check_key(req)
+    if not isinstance(req.json.get("anthropic_version"), str):
+        raise invalid("anthropic_version: Field required (Vertex AI takes the API version in the body, such as "
+                      "\"vertex-2023-10-16\")")
+    handle_anthropic_messages(w, req)
 
 
 def handle_anthropic_messages(w, req):

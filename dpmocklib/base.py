@@ -49,6 +49,8 @@ LAUNCHER = ([sys.executable, os.path.join(HOME, "dpmock.py")] if os.path.exists(
 
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 SHARED, DPMOCK = None, ""  #: route.provider of paths the providers share, and of dpmock's own
+#: Clouds that serve a provider's models on paths, keys and error shapes of their own (route.platform).
+VERTEX = "vertex"
 
 
 def _encoder(item_sep, key_sep):

@@ -24,9 +24,10 @@ def dispatch(w, req):
     route = req.route
     # 2. Provider: from the route, or told from the request on shared paths; its headers go on every answer.
     req.provider = route.provider if route.provider != SHARED else detect_provider(req)
+    req.voice = route.platform or req.provider
     if route.provider != DPMOCK:
         w.request_id = new_id("req_", 12)
-        w.extra_headers = PROVIDERS[req.provider].answer_headers(w.request_id)
+        w.extra_headers = PROVIDERS[req.voice].answer_headers(w.request_id)
     elif route.name.startswith("control_"):
         check_control_access(req, conn.client_address, w.server.config)
     # 3. Framing: a route with a body needs to know where the body ends.
@@ -70,6 +71,8 @@ def dispatch(w, req):
             req.json = parse_json_body(body)
         finally:
             conn.idle = False
+        if route.model_param is not None and isinstance(req.json, dict):
+            req.json["model"] = req.params[route.model_param]  # the path names the model (Vertex AI)
     elif route.body == BODY_NONE:
         refuse_body(w, req, None)
     conn.journal_entry(w)  # the request is in the journal from here on, even while a fault holds it
@@ -217,7 +220,7 @@ def answer_scenario(w, req, value, params):
 
 def provider_error(w, pe, params):
     """A ProviderError scenario as this provider's Reply (a proxy page when it has one)."""
-    provider = PROVIDERS[w.req.provider]
+    provider = PROVIDERS[w.req.voice]
     status = pe.status if isinstance(pe.status, int) else pe.status[w.req.provider]
     if pe.html:
         return Reply(status, pe.html, scenarios.HTML)

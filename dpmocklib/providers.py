@@ -7,7 +7,7 @@ import re
 import time
 from collections import namedtuple
 
-from .base import ANTHROPIC, DPMOCK, GEMINI, HTTPError, OPENAI, SHARED, scenarios
+from .base import ANTHROPIC, DPMOCK, GEMINI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
 
 
 def invalid(message, param=None, code=None):
@@ -148,6 +148,18 @@ PROVIDERS = {
                               for i, p in enumerate(parts))),
 }
 PROVIDERS[DPMOCK] = PROVIDERS[SHARED] = PROVIDERS[OPENAI]._replace(name=DPMOCK, answer_headers=lambda rid: [])
+#: Vertex AI (Gemini and Anthropic models): OAuth Bearer tokens, and Google's error shape for every error.
+PROVIDERS[VERTEX] = PROVIDERS[GEMINI]._replace(
+    name=VERTEX, key_headers=("authorization",),
+    missing_key=lambda: HTTPError(401, "Request is missing required authentication credential. Expected OAuth 2 "
+                                       "access token, login cookie or other valid authentication credential. See "
+                                       "https://developers.google.com/identity/sign-in/web/devconsole-project.",
+                                  etype="UNAUTHENTICATED"),
+    bad_key=lambda key: HTTPError(401, "Request had invalid authentication credentials. Expected OAuth 2 access "
+                                       "token, login cookie or other valid authentication credential.",
+                                  etype="UNAUTHENTICATED"),
+    missing_model=lambda model, action: HTTPError(404, "Publisher Model `%s` was not found or your project does "
+                                                       "not have access to it." % model, etype="NOT_FOUND"))
 
 
 _ID_PREFIX = os.urandom(4).hex()  #: differs per process, so ids stay unique across restarts
@@ -186,7 +198,8 @@ def request_key(req):
 
 
 def find_key(h, route, query):
-    order = PROVIDERS[route.provider if route is not None and route.provider == ANTHROPIC else OPENAI].key_headers
+    order = PROVIDERS[(route.platform or route.provider) if route is not None and (
+        route.platform or route.provider == ANTHROPIC) else OPENAI].key_headers
     for name in order:
         value = h.get(name)
         if value is not None:
@@ -209,10 +222,11 @@ def check_key(req):
     """Refuse a missing key, or a bad one (scenarios.BAD_KEYS, or a prefix the server refuses:
     scenarios.BAD_KEY_PREFIXES plus --refuse-key), as the provider does."""
     key = request_key(req)
+    voice = PROVIDERS[req.voice or req.provider]
     if not key:
-        raise PROVIDERS[req.provider].missing_key()
+        raise voice.missing_key()
     if key in scenarios.BAD_KEYS or key.startswith(req.server.refused_prefixes):
-        raise PROVIDERS[req.provider].bad_key(key)
+        raise voice.bad_key(key)
 
 
 def mask_key(key):
@@ -222,7 +236,7 @@ def mask_key(key):
 def check_model(req, model, action="generateContent"):
     """Refuse a model id containing ``does-not-exist``, in the provider's words."""
     if scenarios.MISSING_MODEL_MARK in model:
-        raise PROVIDERS[req.provider].missing_model(model, action)
+        raise PROVIDERS[req.voice or req.provider].missing_model(model, action)
 
 
 def first_of(obj, *names):

@@ -138,6 +138,10 @@ class Recorder:
         if any(self.via in v for v in req.headers.all("via")):
             raise HTTPError(508, "dpmock --record: this request came back from dpmock's own upstream (a forwarding "
                                  "loop): --upstream must name another server", "forwarding_loop")
+        if req.route.platform is not None:
+            raise HTTPError(501, "dpmock --record forwards the providers' own APIs only, not %s paths: answer "
+                                 "this request with a rule, or record it from the provider's API" % req.route.platform,
+                            "not_forwarded")
         turn = read_turn(req)  # a missing or bad key, or a body dpmock refuses, is refused here as ever
         if body is None and req.route.body == BODY_STREAM:
             body = read_json_body(req)  # an upload is forwarded whole (up to MAX_JSON_BODY)

@@ -58,7 +58,7 @@ class Request:
     __slots__ = ("method", "target", "version", "path", "query_string", "query", "headers", "route", "params",
                  "provider", "length", "chunked", "json", "body_done", "captured", "body_bytes", "scenario", "t0",
                  "scheme", "reader", "close_after", "key", "test", "turn", "answer", "rule", "server", "source",
-                 "miss", "warning")
+                 "miss", "warning", "voice")
 
     def __init__(self, method, target, version, headers, reader=None):
         self.method, self.target, self.version, self.headers = method, target, version, headers
@@ -69,6 +69,7 @@ class Request:
         self.query_string = query
         self.query = parse_query(query) if query else {}
         self.route, self.params, self.provider = None, {}, None
+        self.voice = None  #: whose keys, error shapes and headers the answer has: the route's platform, else provider
         self.length, self.chunked = None, False
         self.json, self.body_done = None, False
         self.captured, self.body_bytes = bytearray(), 0  #: the body's first JOURNAL_BODY bytes, its size

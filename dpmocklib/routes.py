@@ -3,7 +3,7 @@
 A row names its handler (and reader) as ``"module.function"``: the file that holds it, imported when the
 route is first asked for."""
 
-from .base import ANTHROPIC, DPMOCK, GEMINI, OPENAI, SHARED
+from .base import ANTHROPIC, DPMOCK, GEMINI, OPENAI, SHARED, VERTEX
 from .faults import check_catalogue
 from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
 
@@ -11,6 +11,8 @@ from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREA
 _GEMINI_MODEL = "/models/{model}"
 _VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
 _EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
+_VERTEX_GEMINI = "/projects/{project}/locations/{location}/publishers/google/models/{model}"
+_VERTEX_CLAUDE = "/projects/{project}/locations/{location}/publishers/anthropic/models/"
 
 ROUTES = (
     Route("POST", "/chat/completions", "chat", "openai_api.handle_openai_chat", OPENAI, BODY_JSON, STREAM_FLAG,
@@ -54,6 +56,22 @@ ROUTES = (
     Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI, BODY_JSON),
     Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI,
           BODY_JSON),
+    # Vertex AI: Gemini and Anthropic models on Google Cloud (Bearer tokens, Google's errors), the same engines.
+    Route("POST", _VERTEX_GEMINI + ":generateContent", "gemini_generate", "gemini_api.handle_gemini_generate", GEMINI,
+          BODY_JSON, reader="gemini_api.gemini_reader", platform=VERTEX),
+    Route("POST", _VERTEX_GEMINI + ":streamGenerateContent", "gemini_stream", "gemini_api.handle_gemini_generate",
+          GEMINI, BODY_JSON, STREAM_ALWAYS, "gemini_api.gemini_reader", platform=VERTEX),
+    Route("POST", _VERTEX_GEMINI + ":countTokens", "gemini_count_tokens", "gemini_api.handle_gemini_count_tokens",
+          GEMINI, BODY_JSON, platform=VERTEX),
+    Route("POST", _VERTEX_GEMINI + ":embedContent", "gemini_embed", "gemini_api.handle_gemini_embed", GEMINI,
+          BODY_JSON, reader="gemini_api.gemini_embed_turn", platform=VERTEX),
+    Route("POST", _VERTEX_CLAUDE + "count-tokens:rawPredict", "messages_count_tokens",
+          "anthropic_api.handle_anthropic_count_tokens", ANTHROPIC, BODY_JSON, platform=VERTEX),
+    Route("POST", _VERTEX_CLAUDE + "{model}:rawPredict", "messages", "anthropic_api.handle_vertex_messages",
+          ANTHROPIC, BODY_JSON, STREAM_FLAG, "anthropic_api.anthropic_reader", platform=VERTEX, model_param="model"),
+    Route("POST", _VERTEX_CLAUDE + "{model}:streamRawPredict", "messages", "anthropic_api.handle_vertex_messages",
+          ANTHROPIC, BODY_JSON, STREAM_ALWAYS, "anthropic_api.anthropic_reader", platform=VERTEX,
+          model_param="model"),
     Route("POST", "/files:upload", "gemini_upload", "files.handle_gemini_upload_raw", GEMINI, BODY_STREAM),
     Route("POST", "/upload/files", "gemini_upload_media", "files.handle_gemini_upload", GEMINI, BODY_STREAM),
     Route("GET", "/models", "models", "models.handle_models_list", SHARED),

@@ -50,7 +50,8 @@ def check_modules(routes):
                 raise ImportError("route %s names %r, whose module is missing" % (route.name, fn))
 
 
-class Route(namedtuple("Route", "method pattern name handler provider body stream versioned reader")):
+class Route(namedtuple("Route", "method pattern name handler provider body stream versioned reader platform "
+                                 "model_param")):
     """One row of the route table: what a path is, and the one function that answers it.
 
     ``pattern`` is the path after any version prefix, with ``{name}`` placeholders; ``name``
@@ -61,16 +62,21 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS;
     ``reader(req)`` reads a conversation route's body into a Turn (what rules match on). ``handler``
     and ``reader`` are functions, or ``"module.function"`` names in the package (imported when first called).
+    ``platform`` is a cloud (VERTEX) that serves the provider's models: its keys, error shapes and headers
+    (providers.PROVIDERS[platform]) replace the provider's, while the provider's engine answers;
+    ``model_param`` names the path placeholder that is the model (the body's ``model`` is set from it).
     Provider routes are also served under /v1, /v1beta, /v1alpha and /v1beta1, and every
     fault of their kind applies to them (see ``applies``): no second list names them.
     """
 
     __slots__ = ()
 
-    def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER, reader=None):
+    def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER, reader=None,
+                platform=None, model_param=None):
         handler = Lazy(handler) if isinstance(handler, str) else handler
         reader = Lazy(reader) if isinstance(reader, str) else reader
-        return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK, reader)
+        return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK, reader,
+                               platform, model_param)
 
     def applies(self, scenario):
         """Whether a fault scenario (``applies`` provider / body / stream) covers this route."""
@@ -176,6 +182,9 @@ class Router:
             r = group[0]
             paths = ", ".join("`%s %s`" % (g.method, g.pattern) for g in group)
             provider = {SHARED: "shared", DPMOCK: "dpmock"}.get(r.provider, r.provider)
+            platforms = sorted({g.platform for g in group if g.platform})
+            if platforms:
+                provider += " (also %s)" % ", ".join(platforms)
             body = {BODY_NONE: "none", BODY_JSON: "JSON", BODY_STREAM: "streamed in pieces"}[r.body]
             stream = {STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`', STREAM_ALWAYS: "always"}[r.stream]
             rows.append("| %s | %s | %s | %s | %s |" % (name, paths, provider, body, stream))

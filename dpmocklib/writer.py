@@ -159,7 +159,7 @@ class ResponseWriter:
 
     def error_reply(self, err):
         """An HTTPError as a Reply in the request's provider shape (with its request id)."""
-        provider = self.req.provider if self.req is not None else DPMOCK
+        provider = (self.req.voice or self.req.provider or DPMOCK) if self.req is not None else DPMOCK
         return Reply(err.status, PROVIDERS[provider].error_body(err, self.request_id), scenarios.JSON,
                      tuple(err.headers))
 
