@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import threading
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 HOME = os.path.dirname(PACKAGE_DIR)  #: the folder that holds the package: a checkout, a vendored copy, site-packages
@@ -50,7 +51,7 @@ LAUNCHER = ([sys.executable, os.path.join(HOME, "dpmock.py")] if os.path.exists(
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 SHARED, DPMOCK = None, ""  #: route.provider of paths the providers share, and of dpmock's own
 #: Clouds that serve a provider's models on paths, keys and error shapes of their own (route.platform).
-VERTEX = "vertex"
+VERTEX, AZURE = "vertex", "azure"
 
 
 def _encoder(item_sep, key_sep):
@@ -145,6 +146,25 @@ def cached(cache, key, make, limit=1024):
         cache.clear()
     cache[key] = value
     return value
+
+
+REGEX_BUDGET = 1.0  #: seconds one request may spend on regexes its client or a rule wrote (saferegex)
+_REQUEST = threading.local()
+
+
+def start_regex_budget():
+    """A new request on this thread: its REGEX_BUDGET starts (dispatch calls this for each)."""
+    _REQUEST.regex_left = REGEX_BUDGET
+
+
+def regex_left():
+    """Seconds of regex search left to this thread's request (REGEX_BUDGET outside any request)."""
+    return getattr(_REQUEST, "regex_left", REGEX_BUDGET)
+
+
+def spend_regex(seconds):
+    if getattr(_REQUEST, "regex_left", None) is not None:  # outside a request (a direct call): not counted
+        _REQUEST.regex_left -= seconds
 
 
 def clip(text, n=40):

@@ -3,7 +3,7 @@
 import json
 import re
 
-from .base import DPMOCK, HTTPError, Reply, SHARED, Stream, Upload, scenarios
+from .base import DPMOCK, HTTPError, Reply, SHARED, Stream, Upload, scenarios, start_regex_budget
 from .faults import FAULTS, scenario_answer, select_scenario
 from .providers import PROVIDERS, detect_provider, new_id, request_key
 from .request import Answered, MAX_DISCARD, MAX_JSON_BODY, compiled_cache, read_json_body
@@ -14,6 +14,7 @@ from .rules import RuleError, apply_rules, check_test_id
 def dispatch(w, req):
     """Answer one request whose head has been read, through its writer ``w``."""
     conn = w.conn
+    start_regex_budget()
     # 1. Route: the one function that answers this path (404, or 405 with Allow), in its test namespace.
     try:
         take_test_id(req)

@@ -4,7 +4,7 @@ import json
 import re
 import time
 
-from .base import OPENAI, b64, scenarios
+from .base import AZURE, OPENAI, b64, scenarios
 from .conversation import JSON_OBJECT, Plan, Turn, check_max_tokens, require_model, json_fragments, read_turn
 from .embeddings import embedding, embedding_b64, embedding_dims
 from .images import image_name, png_for
@@ -140,6 +140,9 @@ def handle_openai_chat(w, req):
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": turn.model}
     calls = [{"id": "call_" + cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
              for cid, name, args in plan.calls]
+    filters = None
+    if req.route.platform == AZURE:  # Azure's content filter says what it found (nothing) in prompt and answer
+        from .azure import FILTERS as filters, PROMPT_FILTERS
     if not req.route.streaming(req):
         message = {"role": "assistant", "content": plan.text if not calls else None, "refusal": None,
                    "annotations": []}
@@ -147,9 +150,13 @@ def handle_openai_chat(w, req):
             message["tool_calls"] = calls
         if plan.thinking:
             message["reasoning_content"] = plan.thinking
-        w.send_json(200, dict(head, choices=[{"index": 0, "message": message, "logprobs": None,
-                                              "finish_reason": _OPENAI_FINISH[plan.finish]}],
-                              usage=openai_usage(plan), service_tier="default", system_fingerprint="fp_dpmock"))
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _OPENAI_FINISH[plan.finish]}
+        answer = dict(head, choices=[choice], usage=openai_usage(plan), service_tier="default",
+                      system_fingerprint="fp_dpmock")
+        if filters is not None:
+            choice["content_filter_results"] = filters
+            answer["prompt_filter_results"] = PROMPT_FILTERS
+        w.send_json(200, answer)
         return
     head["object"] = "chat.completion.chunk"
     head["system_fingerprint"] = "fp_dpmock"
@@ -157,10 +164,15 @@ def handle_openai_chat(w, req):
 
     def chunk(delta, finish=None):
         c = dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        if filters is not None:
+            c["choices"][0]["content_filter_results"] = filters if "content" in delta and delta["content"] else {}
         if usage:
             c["usage"] = None
         return c
     w.start_stream(200, scenarios.SSE)
+    if filters is not None:  # Azure's first event: the prompt's filter results, with no choice
+        w.send_sse_event({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                          "prompt_filter_results": PROMPT_FILTERS})
     w.send_sse_event(chunk({"role": "assistant", "content": "" if not calls else None, "refusal": None}))
     if plan.thinking:
         for piece in re.findall(TOKEN_PIECES, plan.thinking):

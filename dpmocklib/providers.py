@@ -7,7 +7,7 @@ import re
 import time
 from collections import namedtuple
 
-from .base import ANTHROPIC, DPMOCK, GEMINI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
+from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
 
 
 def invalid(message, param=None, code=None):
@@ -28,6 +28,19 @@ _GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMI
 def _openai_error(e, request_id):
     etype = e.etype or ("invalid_request_error" if e.status < 500 else "server_error")
     return {"error": {"message": e.message, "type": etype, "param": e.param, "code": e.code}}
+
+
+def _azure_error(e, request_id):
+    """OpenAI's shape, with a code always (Azure's own errors have a code and a message only)."""
+    body = _openai_error(e, request_id)
+    if body["error"]["code"] is None:
+        body["error"]["code"] = str(e.status)
+    return body
+
+
+def _azure_headers(rid):
+    return [("apim-request-id", rid), ("x-request-id", rid), ("x-ms-region", "East US"),
+            ("x-ms-client-request-id", rid)]
 
 
 def _anthropic_error(e, request_id):
@@ -148,6 +161,18 @@ PROVIDERS = {
                               for i, p in enumerate(parts))),
 }
 PROVIDERS[DPMOCK] = PROVIDERS[SHARED] = PROVIDERS[OPENAI]._replace(name=DPMOCK, answer_headers=lambda rid: [])
+#: Azure OpenAI: the api-key header (or Entra ID's Bearer token), Azure's codes on OpenAI's error shape.
+PROVIDERS[AZURE] = PROVIDERS[OPENAI]._replace(
+    name=AZURE, error_body=_azure_error, answer_headers=_azure_headers, key_headers=("api-key", "authorization"),
+    missing_key=lambda: HTTPError(401, "Access denied due to invalid subscription key or wrong API endpoint. Make "
+                                       "sure to provide a valid key for an active subscription and use a correct "
+                                       "regional API endpoint for your resource.", "401"),
+    bad_key=lambda key: HTTPError(401, "Access denied due to invalid subscription key or wrong API endpoint. Make "
+                                       "sure to provide a valid key for an active subscription and use a correct "
+                                       "regional API endpoint for your resource.", "401"),
+    missing_model=lambda model, action: HTTPError(404, "The API deployment for this resource does not exist. If you "
+                                                       "created the deployment within the last 5 minutes, please wait "
+                                                       "a moment and try again.", "DeploymentNotFound"))
 #: Vertex AI (Gemini and Anthropic models): OAuth Bearer tokens, and Google's error shape for every error.
 PROVIDERS[VERTEX] = PROVIDERS[GEMINI]._replace(
     name=VERTEX, key_headers=("authorization",),

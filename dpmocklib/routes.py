@@ -3,7 +3,7 @@
 A row names its handler (and reader) as ``"module.function"``: the file that holds it, imported when the
 route is first asked for."""
 
-from .base import ANTHROPIC, DPMOCK, GEMINI, OPENAI, SHARED, VERTEX
+from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, OPENAI, SHARED, VERTEX
 from .faults import check_catalogue
 from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
 
@@ -11,6 +11,7 @@ from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREA
 _GEMINI_MODEL = "/models/{model}"
 _VERTEX_MODEL = "/projects/{project}/locations/{location}/publishers/{publisher}/models/{model}"
 _EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
+_AZURE = "/openai/deployments/{deployment}"
 _VERTEX_GEMINI = "/projects/{project}/locations/{location}/publishers/google/models/{model}"
 _VERTEX_CLAUDE = "/projects/{project}/locations/{location}/publishers/anthropic/models/"
 
@@ -56,6 +57,28 @@ ROUTES = (
     Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI, BODY_JSON),
     Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI,
           BODY_JSON),
+    # Azure OpenAI: a deployment (the model) in the path and ?api-version=, or the v1 paths; OpenAI's engine.
+    Route("POST", _AZURE + "/chat/completions", "chat", "azure.handle_azure_chat", OPENAI, BODY_JSON, STREAM_FLAG,
+          "openai_api.openai_reader", platform=AZURE, model_param="deployment"),
+    Route("POST", _AZURE + "/completions", "completions", "azure.handle_azure_completions", OPENAI, BODY_JSON,
+          STREAM_FLAG, "openai_api.completion_turn", platform=AZURE, model_param="deployment"),
+    Route("POST", _AZURE + "/embeddings", "embeddings", "azure.handle_azure_embeddings", OPENAI, BODY_JSON,
+          reader="openai_api.embeddings_turn", platform=AZURE, model_param="deployment"),
+    Route("POST", _AZURE + "/images/generations", "images", "azure.handle_azure_images", OPENAI, BODY_JSON,
+          platform=AZURE, model_param="deployment"),
+    Route("POST", "/openai/responses", "responses", "azure.handle_azure_responses", OPENAI, BODY_JSON, STREAM_FLAG,
+          "responses_api.responses_reader", platform=AZURE),
+    Route("POST", "/openai/v1/chat/completions", "chat", "openai_api.handle_openai_chat", OPENAI, BODY_JSON,
+          STREAM_FLAG, "openai_api.openai_reader", platform=AZURE),
+    Route("POST", "/openai/v1/embeddings", "embeddings", "openai_api.handle_openai_embeddings", OPENAI, BODY_JSON,
+          reader="openai_api.embeddings_turn", platform=AZURE),
+    Route("POST", "/openai/v1/responses", "responses", "responses_api.handle_openai_responses", OPENAI, BODY_JSON,
+          STREAM_FLAG, "responses_api.responses_reader", platform=AZURE),
+    # Gemini's OpenAI-compatible endpoint (/v1beta/openai/...): answered as OpenAI's Chat, with Gemini's key.
+    Route("POST", "/openai/chat/completions", "chat", "openai_api.handle_openai_chat", OPENAI, BODY_JSON,
+          STREAM_FLAG, "openai_api.openai_reader"),
+    Route("POST", "/openai/embeddings", "embeddings", "openai_api.handle_openai_embeddings", OPENAI, BODY_JSON,
+          reader="openai_api.embeddings_turn"),
     # Vertex AI: Gemini and Anthropic models on Google Cloud (Bearer tokens, Google's errors), the same engines.
     Route("POST", _VERTEX_GEMINI + ":generateContent", "gemini_generate", "gemini_api.handle_gemini_generate", GEMINI,
           BODY_JSON, reader="gemini_api.gemini_reader", platform=VERTEX),

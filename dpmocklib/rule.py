@@ -5,7 +5,7 @@ import json
 import re
 import time
 
-from .base import ANTHROPIC, GEMINI, OPENAI, bounded_int, cached, scenarios
+from .base import ANTHROPIC, GEMINI, OPENAI, REGEX_BUDGET, bounded_int, cached, regex_left, scenarios, spend_regex
 from .conversation import RULE_FINISH
 from .providers import first_of, request_key
 from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
@@ -14,7 +14,6 @@ from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
 MAX_DEPTH = 32  #: how deeply a rule's values may nest (match.body values, respond.json, tool call arguments)
 MAX_REGEX = 4096  #: characters in a text_regex
 MAX_INT = 10 ** 9  #: priority and times are within +-MAX_INT
-REGEX_BUDGET = 1.0  #: seconds of text_regex searches one request may spend, all its rules together
 
 #: The condition a text rule gets when it says nothing of tool results (strict mode's message names it so).
 IMPLIED_NO_TOOL_RESULT = "tool_result (implied by a text condition; say tool_result: true or a name to match " \
@@ -64,6 +63,8 @@ class Rule:
             # The user's words stay the last user text while the agent loop sends tool results: a rule on
             # them answers the user's own turns only, or its tool call would answer its own result forever.
             self.conds.append((IMPLIED_NO_TOOL_RESULT, lambda c: c.tool_result is None, False))
+        # the regex search last: a rule that fails a cheaper condition never costs a search
+        self.conds.sort(key=lambda cond: cond[0] == "text_regex")
         check_templates(self.respond, "respond", self.regex)
         #: it can answer a route without a conversation (models, files...): errors, scenarios, raw answers
         self.any_route = any("error" in a or "scenario" in a or "raw" in a for a in answers)
@@ -174,14 +175,15 @@ def search_regexes(rules, ctx, only_if_rest_holds=False):
         return
     from .saferegex import RegexTimeout, TIME_LIMIT, search_many
     results, why = [False] * len(todo), "the request's regex time (%g s) was used up" % REGEX_BUDGET
-    if ctx.regex_left > 0:
+    left = regex_left()
+    if left > 0:
         t = time.monotonic()
         try:
-            results = search_many(ctx.text, [(r.regex.pattern, TIME_LIMIT) for r in todo], ctx.regex_left)
+            results = search_many(ctx.text, [(r.regex.pattern, TIME_LIMIT) for r in todo], left)
             why = "it ran out of time (%g s)" % TIME_LIMIT
         except RegexTimeout as e:
             why = str(e)
-        ctx.regex_left -= time.monotonic() - t
+        spend_regex(time.monotonic() - t)
     for r, result in zip(todo, results):
         ctx.found[r] = result or None
         if result is False:
@@ -393,7 +395,7 @@ class RuleContext:
 
     __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "tool_output", "tool_args",
                  "turn", "stream", "key", "headers", "query", "body", "_trigrams", "conversation", "found",
-                 "regex_left", "stalled")
+                 "stalled")
 
     def __init__(self, req, turn):
         self.provider, self.route = req.provider, req.route.name
@@ -412,7 +414,6 @@ class RuleContext:
         self._trigrams = None
         self.conversation = req.route.reader is not None  #: the route can use any answer
         self.found = {}  #: rule -> its text_regex's search result, for this request
-        self.regex_left = REGEX_BUDGET  #: seconds of regex search left to this request
         self.stalled = []  #: the rules whose text_regex ran out of time (no match, and a warning)
 
     def header_has(self, want):

@@ -33,7 +33,7 @@ RETRY = 1.0  #: after a helper failed to start, searches fail at once for this l
 #: The helper: says "R" when ready; then reads (text, [(pattern, seconds)], budget) frames and answers each
 #: with a list: (groups, groupdict) for a match, None for none, False for a search out of its CPU time.
 _HELPER = r"""# dpmock regex helper
-import marshal, re, signal, sys, time
+import marshal, math, re, resource, signal, sys, time
 class Late(Exception):
     pass
 def late(signum, frame):
@@ -42,6 +42,7 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 signal.signal(signal.SIGVTALRM, late)
 inp, out, cache = sys.stdin.buffer, sys.stdout.buffer, {}
+hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
 out.write(b"R")
 out.flush()
 while True:
@@ -49,12 +50,14 @@ while True:
     if len(head) < 4:
         break
     text, jobs, budget = marshal.loads(inp.read(int.from_bytes(head, "big")))
+    # The kernel's backstop: some of re's loops never look at signals; past this much CPU, SIGXCPU ends us.
+    cap = math.ceil(time.process_time() + budget) + 2
+    resource.setrlimit(resource.RLIMIT_CPU, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     results = []
     for pattern, limit in jobs:
-        limit = min(limit, budget)
-        found = False
-        t0 = time.process_time()
+        found, t0 = False, time.process_time()
         try:
+            limit = min(limit, budget)
             if limit > 0:
                 rx = cache.get(pattern)
                 if rx is None:
@@ -69,8 +72,12 @@ while True:
                 found = None if m is None else (m.groups(), m.groupdict())
         except Exception:
             found = False
-        budget -= time.process_time() - t0
-        results.append(found)
+        try:
+            budget -= time.process_time() - t0
+            results.append(found)
+        except Late:  # the timer fired just as the search ended
+            budget -= time.process_time() - t0
+            results.append(found)
     data = marshal.dumps(results)
     out.write(len(data).to_bytes(4, "big") + data)
     out.flush()
@@ -138,18 +145,20 @@ class RegexPool:
         self.cond = threading.Condition()
         self.failed = None  #: (monotonic time, why) of the last helper that could not start
 
-    def search_many(self, text, jobs, budget):
+    def search_many(self, text, jobs, budget, wait=WAIT):
         """For each (pattern, seconds) job, its search in ``text``: (groups, groupdict), None for no match,
-        False past its seconds of CPU time; all of them together within ``budget`` seconds. RegexTimeout
-        when no helper was free within WAIT or none could start."""
-        wall = START + 4 * sum(limit for _, limit in jobs) + len(text) / 20e6  # a starved helper still answers
+        False past its seconds of CPU time; all of them together within ``budget`` seconds of CPU. RegexTimeout
+        when no helper was free within ``wait`` or none could start."""
+        wall = 2 + 4 * min(budget, sum(limit for _, limit in jobs)) + len(text) / 20e6  # a starved helper answers
         for attempt in (1, 2):  # a helper that died on its own (killed from outside) is replaced once
-            helper = self._take(time.monotonic() + min(WAIT, budget))
+            helper = self._take(time.monotonic() + wait)
             try:
                 results = helper.search(text, jobs, budget, time.monotonic() + wall)
-            except (RegexTimeout, OSError, ValueError, EOFError) as e:
+            except BaseException as e:
                 helper.close()
                 self._gone()
+                if not isinstance(e, (RegexTimeout, OSError, ValueError, EOFError)):
+                    raise
                 if isinstance(e, RegexTimeout) or attempt == 2:
                     raise RegexTimeout(str(e) or "the regex helper failed") from e
                 continue
@@ -211,7 +220,7 @@ def search(pattern, text, limit=TIME_LIMIT):
     return found
 
 
-def search_many(text, jobs, budget):
+def search_many(text, jobs, budget, wait=WAIT):
     """search() of several patterns in one text: the ones that need no helper here, the rest in one round trip."""
     out = [None] * len(jobs)
     remote = []
@@ -222,7 +231,7 @@ def search_many(text, jobs, budget):
             m = re.search(pattern, text)
             out[i] = None if m is None else (m.groups(), m.groupdict())
     if remote:
-        for i, found in zip(remote, pool().search_many(text, [jobs[i] for i in remote], budget)):
+        for i, found in zip(remote, pool().search_many(text, [jobs[i] for i in remote], budget, wait)):
             out[i] = found
     return out
 
@@ -298,8 +307,10 @@ class _Cost:
                     raise ValueError("an alternation inside a repeat")
                 self.choose(len(av[1]))
                 weight += sum(self.walk(b, in_repeat) for b in av[1])
-            elif name == "SUBPATTERN":
-                weight += self.walk(av[-1], in_repeat)
+            elif name == "SUBPATTERN":  # re saves and restores its marks when it backtracks: not free
+                weight += self.walk(av[-1], in_repeat) + 1
+            elif name == "IN":  # a class is checked item by item (characters past U+FFFF, categories)
+                weight += len(av)
             elif name in ("ASSERT", "ASSERT_NOT"):
                 weight += self.walk(av[1], in_repeat)
             elif name == "ATOMIC_GROUP":

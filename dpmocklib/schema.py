@@ -6,9 +6,8 @@ import copy
 import json
 import math
 import re
-import threading
 
-from .base import count_arg, is_finite, b64
+from .base import b64, count_arg, is_finite, regex_left, spend_regex
 from .regexgen import MAX_STRING, regex_string
 
 
@@ -18,7 +17,6 @@ HARD_DEPTH = 48         # past this depth generation gives up (None)
 MAX_ITEMS = 1000        # clamp for minItems / minProperties
 MAX_PATTERN_CHECK = 100  # longer strings are never checked against a pattern
 PATTERN_TIME = 0.1       # seconds of CPU one pattern check may take (saferegex); past it, it does not match
-PATTERN_BUDGET = 1.0     # seconds all pattern checks of one call (one request's schema) may take
 MAX_PATTERN = 10000      # characters in a pattern that is checked at all
 BUDGET = 20000          # values generated per call before cheap mode (twice that: give up)
 STEP_LIMIT = 200000     # schema resolutions + validation steps per call
@@ -54,40 +52,19 @@ def schema_instance(schema, text="example"):
     if not isinstance(text, str):
         text = "example" if text is None else str(text)
     ctx = _Ctx(schema, text)
-    outer = _budget_start()
     try:
         return _gen(schema, ctx, 0, 0)
     except Exception:  # never raise: RecursionError on absurd inputs, anything unforeseen
         return text
-    finally:
-        _budget_end(outer)
 
 
 def schema_error(value, schema):
     """None when ``value`` fits ``schema``, else where it does not, as ``/json/pointer: what``."""
     ctx = _Ctx(schema, "")
-    outer = _budget_start()
     try:
         return None if _ok(value, schema, ctx) else _where(value, schema, ctx, "", 0)
     except Exception:  # never raise: a schema too odd to explain is reported without the detail
         return "/: does not fit the schema"
-    finally:
-        _budget_end(outer)
-
-
-_LOCAL = threading.local()  #: .left: seconds of pattern checks left to this call (one request's, on its thread)
-
-
-def _budget_start():
-    outer = getattr(_LOCAL, "left", None)
-    if outer is None:
-        _LOCAL.left = PATTERN_BUDGET
-    return outer
-
-
-def _budget_end(outer):
-    if outer is None:
-        _LOCAL.left = None
 
 
 def _where(value, schema, ctx, path, depth):
@@ -591,23 +568,21 @@ def _search(pattern, value):
 
 def _found(rx, value):
     """Whether a client's pattern matches: searched where it cannot stall the server (saferegex), within the
-    call's PATTERN_BUDGET (past it, or past PATTERN_TIME for one search, it does not)."""
+    request's regex time (base.REGEX_BUDGET; past it, or past PATTERN_TIME for one search, it does not)."""
     from .saferegex import RegexTimeout, needs_helper, search
-    if not needs_helper(rx.pattern, value):
-        return rx.search(value) is not None
-    left = getattr(_LOCAL, "left", None)
-    left = PATTERN_BUDGET if left is None else left
+    left = regex_left()
     if left <= 0:
-        return False
+        return False  # the call's time for patterns is spent (searched here or in a helper, all of it counts)
     import time
     t = time.monotonic()
     try:
+        if not needs_helper(rx.pattern, value):
+            return rx.search(value) is not None
         return search(rx.pattern, value, min(PATTERN_TIME, left)) is not None
     except RegexTimeout:
         return False
     finally:
-        if getattr(_LOCAL, "left", None) is not None:
-            _LOCAL.left -= time.monotonic() - t
+        spend_regex(time.monotonic() - t)
 
 
 _FORMAT_RX = {

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 import unittest
 
-from .support import AN, GE, Server, _have, anthropic_messages, gemini_contents, raw_request, sse_events
+from .support import (AN, GE, Server, _have, anthropic_messages, gemini_contents, openai_chat, raw_request,
+    sse_events)
 
 VERTEX = "/v1/projects/proj/locations/us-east5/publishers"
 VERTEX_GEMINI = VERTEX + "/google/models/gemini-2.5-flash:"
@@ -109,6 +110,65 @@ class VertexTest(unittest.TestCase):
         self.assertFalse(raw.endswith(b"0\r\n\r\n"))
         entry = json.loads(self.srv.request("GET", "/_control/requests?test=cut")[2])["requests"][-1]
         self.assertEqual((entry["route"], entry["platform"], entry["scenario"]), ("messages", "vertex", "STREAM_CUT; events=2"))
+
+
+AZURE = "/openai/deployments/my-gpt4o/"
+AZ_KEY = {"api-key": "az-test-key"}
+
+
+class AzureTest(unittest.TestCase):
+    """Azure OpenAI over raw HTTP: deployments paths with api-version, the v1 paths, and Gemini's OpenAI-compatible
+    endpoint."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server("-q")
+        st, _, body = cls.srv.request("POST", "/_control/rules", json.dumps(RULES).encode())
+        assert st == 200, body
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+
+    def post(self, path, body, headers=AZ_KEY):
+        st, hdrs, data = self.srv.request("POST", path, json.dumps(body).encode(), headers)
+        return st, hdrs, json.loads(data) if data.startswith(b"{") else data
+
+    def test_the_deployment_is_the_model_and_filters_are_reported(self):
+        st, hdrs, r = self.post(AZURE + "chat/completions?api-version=2024-10-21", openai_chat("hello"))
+        self.assertEqual((st, r["model"], r["choices"][0]["message"]["content"]), (200, "my-gpt4o",
+                                                                                  "Hello from my-gpt4o"))
+        self.assertEqual(r["choices"][0]["content_filter_results"]["hate"], {"filtered": False, "severity": "safe"})
+        self.assertEqual(r["prompt_filter_results"][0]["prompt_index"], 0)
+        self.assertIn("apim-request-id", hdrs)
+        st, _, raw = self.post(AZURE + "chat/completions?api-version=2025-01-01-preview", openai_chat("hello", True),
+                               {"Authorization": "Bearer entra-token"})
+        events = [json.loads(d) for _, d in sse_events(raw) if d and d != "[DONE]"]
+        self.assertEqual((events[0]["choices"], "prompt_filter_results" in events[0]), ([], True))
+        self.assertEqual("".join(e["choices"][0]["delta"].get("content") or "" for e in events[1:]),
+                         "Hello from my-gpt4o")
+        st, _, r = self.post(AZURE + "embeddings?api-version=2024-10-21", {"input": "hi"})
+        self.assertEqual(len(r["data"][0]["embedding"]), 1536)
+        for path in ("/openai/v1/chat/completions", "/v1beta/openai/chat/completions"):
+            st, _, r = self.post(path, openai_chat("what is the weather"), {"Authorization": "Bearer k"})
+            self.assertEqual(json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]),
+                             {"city": "Paris"}, path)
+        st, _, r = self.post("/openai/responses?api-version=2025-04-01-preview", {"model": "my-gpt4o",
+                                                                                  "input": "hello"})
+        self.assertEqual(r["output"][0]["content"][0]["text"], "Hello from my-gpt4o")
+
+    def test_azures_errors(self):
+        cases = [(AZURE + "chat/completions", AZ_KEY, 404, "404"),
+                 (AZURE + "chat/completions?api-version=someday", AZ_KEY, 400, "BadRequest"),
+                 (AZURE + "chat/completions?api-version=2024-10-21", {}, 401, "401"),
+                 ("/openai/deployments/x-does-not-exist/chat/completions?api-version=2024-10-21", AZ_KEY, 404,
+                  "DeploymentNotFound"),
+                 (AZURE + "chat/completions?api-version=2024-10-21", dict(AZ_KEY, **{"X-DP-Scenario": "RATE_LIMITED"}),
+                  429, "rate_limit_exceeded")]
+        for path, headers, status, code in cases:
+            st, hdrs, r = self.post(path, openai_chat("x"), headers)
+            self.assertEqual((st, r["error"]["code"]), (status, code), path)
+            self.assertIsInstance(r["error"]["message"], str)
 
 
 class VertexRecordTest(unittest.TestCase):
@@ -213,6 +273,51 @@ class GeminiVertexSdkTest(unittest.TestCase):
         self.assertEqual((cm.exception.code, cm.exception.status), (429, "RESOURCE_EXHAUSTED"))
         with self.assertRaises(Exception) as cm:
             list(cut.models.generate_content_stream(model="gemini-2.5-flash", contents="hello"))
+        self.assertNotIsInstance(cm.exception, AssertionError)
+
+
+@unittest.skipUnless(_have("openai"), "the openai package is not installed (optional)")
+class AzureSdkTest(unittest.TestCase):
+    """openai.AzureOpenAI: a plain call, a stream, a rule-driven agent step, a 429, a cut stream, a missing
+    deployment, each as the SDK's own types."""
+
+    def setUp(self):
+        self.openai = importlib.import_module("openai")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULES).encode())
+        self.client = self.openai.AzureOpenAI(azure_endpoint=self.srv.url, api_key="az-key", api_version="2024-10-21",
+                                              max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_calls_streams_agent_step_and_errors(self):
+        o, c = self.openai, self.client
+        msgs = [{"role": "user", "content": "hello"}]
+        self.assertEqual(c.chat.completions.create(model="my-gpt4o", messages=msgs).choices[0].message.content,
+                         "Hello from my-gpt4o")
+        with c.chat.completions.stream(model="my-gpt4o", messages=msgs) as s:
+            self.assertEqual(s.get_final_completion().choices[0].message.content, "Hello from my-gpt4o")
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": TOOL}}]
+        msgs = [{"role": "user", "content": "what is the weather?"}]
+        r = c.chat.completions.create(model="my-gpt4o", messages=msgs, tools=tools)
+        call = r.choices[0].message.tool_calls[0]
+        self.assertEqual(json.loads(call.function.arguments), {"city": "Paris"})
+        msgs += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
+        self.assertEqual(c.chat.completions.create(model="my-gpt4o", messages=msgs, tools=tools)
+                         .choices[0].message.content, "Sunny in Paris")
+        with self.assertRaises(o.RateLimitError):
+            c.chat.completions.create(model="my-gpt4o", messages=msgs[:1],
+                                      extra_headers={"X-DP-Scenario": "RATE_LIMITED"})
+        with self.assertRaises(o.NotFoundError) as cm:
+            c.chat.completions.create(model="gpt-does-not-exist", messages=msgs[:1])
+        self.assertEqual(cm.exception.code, "DeploymentNotFound")
+        with self.assertRaises(o.APIError):
+            list(c.chat.completions.create(model="my-gpt4o", messages=msgs[:1], stream=True,
+                                           extra_headers={"X-DP-Scenario": "STREAM_ERROR"}))
+        with self.assertRaises(Exception) as cm:
+            list(c.chat.completions.create(model="my-gpt4o", messages=msgs[:1], stream=True,
+                                           extra_headers={"X-DP-Scenario": "STREAM_CUT; events=2"}))
         self.assertNotIsInstance(cm.exception, AssertionError)
 
 

@@ -96,18 +96,20 @@ class RegexTest(HostileCase):
         self.assertLess(time.monotonic() - t0, 3.0)
 
     def test_patterns_that_look_cheap_but_are_not_never_stall(self):
+        wide = "".join(chr(0x10000 + 2 * i) for i in range(975))  # a class re checks item by item
         evil = ["(?:){100000000}x", "(?:\\b){100000000}x", "(?:(?=a)){100000000}x", "(?:a|aa)" * 30 + "b",
-                "\\w*\\w*\\w*\\w*\\d", "(.*a){25}"]
+                "\\w*\\w*\\w*\\w*\\d", "(.*a){25}", ".{0,15}[%s]{100}x" % wide, "(?:" + "()" * 192 + "){0,12}!"]
         self.rules([{"id": "evil%d" % i, "match": {"text_regex": p}, "respond": {"text": "hit"}}
                     for i, p in enumerate(evil)])
         def fmt(pattern):
             return {"type": "json_schema", "json_schema": {"name": "x", "schema": {
                 "type": "object", "required": ["v"], "properties": {"v": {"type": "string", "pattern": pattern}}}}}
         done = []
-        threads = [threading.Thread(target=lambda: done.append(self.chat("a" * 60, timeout=20)))]
-        threads += [threading.Thread(target=lambda p=p: done.append(self.chat("a" * 60, timeout=20,
-                                                                              response_format=fmt(p))))
-                    for p in (evil[0], evil[3])]
+        threads = [threading.Thread(target=lambda: done.append(self.chat("a" * 60, timeout=20))),
+                   threading.Thread(target=lambda: done.append(self.chat(wide[-1] * 256, timeout=20))),
+                   threading.Thread(target=lambda: done.append(self.chat("a" * 256, timeout=20)))]
+        threads.append(threading.Thread(target=lambda: done.append(self.chat(
+            "a" * 60, timeout=20, response_format=fmt(evil[0])))))
         for t in threads:
             t.start()
         time.sleep(0.05)
@@ -119,6 +121,15 @@ class RegexTest(HostileCase):
         for t in threads:
             t.join(20)
         self.assertEqual(sorted(st for st, _ in done), [200] * len(threads))
+
+    def test_a_rule_ruled_out_by_another_condition_costs_no_search(self):
+        self.rules({"id": "evil", "match": {"text_regex": "(a+)+$", "model": "never-this-model"},
+                    "respond": {"text": "hit"}})
+        t0 = time.monotonic()
+        self.chat("a" * 49 + "!")
+        self.assertLess(time.monotonic() - t0, 0.2)
+        entry = json.loads(self.srv.request("GET", "/_control/requests")[2])["requests"][-1]
+        self.assertIsNone(entry["warning"])
 
     def helpers(self):
         """The pids of the server's regex helpers."""
