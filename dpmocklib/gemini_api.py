@@ -197,10 +197,12 @@ def handle_gemini_predict(w, req):
     model = req.params["model"]
     check_model(req, model, "predict")
     instances = req.json.get("instances")
+    params = req.json.get("parameters") or {}
+    if isinstance(instances, list) and instances and all(isinstance(i, dict) and "content" in i for i in instances):
+        return _predict_embeddings(w, req, model, instances, params)  # Vertex AI's text embedding models
     if not isinstance(instances, list) or not instances or not all(
             isinstance(i, dict) and isinstance(i.get("prompt"), str) and i["prompt"] for i in instances):
-        raise invalid("instances: every instance needs a non-empty prompt")
-    params = req.json.get("parameters") or {}
+        raise invalid("instances: every instance needs a non-empty prompt (or, for an embedding model, content)")
     n = first_of(params, "sampleCount", "sample_count", "numberOfImages")
     n = 1 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 8:
@@ -208,6 +210,26 @@ def handle_gemini_predict(w, req):
     predictions = [{"mimeType": "image/png", "bytesBase64Encoded": b64(png_for(image_name(inst["prompt"])))}
                    for inst in instances for _ in range(n)]
     w.send_json(200, {"predictions": predictions})
+
+
+def _predict_embeddings(w, req, model, instances, params):
+    """Vertex AI's :predict for text embedding models: {"instances": [{"content": ...}]} -> predictions."""
+    if not isinstance(params, dict):
+        raise invalid("parameters: expected an object")
+    dims = first_of(params, "outputDimensionality", "output_dimensionality")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or
+                             not 1 <= dims <= embedding_dims(model)):
+        raise invalid("parameters.outputDimensionality: expected an integer from 1 to %d" % embedding_dims(model))
+    predictions, chars = [], 0
+    for i, inst in enumerate(instances):
+        text = inst.get("content")
+        if not isinstance(text, str) or not text:
+            raise invalid("instances[%d].content: expected a non-empty string" % i)
+        chars += len(text)
+        predictions.append({"embeddings": {
+            "values": [round(x, 9) for x in embedding(text, dims or embedding_dims(model))],
+            "statistics": {"truncated": False, "token_count": count_tokens([text])}}})
+    w.send_json(200, {"predictions": predictions, "metadata": {"billableCharacterCount": chars}})
 
 
 def _gemini_embed_one(req, body, model, where):

@@ -84,6 +84,14 @@ class VertexTest(unittest.TestCase):
         st, _, data = self.post(VERTEX + "/google/models/gemini-embedding-001:embedContent",
                                 {"content": {"parts": [{"text": "hi"}]}})
         self.assertEqual(len(json.loads(data)["embedding"]["values"]), 3072)
+        st, _, data = self.post(VERTEX + "/google/models/text-embedding-005:predict",
+                                {"instances": [{"content": "hi there"}, {"content": "bye"}],
+                                 "parameters": {"outputDimensionality": 64}})
+        predictions = json.loads(data)["predictions"]
+        self.assertEqual([(len(p["embeddings"]["values"]), p["embeddings"]["statistics"]["token_count"])
+                          for p in predictions], [(64, 2), (64, 1)])
+        st, _, data = self.post(VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": 5}]})
+        self.assertEqual((st, json.loads(data)["error"]["status"]), (400, "INVALID_ARGUMENT"))
 
     def test_errors_are_googles_on_every_vertex_route(self):
         cases = [(VERTEX_GEMINI + "generateContent", gemini_contents("x")),
@@ -267,6 +275,8 @@ class GeminiVertexSdkTest(unittest.TestCase):
                                                 config=t.GenerateContentConfig(tools=[get_weather]))
         self.assertEqual(r.text, "Sunny in Paris")  # the SDK ran the tool and sent its result back
         self.assertEqual(self.client.models.count_tokens(model="gemini-2.5-flash", contents="a b c").total_tokens, 3)
+        r = self.client.models.embed_content(model="text-embedding-005", contents=["hi there", "bye"])
+        self.assertEqual([len(e.values) for e in r.embeddings], [768, 768])
         limited, cut = self.make(**{"X-DP-Scenario": "RATE_LIMITED"}), self.make(**{"X-DP-Scenario": "STREAM_CUT"})
         with self.assertRaises(self.errors.ClientError) as cm:
             limited.models.generate_content(model="gemini-2.5-flash", contents="x")
