@@ -21,26 +21,17 @@ def check_api_version(req):
         raise HTTPError(400, "API version not supported", "BadRequest")
 
 
-def handle_azure_chat(w, req):
-    check_api_version(req)
-    openai_api.handle_openai_chat(w, req)
+def _needs_api_version(handler):
+    """``handler`` behind Azure's api-version check (the deployments paths and /openai/responses)."""
+    def handle(w, req):
+        check_api_version(req)
+        handler(w, req)
+    handle.__doc__ = "%s, on Azure's path (api-version checked first)" % handler.__name__
+    return handle
 
 
-def handle_azure_completions(w, req):
-    check_api_version(req)
-    openai_api.handle_openai_completions(w, req)
-
-
-def handle_azure_embeddings(w, req):
-    check_api_version(req)
-    openai_api.handle_openai_embeddings(w, req)
-
-
-def handle_azure_images(w, req):
-    check_api_version(req)
-    openai_api.handle_openai_images(w, req)
-
-
-def handle_azure_responses(w, req):
-    check_api_version(req)
-    responses_api.handle_openai_responses(w, req)
+handle_azure_chat = _needs_api_version(openai_api.handle_openai_chat)
+handle_azure_completions = _needs_api_version(openai_api.handle_openai_completions)
+handle_azure_embeddings = _needs_api_version(openai_api.handle_openai_embeddings)
+handle_azure_images = _needs_api_version(openai_api.handle_openai_images)
+handle_azure_responses = _needs_api_version(responses_api.handle_openai_responses)

@@ -29,8 +29,10 @@ def vertex_claude(text, stream=False):
     return body
 
 
-class VertexTest(unittest.TestCase):
-    """Vertex AI over raw HTTP: Gemini's generateContent family and Anthropic's rawPredict."""
+class CloudCase(unittest.TestCase):
+    """One server for the class, with RULES loaded; post() sends with the cloud's key by default."""
+
+    HEADERS = {}
 
     @classmethod
     def setUpClass(cls):
@@ -42,9 +44,15 @@ class VertexTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.srv.stop()
 
-    def post(self, path, body, headers=BEARER):
-        st, hdrs, data = self.srv.request("POST", path, json.dumps(body).encode(), headers)
-        return st, hdrs, data
+    def post(self, path, body, headers=None):
+        headers = self.HEADERS if headers is None else headers
+        return self.srv.request("POST", path, json.dumps(body).encode(), headers)
+
+
+class VertexTest(CloudCase):
+    """Vertex AI over raw HTTP: Gemini's generateContent family and Anthropic's rawPredict."""
+
+    HEADERS = BEARER
 
     def test_one_rule_answers_direct_and_on_vertex(self):
         answers = []
@@ -124,22 +132,14 @@ AZURE = "/openai/deployments/my-gpt4o/"
 AZ_KEY = {"api-key": "az-test-key"}
 
 
-class AzureTest(unittest.TestCase):
+class AzureTest(CloudCase):
     """Azure OpenAI over raw HTTP: deployments paths with api-version, the v1 paths, and Gemini's OpenAI-compatible
     endpoint."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = Server("-q")
-        st, _, body = cls.srv.request("POST", "/_control/rules", json.dumps(RULES).encode())
-        assert st == 200, body
+    HEADERS = AZ_KEY
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.srv.stop()
-
-    def post(self, path, body, headers=AZ_KEY):
-        st, hdrs, data = self.srv.request("POST", path, json.dumps(body).encode(), headers)
+    def post(self, path, body, headers=None):
+        st, hdrs, data = super().post(path, body, headers)
         return st, hdrs, json.loads(data) if data.startswith(b"{") else data
 
     def test_the_deployment_is_the_model_and_filters_are_reported(self):
