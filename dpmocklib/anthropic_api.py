@@ -23,7 +23,7 @@ ANTHROPIC_MESSAGES_SHAPE = {
     "stream": bool, "temperature": float, "top_p": float, "top_k": int, "stop_sequences": [str],
     "thinking": {"type": str, "budget_tokens": int}, "metadata": dict, "service_tier": str,
     "output_config": {"format": dict, "effort": str}, "output_format": dict,
-    "thread": {"type": str, "previous_message_id": str}, "anthropic_version": str,
+    "thread": {"type": str, "previous_message_id": str},
 }
 
 
@@ -168,6 +168,8 @@ def anthropic_usage(plan, output_tokens):
 def handle_vertex_messages(w, req):
     """Vertex AI's rawPredict / streamRawPredict: the model in the path, the API version in the body."""
     check_key(req)
+    if req.params["model"] == "count-tokens":
+        raise invalid("count-tokens is no model: token counting is POST .../models/count-tokens:rawPredict")
     if not isinstance(req.json.get("anthropic_version"), str):
         raise invalid("anthropic_version: Field required (Vertex AI takes the API version in the body, such as "
                       "\"vertex-2023-10-16\")")

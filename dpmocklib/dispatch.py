@@ -222,7 +222,7 @@ def answer_scenario(w, req, value, params):
 def provider_error(w, pe, params):
     """A ProviderError scenario as this provider's Reply (a proxy page when it has one)."""
     provider = PROVIDERS[w.req.voice]
-    status = pe.status if isinstance(pe.status, int) else pe.status[w.req.provider]
+    status = pe.status if isinstance(pe.status, int) else pe.status[provider.family]
     if pe.html:
         return Reply(status, pe.html, scenarios.HTML)
     headers, details = provider.rate_limit(params["retry_after"]) if "retry_after" in params else ([], None)

@@ -2,7 +2,7 @@
 
 import json
 
-from .base import GEMINI, b64
+from .base import GEMINI, VERTEX, b64
 from .conversation import JSON_OBJECT, Plan, Turn, check_max_tokens, read_turn
 from .embeddings import embedding, embedding_dims
 from .images import image_name, png_for
@@ -198,7 +198,8 @@ def handle_gemini_predict(w, req):
     check_model(req, model, "predict")
     instances = req.json.get("instances")
     params = req.json.get("parameters") or {}
-    if isinstance(instances, list) and instances and all(isinstance(i, dict) and "content" in i for i in instances):
+    if req.route.platform == VERTEX and not model.startswith("imagen") and isinstance(instances, list) and \
+            instances and all(isinstance(i, dict) and "content" in i for i in instances):
         return _predict_embeddings(w, req, model, instances, params)  # Vertex AI's text embedding models
     if not isinstance(instances, list) or not instances or not all(
             isinstance(i, dict) and isinstance(i.get("prompt"), str) and i["prompt"] for i in instances):
@@ -212,10 +213,16 @@ def handle_gemini_predict(w, req):
     w.send_json(200, {"predictions": predictions})
 
 
+MAX_EMBED_INSTANCES = 250  #: Vertex AI's limit of texts in one embedding :predict
+MAX_BATCH_EMBED = 100  #: the Gemini API's limit of requests in one batchEmbedContents
+
+
 def _predict_embeddings(w, req, model, instances, params):
     """Vertex AI's :predict for text embedding models: {"instances": [{"content": ...}]} -> predictions."""
     if not isinstance(params, dict):
         raise invalid("parameters: expected an object")
+    if len(instances) > MAX_EMBED_INSTANCES:
+        raise invalid("instances: at most %d instances in one request, not %d" % (MAX_EMBED_INSTANCES, len(instances)))
     dims = first_of(params, "outputDimensionality", "output_dimensionality")
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or
                              not 1 <= dims <= embedding_dims(model)):
@@ -268,6 +275,9 @@ def handle_gemini_batch_embed(w, req):
     requests = req.json.get("requests")
     if not isinstance(requests, list) or not requests:
         raise invalid("* BatchEmbedContentsRequest.requests: requests is not specified")
+    if len(requests) > MAX_BATCH_EMBED:
+        raise invalid("* BatchEmbedContentsRequest.requests: at most %d requests are allowed per batch, not %d"
+                      % (MAX_BATCH_EMBED, len(requests)))
     out = []
     for i, r in enumerate(requests):
         if not isinstance(r, dict):

@@ -7,7 +7,7 @@ import re
 import time
 from collections import namedtuple
 
-from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
+from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, GEMINI_OPENAI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
 
 
 def invalid(message, param=None, code=None):
@@ -98,7 +98,7 @@ def ascii_json(obj):
 
 
 class Provider(namedtuple("Provider", "name error_body answer_headers key_headers missing_key bad_key "
-                                      "missing_model rate_limit stream_error scenario_error field_path")):
+                                      "missing_model rate_limit stream_error scenario_error field_path family")):
     """How one provider says things: every ``if provider == ...`` of the server lives in these rows.
 
     ``error_body(HTTPError, request id)`` -> JSON body; ``answer_headers(request id)`` -> headers
@@ -106,7 +106,8 @@ class Provider(namedtuple("Provider", "name error_body answer_headers key_header
     ``missing_key()``/``bad_key(key)``/``missing_model(model, action)`` -> HTTPError;
     ``rate_limit(seconds)`` -> (headers, error details); ``stream_error`` -> the in-stream error's
     SSE text; ``scenario_error(ProviderError, status, headers, details)`` -> HTTPError;
-    ``field_path(parts)`` -> how its error messages name a field.
+    ``field_path(parts)`` -> how its error messages name a field; ``family``: the provider whose scenario
+    statuses and messages it uses (a cloud's row: the provider whose error shape it has).
     """
 
     __slots__ = ()
@@ -129,7 +130,7 @@ PROVIDERS = {
         lambda pe, status, headers, details: HTTPError(status, pe.openai[2], pe.openai[1], etype=pe.openai[0],
                                                        headers=headers),
         lambda parts: "".join("[%d]" % p if isinstance(p, int) else ("." if i else "") + p
-                              for i, p in enumerate(parts))),
+                              for i, p in enumerate(parts)), OPENAI),
     ANTHROPIC: Provider(
         ANTHROPIC, _anthropic_error, _anthropic_headers,
         ("x-api-key", "authorization"),
@@ -141,7 +142,7 @@ PROVIDERS = {
             "type": "overloaded_error", "message": "Overloaded"}}),
         lambda pe, status, headers, details: HTTPError(status, pe.anthropic[1], etype=pe.anthropic[0],
                                                        headers=headers),
-        lambda parts: ".".join(str(p) for p in parts)),
+        lambda parts: ".".join(str(p) for p in parts), ANTHROPIC),
     GEMINI: Provider(
         GEMINI, _gemini_error, lambda rid: [],
         ("authorization", "x-api-key", "x-goog-api-key"),
@@ -158,7 +159,7 @@ PROVIDERS = {
         lambda pe, status, headers, details: HTTPError(status, pe.gemini[1], etype=pe.gemini[0], headers=headers,
                                                        details=details),
         lambda parts: "".join("[%d]" % p if isinstance(p, int) else ("." if i else "") + p
-                              for i, p in enumerate(parts))),
+                              for i, p in enumerate(parts)), GEMINI),
 }
 PROVIDERS[DPMOCK] = PROVIDERS[SHARED] = PROVIDERS[OPENAI]._replace(name=DPMOCK, answer_headers=lambda rid: [])
 #: Azure OpenAI: the api-key header (or Entra ID's Bearer token), Azure's codes on OpenAI's error shape.
@@ -173,6 +174,8 @@ PROVIDERS[AZURE] = PROVIDERS[OPENAI]._replace(
     missing_model=lambda model, action: HTTPError(404, "The API deployment for this resource does not exist. If you "
                                                        "created the deployment within the last 5 minutes, please wait "
                                                        "a moment and try again.", "DeploymentNotFound"))
+#: Gemini's OpenAI-compatible endpoint (/v1beta/openai/...): OpenAI's shapes on Google's service.
+PROVIDERS[GEMINI_OPENAI] = PROVIDERS[OPENAI]._replace(name=GEMINI_OPENAI)
 #: Vertex AI (Gemini and Anthropic models): OAuth Bearer tokens, and Google's error shape for every error.
 PROVIDERS[VERTEX] = PROVIDERS[GEMINI]._replace(
     name=VERTEX, key_headers=("authorization",),

@@ -3,7 +3,7 @@
 A row names its handler (and reader) as ``"module.function"``: the file that holds it, imported when the
 route is first asked for."""
 
-from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, OPENAI, SHARED, VERTEX
+from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, GEMINI_OPENAI, OPENAI, SHARED, VERTEX
 from .faults import check_catalogue
 from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
 
@@ -54,6 +54,8 @@ ROUTES = (
     Route("POST", _GEMINI_MODEL + ":batchEmbedContents", "gemini_batch_embed", "gemini_api.handle_gemini_batch_embed",
           GEMINI, BODY_JSON, reader="gemini_api.gemini_embed_turn"),
     Route("POST", _GEMINI_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI, BODY_JSON),
+    Route("POST", _VERTEX_GEMINI + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI, BODY_JSON,
+          platform=VERTEX),  # before the row below, which it narrows (google's models: Vertex AI's)
     Route("POST", _VERTEX_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI, BODY_JSON),
     Route("POST", _EXPRESS_MODEL + ":predict", "gemini_predict", "gemini_api.handle_gemini_predict", GEMINI,
           BODY_JSON),
@@ -76,9 +78,9 @@ ROUTES = (
           STREAM_FLAG, "responses_api.responses_reader", platform=AZURE),
     # Gemini's OpenAI-compatible endpoint (/v1beta/openai/...): answered as OpenAI's Chat, with Gemini's key.
     Route("POST", "/openai/chat/completions", "chat", "openai_api.handle_openai_chat", OPENAI, BODY_JSON,
-          STREAM_FLAG, "openai_api.openai_reader"),
+          STREAM_FLAG, "openai_api.openai_reader", platform=GEMINI_OPENAI),
     Route("POST", "/openai/embeddings", "embeddings", "openai_api.handle_openai_embeddings", OPENAI, BODY_JSON,
-          reader="openai_api.embeddings_turn"),
+          reader="openai_api.embeddings_turn", platform=GEMINI_OPENAI),
     # Vertex AI: Gemini and Anthropic models on Google Cloud (Bearer tokens, Google's errors), the same engines.
     Route("POST", _VERTEX_GEMINI + ":generateContent", "gemini_generate", "gemini_api.handle_gemini_generate", GEMINI,
           BODY_JSON, reader="gemini_api.gemini_reader", platform=VERTEX),

@@ -98,18 +98,28 @@ class VertexTest(CloudCase):
         predictions = json.loads(data)["predictions"]
         self.assertEqual([(len(p["embeddings"]["values"]), p["embeddings"]["statistics"]["token_count"])
                           for p in predictions], [(64, 2), (64, 1)])
-        st, _, data = self.post(VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": 5}]})
-        self.assertEqual((st, json.loads(data)["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        for path, body in ((VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": 5}]}),
+                           (VERTEX + "/google/models/text-embedding-005:predict",
+                            {"instances": [{"content": "w"}] * 251}),  # Vertex AI's limit is 250
+                           (VERTEX_CLAUDE.replace("claude-sonnet-4-5@20250929", "count-tokens") + "streamRawPredict",
+                            vertex_claude("x", True))):
+            st, _, data = self.post(path, body)
+            self.assertEqual((st, json.loads(data)["error"]["status"]), (400, "INVALID_ARGUMENT"), path)
+        st, _, data = self.post("/v1beta/models/imagen-4.0-generate-001:predict", {"instances": [{"content": "x"}]},
+                                GE)  # the Gemini API's :predict is Imagen's alone
+        self.assertEqual(st, 400)
 
     def test_errors_are_googles_on_every_vertex_route(self):
         cases = [(VERTEX_GEMINI + "generateContent", gemini_contents("x")),
+                 (VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": "x"}]}),
                  (VERTEX_CLAUDE + "rawPredict", vertex_claude("x")),
                  (VERTEX_CLAUDE + "streamRawPredict", vertex_claude("x", True))]
         for path, body in cases:
             for headers, status, code in (({}, 401, "UNAUTHENTICATED"),
                                           (dict(BEARER, **{"X-DP-Scenario": "RATE_LIMITED"}), 429,
                                            "RESOURCE_EXHAUSTED"),
-                                          (dict(BEARER, **{"X-DP-Scenario": "SERVER_ERROR"}), 500, "INTERNAL")):
+                                          (dict(BEARER, **{"X-DP-Scenario": "SERVER_ERROR"}), 500, "INTERNAL"),
+                                          (dict(BEARER, **{"X-DP-Scenario": "OVERLOADED"}), 503, "UNAVAILABLE")):
                 st, _, data = self.post(path, body, headers)
                 err = json.loads(data)["error"]
                 self.assertEqual((st, err["code"], err["status"]), (status, status, code), (path, data))
@@ -188,11 +198,15 @@ class VertexRecordTest(unittest.TestCase):
                      "anthropic=http://127.0.0.1:9")
         self.addCleanup(srv.stop)
         for path, body in ((VERTEX_GEMINI + "generateContent", gemini_contents("x")),
-                           (VERTEX_CLAUDE + "rawPredict", vertex_claude("x"))):
+                           (VERTEX_CLAUDE + "rawPredict", vertex_claude("x")),
+                           (VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": "x"}]})):
             st, _, data = srv.request("POST", path, json.dumps(body).encode(), BEARER)
             err = json.loads(data)["error"]
             self.assertEqual((st, err["status"]), (501, "UNIMPLEMENTED"))
             self.assertIn("vertex", err["message"])
+        st, _, data = srv.request("POST", "/v1beta/openai/chat/completions", json.dumps(openai_chat("x")).encode(),
+                                  {"Authorization": "Bearer gemini-key"})  # never to the OpenAI upstream
+        self.assertEqual((st, json.loads(data)["error"]["code"]), (501, "not_forwarded"))
         self.assertEqual(os.listdir(d), [])
 
 
