@@ -51,7 +51,7 @@ LAUNCHER = ([sys.executable, os.path.join(HOME, "dpmock.py")] if os.path.exists(
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 SHARED, DPMOCK = None, ""  #: route.provider of paths the providers share, and of dpmock's own
 #: Clouds that serve a provider's models on paths, keys and error shapes of their own (route.platform).
-VERTEX, AZURE, GEMINI_OPENAI = "vertex", "azure", "gemini-openai"
+VERTEX, AZURE, BEDROCK, GEMINI_OPENAI = "vertex", "azure", "bedrock", "gemini-openai"
 
 
 def _encoder(item_sep, key_sep):

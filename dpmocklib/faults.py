@@ -229,7 +229,7 @@ class Html200(FaultKind):
 
 
 _END_MARKERS = ("[DONE]",)
-_END_EVENTS = ("message_stop", "response.completed", "response.incomplete")
+_END_EVENTS = ("message_stop", "response.completed", "response.incomplete", "messageStop")
 
 
 class StreamError(FaultKind):
@@ -294,7 +294,7 @@ class StreamCut(FaultKind):
 class StreamNoEnd(FaultKind):
     kind = "STREAM_NO_END"
     streams_only = True
-    ends = frozenset(("message_stop", "response.completed", "response.incomplete"))  #: events that end a stream
+    ends = frozenset(_END_EVENTS)  #: events that end a stream
 
     def item(self, w, n, text, payload, event, p):
         return None if payload == "[DONE]" or event in self.ends else text
@@ -319,7 +319,7 @@ class SseLineEndings(FaultKind):
     streams_only = True
 
     def item(self, w, n, text, payload, event, p):
-        return text if w.json_array else text.replace("\r\n", "\n").replace("\n", _EOL[p["eol"]])
+        return text if not w.is_sse() else text.replace("\r\n", "\n").replace("\n", _EOL[p["eol"]])
 
 
 class SseComments(FaultKind):
@@ -327,7 +327,7 @@ class SseComments(FaultKind):
     streams_only = True
 
     def item(self, w, n, text, payload, event, p):
-        return text if w.json_array else ": dpmock comment before event %d\n%s:\n\n" % (n, text)
+        return text if not w.is_sse() else ": dpmock comment before event %d\n%s:\n\n" % (n, text)
 
 
 class SseBigEvent(FaultKind):

@@ -7,7 +7,7 @@ import re
 import time
 from collections import namedtuple
 
-from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, GEMINI_OPENAI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
+from .base import ANTHROPIC, AZURE, BEDROCK, DPMOCK, GEMINI, GEMINI_OPENAI, HTTPError, OPENAI, SHARED, VERTEX, scenarios
 
 
 def invalid(message, param=None, code=None):
@@ -97,8 +97,13 @@ def ascii_json(obj):
     return json.dumps(obj, separators=(",", ":"))
 
 
+def _no_headers(e):
+    return ()
+
+
 class Provider(namedtuple("Provider", "name error_body answer_headers key_headers missing_key bad_key "
-                                      "missing_model rate_limit stream_error scenario_error field_path family")):
+                                      "missing_model rate_limit stream_error scenario_error field_path family "
+                                      "error_headers", defaults=(_no_headers,))):
     """How one provider says things: every ``if provider == ...`` of the server lives in these rows.
 
     ``error_body(HTTPError, request id)`` -> JSON body; ``answer_headers(request id)`` -> headers
@@ -107,7 +112,8 @@ class Provider(namedtuple("Provider", "name error_body answer_headers key_header
     ``rate_limit(seconds)`` -> (headers, error details); ``stream_error`` -> the in-stream error's
     SSE text; ``scenario_error(ProviderError, status, headers, details)`` -> HTTPError;
     ``field_path(parts)`` -> how its error messages name a field; ``family``: the provider whose scenario
-    statuses and messages it uses (a cloud's row: the provider whose error shape it has).
+    statuses and messages it uses (a cloud's row: the provider whose error shape it has);
+    ``error_headers(HTTPError)`` -> headers an error answer carries (Bedrock's error type).
     """
 
     __slots__ = ()
@@ -190,6 +196,50 @@ PROVIDERS[VERTEX] = PROVIDERS[GEMINI]._replace(
                                                        "not have access to it." % model, etype="NOT_FOUND"))
 
 
+#: Bedrock's exception for each status (its error type, in x-amzn-ErrorType), and what it says by default.
+_BEDROCK_ERRORS = {
+    400: ("ValidationException", None), 403: ("AccessDeniedException", None),
+    404: ("ResourceNotFoundException", None),
+    408: ("ModelTimeoutException", "Model has timed out in processing the request. Try your request again."),
+    413: ("ValidationException", "Input is too long for requested model."),
+    424: ("ModelErrorException", None),
+    429: ("ThrottlingException", "Too many requests, please wait before trying again."),
+    500: ("InternalServerException", "The system encountered an unexpected error during processing. Try your "
+                                     "request again."),
+    503: ("ServiceUnavailableException", "Bedrock is unable to process your request."),
+}
+
+
+def bedrock_type(e):
+    """The Bedrock exception an HTTPError is (its own, when it names one: ``...Exception``)."""
+    if e.etype and e.etype.endswith("Exception"):
+        return e.etype
+    return _BEDROCK_ERRORS.get(e.status, ("InternalServerException" if e.status >= 500 else "ValidationException",
+                                          None))[0]
+
+
+def _bedrock_scenario_error(pe, status, headers, details):
+    """A scenario's error as Bedrock says it: its exception for the status (529 is 503 there), its words."""
+    status = 503 if status == 529 else status
+    etype, message = _BEDROCK_ERRORS.get(status, ("InternalServerException", None))
+    return HTTPError(status, message or pe.anthropic[1], etype=etype, headers=headers)
+
+
+#: Amazon Bedrock (Anthropic's models): SigV4 or a Bedrock API key in Authorization, AWS's error shape
+#: ({"message"} with the type in x-amzn-ErrorType) and request id header.
+PROVIDERS[BEDROCK] = PROVIDERS[ANTHROPIC]._replace(
+    name=BEDROCK, error_body=lambda e, rid: {"message": e.message},
+    answer_headers=lambda rid: [("x-amzn-RequestId", rid)], key_headers=("authorization",),
+    missing_key=lambda: HTTPError(403, "Missing Authentication Token", etype="MissingAuthenticationTokenException"),
+    bad_key=lambda key: HTTPError(403, "The security token included in the request is invalid.",
+                                  etype="UnrecognizedClientException"),
+    missing_model=lambda model, action: HTTPError(400, "The provided model identifier is invalid.",
+                                                  etype="ValidationException"),
+    rate_limit=lambda wait: ([], None), scenario_error=_bedrock_scenario_error,
+    error_headers=lambda e: [("x-amzn-ErrorType", bedrock_type(e) + ":http://internal.amazon.com/coral/"
+                                                                   "com.amazon.bedrock/")])
+
+
 _ID_PREFIX = os.urandom(4).hex()  #: differs per process, so ids stay unique across restarts
 _ID_COUNTER = itertools.count(1)
 
@@ -215,6 +265,10 @@ def count_tokens(texts, media=0):
 
 
 def bearer_token(value):
+    """The key in an Authorization value: a Bearer token, or a SigV4 signature's access key id."""
+    if value[:17] == "AWS4-HMAC-SHA256 ":  # Credential=AKID/date/region/service/aws4_request, SignedHeaders=...
+        credential = value[17:].split(",")[0].strip()
+        return credential[11:].split("/")[0] if credential[:11] == "Credential=" else ""
     return value[7:] if value[:7].lower() == "bearer " else "" if value.lower() == "bearer" else value
 
 

@@ -3,7 +3,7 @@
 A row names its handler (and reader) as ``"module.function"``: the file that holds it, imported when the
 route is first asked for."""
 
-from .base import ANTHROPIC, AZURE, DPMOCK, GEMINI, GEMINI_OPENAI, OPENAI, SHARED, VERTEX
+from .base import ANTHROPIC, AZURE, BEDROCK, DPMOCK, GEMINI, GEMINI_OPENAI, OPENAI, SHARED, VERTEX
 from .faults import check_catalogue
 from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
 
@@ -14,6 +14,7 @@ _EXPRESS_MODEL = "/publishers/{publisher}/models/{model}"
 _AZURE = "/openai/deployments/{deployment}"
 _VERTEX_GEMINI = "/projects/{project}/locations/{location}/publishers/google/models/{model}"
 _VERTEX_CLAUDE = "/projects/{project}/locations/{location}/publishers/anthropic/models/"
+_BEDROCK = "/model/{model*}"  #: Bedrock's model ids hold a ':' (anthropic.claude-sonnet-4-5-20250929-v1:0)
 
 ROUTES = (
     Route("POST", "/chat/completions", "chat", "openai_api.handle_openai_chat", OPENAI, BODY_JSON, STREAM_FLAG,
@@ -90,6 +91,18 @@ ROUTES = (
           GEMINI, BODY_JSON, platform=VERTEX),
     Route("POST", _VERTEX_GEMINI + ":embedContent", "gemini_embed", "gemini_api.handle_gemini_embed", GEMINI,
           BODY_JSON, reader="gemini_api.gemini_embed_turn", platform=VERTEX),
+    Route("POST", _BEDROCK + "/invoke", "messages", "bedrock.handle_bedrock_invoke", ANTHROPIC, BODY_JSON,
+          reader="anthropic_api.anthropic_reader", platform=BEDROCK, model_param="model"),
+    Route("POST", _BEDROCK + "/invoke-with-response-stream", "messages", "bedrock.handle_bedrock_invoke", ANTHROPIC,
+          BODY_JSON, STREAM_ALWAYS, "anthropic_api.anthropic_reader", platform=BEDROCK, model_param="model",
+          framing="bedrock.InvokeFramer"),
+    Route("POST", _BEDROCK + "/converse", "converse", "bedrock.handle_bedrock_converse", ANTHROPIC, BODY_JSON,
+          reader="bedrock.converse_reader", platform=BEDROCK, model_param="model"),
+    Route("POST", _BEDROCK + "/converse-stream", "converse", "bedrock.handle_bedrock_converse", ANTHROPIC, BODY_JSON,
+          STREAM_ALWAYS, "bedrock.converse_reader", platform=BEDROCK, model_param="model",
+          framing="bedrock.ConverseFramer"),
+    Route("POST", _BEDROCK + "/count-tokens", "messages_count_tokens", "bedrock.handle_bedrock_count_tokens",
+          ANTHROPIC, BODY_JSON, platform=BEDROCK),
     Route("POST", _VERTEX_CLAUDE + "count-tokens:rawPredict", "messages_count_tokens",
           "anthropic_api.handle_anthropic_count_tokens", ANTHROPIC, BODY_JSON, platform=VERTEX),
     Route("POST", _VERTEX_CLAUDE + "{model}:rawPredict", "messages", "anthropic_api.handle_vertex_messages",

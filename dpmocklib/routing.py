@@ -45,13 +45,13 @@ class Lazy:
 def check_modules(routes):
     """Raise ImportError naming the first route whose handler or reader names a module that is not there."""
     for route in routes:
-        for fn in (route.handler, route.reader):
+        for fn in (route.handler, route.reader, route.framing):
             if isinstance(fn, Lazy) and not fn.exists():
                 raise ImportError("route %s names %r, whose module is missing" % (route.name, fn))
 
 
 class Route(namedtuple("Route", "method pattern name handler provider body stream versioned reader platform "
-                                 "model_param")):
+                                 "model_param framing")):
     """One row of the route table: what a path is, and the one function that answers it.
 
     ``pattern`` is the path after any version prefix, with ``{name}`` placeholders; ``name``
@@ -64,7 +64,9 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     and ``reader`` are functions, or ``"module.function"`` names in the package (imported when first called).
     ``platform`` is a cloud (VERTEX) that serves the provider's models: its keys, error shapes and headers
     (providers.PROVIDERS[platform]) replace the provider's, while the provider's engine answers;
-    ``model_param`` names the path placeholder that is the model (the body's ``model`` is set from it).
+    ``model_param`` names the path placeholder that is the model (the body's ``model`` is set from it);
+    ``framing(req)`` makes the framer of a stream that is not SSE (Bedrock's binary event stream).
+    A placeholder written ``{name*}`` may hold a ``:`` (Bedrock's model ids: ``...-v1:0``).
     Provider routes are also served under /v1, /v1beta, /v1alpha and /v1beta1, and every
     fault of their kind applies to them (see ``applies``): no second list names them.
     """
@@ -72,11 +74,10 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     __slots__ = ()
 
     def __new__(cls, method, pattern, name, handler, provider, body=BODY_NONE, stream=STREAM_NEVER, reader=None,
-                platform=None, model_param=None):
-        handler = Lazy(handler) if isinstance(handler, str) else handler
-        reader = Lazy(reader) if isinstance(reader, str) else reader
+                platform=None, model_param=None, framing=None):
+        handler, reader, framing = (Lazy(f) if isinstance(f, str) else f for f in (handler, reader, framing))
         return super().__new__(cls, method, pattern, name, handler, provider, body, stream, provider != DPMOCK, reader,
-                               platform, model_param)
+                               platform, model_param, framing)
 
     def applies(self, scenario):
         """Whether a fault scenario (``applies`` provider / body / stream) covers this route."""
@@ -186,7 +187,8 @@ class Router:
             if platforms:
                 provider += " (also %s)" % ", ".join(platforms)
             body = {BODY_NONE: "none", BODY_JSON: "JSON", BODY_STREAM: "streamed in pieces"}[r.body]
-            stream = {STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`', STREAM_ALWAYS: "always"}[r.stream]
+            stream = " or ".join(dict.fromkeys({STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`',
+                                                STREAM_ALWAYS: "always"}[g.stream] for g in group))
             rows.append("| %s | %s | %s | %s | %s |" % (name, paths, provider, body, stream))
         return "\n".join(rows) + "\n"
 
@@ -206,7 +208,11 @@ def _match_segments(pattern, segments):
                 return None
         else:
             value = got
-        if not value or ":" in value:
+        if name[-1:] == "*":
+            name = name[:-1]
+        elif ":" in value:
+            return None
+        if not value:
             return None
         params[name] = percent_decode(value)
     return params

@@ -26,7 +26,7 @@ class ResponseWriter:
     """
 
     __slots__ = ("conn", "server", "req", "fault", "sent", "status", "events", "headers_sent", "chunked",
-                 "extra_headers", "json_array", "entry", "ended", "request_id", "stream_error")
+                 "extra_headers", "json_array", "entry", "ended", "request_id", "stream_error", "framer")
 
     def __init__(self, conn, req):
         self.conn = conn  #: the MockHandler: the socket, its files, and the connection's state
@@ -44,6 +44,7 @@ class ResponseWriter:
         self.ended = None  #: how the answer ended, when not simply
         self.request_id = None
         self.stream_error = None  #: ``f(writer)`` -> this stream's own error event, when not the provider's
+        self.framer = None  #: frames a binary stream's items (Bedrock's event stream), set when it starts
 
     # ---------------------------------------------------------------- the lowest level
 
@@ -159,9 +160,9 @@ class ResponseWriter:
 
     def error_reply(self, err):
         """An HTTPError as a Reply in the request's provider shape (with its request id)."""
-        provider = (self.req.voice or self.req.provider or DPMOCK) if self.req is not None else DPMOCK
-        return Reply(err.status, PROVIDERS[provider].error_body(err, self.request_id), scenarios.JSON,
-                     tuple(err.headers))
+        provider = PROVIDERS[(self.req.voice or self.req.provider or DPMOCK) if self.req is not None else DPMOCK]
+        return Reply(err.status, provider.error_body(err, self.request_id), scenarios.JSON,
+                     tuple(err.headers) + tuple(provider.error_headers(err)))
 
     def send_error_reply(self, err, close=False):
         reply = self.error_reply(err)
@@ -170,16 +171,27 @@ class ResponseWriter:
     # ---------------------------------------------------------------- streams
 
     def start_stream(self, status, ctype, headers=(), close=False):
-        """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0."""
+        """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0.
+
+        A route whose stream is binary (``route.framing``) gets its framer here: its items, SSE events
+        to the handler, leave framed as that route's clients read them, with its content type."""
         fault, p = self.fault
         close = fault.stream_head(self, p) or close
         self.chunked = self.req is None or self.req.version != "HTTP/1.0"
+        framing = self.req.route.framing if self.req is not None and self.req.route is not None else None
+        if framing is not None:
+            self.framer = framing(self.req)
+            ctype, headers = self.framer.content_type, list(headers) + self.framer.headers
         hdrs = [("Content-Type", ctype), ("Cache-Control", "no-cache")]
         if self.chunked:
             hdrs.insert(1, ("Transfer-Encoding", "chunked"))
         hdrs.extend(headers)
         self.write(self.head(status, hdrs, close or not self.chunked))
         fault.after_head(self, p)
+
+    def is_sse(self):
+        """Whether the stream is SSE text (not a JSON array, not a binary framing): SSE-only faults ask."""
+        return not self.json_array and self.framer is None
 
     def send_chunk(self, data):
         """One piece of a streamed body (a chunk when chunked), in one write: each event leaves at once."""
@@ -202,13 +214,15 @@ class ResponseWriter:
         parts = COMPACT_JSON_PARTS if compact else SPACED_JSON_PARTS
         payload = data if isinstance(data, str) else "".join(parts(data, 0))
         if self.fault[0] is ORDINARY:  # the common case: framed here and written at once
-            self.ordinary_item(("event: %s\ndata: %s%s" % (event, payload, sep) if event else
+            self.ordinary_item(self.framer.frame(event, payload) if self.framer is not None else
+                               ("event: %s\ndata: %s%s" % (event, payload, sep) if event else
                                 "data: %s%s" % (payload, sep)).encode("utf-8"))
             return
         self.stream_item(payload, event, sep)
 
     def stream_item(self, payload, event=None, sep="\n\n", index=None):
-        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array."""
+        """One item of a stream: an SSE event, or (``index`` set) an element of a JSON array; a framed
+        stream's item is its payload until it is framed (after the faults that reshape it)."""
         if index is not None:
             self.json_array = True
             text = ("[" if index == 0 else ",\r\n") + payload
@@ -220,16 +234,19 @@ class ResponseWriter:
 
     def stream_text(self, text, payload, event=None):
         """One stream item already framed (an SSE event, a JSON array element, a recorded event):
-        the faults that count items or reshape them see it as one item."""
+        the faults that count items or reshape them see it as one item (a framed stream's: its payload,
+        framed after them)."""
         fault, p = self.fault
+        if self.framer is not None:
+            text = payload
         if fault is ORDINARY:  # the common case, in one write without the hooks' calls
-            self.ordinary_item(text.encode("utf-8"))
+            self.ordinary_item(self.framer.frame(event, text) if self.framer is not None else text.encode("utf-8"))
             return
         text = fault.item(self, self.events, text, payload, event, p)
         if text is None:
             return
         self.events += 1
-        self.send_chunk(text.encode("utf-8"))
+        self.send_chunk(self.framer.frame(event, text) if self.framer is not None else text.encode("utf-8"))
 
     def ordinary_item(self, data):
         """One stream item no fault touches: counted, framed as a chunk (when chunked), one write."""
@@ -238,13 +255,18 @@ class ResponseWriter:
 
     def send_stream_error(self):
         """The provider's own in-stream error, then the end of the stream (the connection closes)."""
+        if self.framer is not None:
+            self.send_framed_end(self.framer.error())
         text = self.stream_error(self) if self.stream_error else PROVIDERS[self.req.provider].stream_error()
         if self.json_array:
             text = "%s%s]" % ("[" if self.events == 0 else ",\r\n", text)
         elif not text.startswith(("data:", "event:")):
             text = "data: %s\r\n\r\n" % text
+        self.send_framed_end(text.encode("utf-8"))
+
+    def send_framed_end(self, raw):
+        """A stream's error item and its end, in one write; the connection closes after it."""
         self.conn.close_connection = True
-        raw = text.encode("utf-8")
         self.ended = "stream_error"
         self.note_end(len(raw))
         self.put(b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw) if self.chunked else raw)

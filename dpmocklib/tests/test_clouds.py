@@ -1,16 +1,21 @@
-"""The providers' models on the clouds that serve them (Vertex AI): their paths, keys and error shapes, with
-the same engines, rules and faults; the official cloud clients where they are installed."""
+"""The providers' models on the clouds that serve them (Vertex AI, Azure OpenAI, Amazon Bedrock): their paths,
+keys and error shapes, with the same engines, rules and faults; the official cloud clients where they are
+installed."""
 
+import base64
 import datetime
 import importlib
 import json
 import os
 import shutil
+import socket
+import struct
 import tempfile
 import unittest
+import zlib
 
-from .support import (AN, GE, Server, _have, anthropic_messages, gemini_contents, openai_chat, raw_request,
-    sse_events)
+from .support import (AN, GE, Server, _have, anthropic_messages, decode_chunks, gemini_contents, openai_chat,
+    raw_request, recv_all, split_response, sse_events)
 
 VERTEX = "/v1/projects/proj/locations/us-east5/publishers"
 VERTEX_GEMINI = VERTEX + "/google/models/gemini-2.5-flash:"
@@ -210,6 +215,216 @@ class VertexRecordTest(unittest.TestCase):
         self.assertEqual(os.listdir(d), [])
 
 
+BEDROCK_MODEL = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+BEDROCK = "/model/" + BEDROCK_MODEL.replace(":", "%3A")  #: as boto3 sends it (the anthropic SDK leaves the ':')
+SIGV4 = {"Authorization": "AWS4-HMAC-SHA256 Credential=AKIDTEST/20261204/us-east-1/bedrock/aws4_request, "
+                          "SignedHeaders=host;x-amz-date, Signature=0123abcd", "X-Amz-Date": "20261204T000000Z"}
+
+
+def bedrock_invoke(text):
+    body = dict(anthropic_messages(text), anthropic_version="bedrock-2023-05-31")
+    del body["model"]
+    return body
+
+
+def converse(text, tools=False):
+    body = {"messages": [{"role": "user", "content": [{"text": text}]}], "inferenceConfig": {"maxTokens": 100}}
+    if tools:
+        body["toolConfig"] = {"tools": [{"toolSpec": {"name": "get_weather", "inputSchema": {"json": TOOL}}}]}
+    return body
+
+
+def eventstream(data):
+    """The messages of an AWS event stream as (headers, payload), checking each prelude and both CRC32s; and
+    the bytes after the last whole message (a cut stream's part of one)."""
+    out = []
+    while len(data) >= 16:
+        total, hlen = struct.unpack(">II", data[:8])
+        if len(data) < total:
+            break
+        assert struct.unpack(">I", data[8:12])[0] == zlib.crc32(data[:8]), "prelude CRC"
+        assert struct.unpack(">I", data[total - 4:total])[0] == zlib.crc32(data[:total - 4]), "message CRC"
+        headers, raw = {}, data[12:12 + hlen]
+        while raw:
+            n = raw[0]
+            name, kind = raw[1:1 + n].decode(), raw[1 + n]
+            assert kind == 7, "string headers only"
+            vlen = struct.unpack(">H", raw[2 + n:4 + n])[0]
+            headers[name] = raw[4 + n:4 + n + vlen].decode()
+            raw = raw[4 + n + vlen:]
+        out.append((headers, data[12 + hlen:total - 4]))
+        data = data[total:]
+    return out, data
+
+
+def invoke_events(data):
+    """The Anthropic events inside an InvokeModelWithResponseStream answer."""
+    messages, rest = eventstream(data)
+    assert not rest, rest
+    return [json.loads(base64.b64decode(json.loads(p)["bytes"])) if h[":message-type"] == "event" else
+            ("exception", h[":exception-type"], json.loads(p)["message"]) for h, p in messages]
+
+
+def summary(messages):
+    """What a stream says, without what differs between two answers (ids, latencies): each message's headers
+    and its payload's JSON keys, and the text."""
+    out, text = [], ""
+    for h, p in messages:
+        if h.get(":event-type") == "chunk":
+            p = base64.b64decode(json.loads(p)["bytes"])
+        event = json.loads(p)
+        out.append((h, sorted(event)))
+        text += (event.get("delta") or {}).get("text") or ""
+    return out, text
+
+
+class BedrockTest(CloudCase):
+    """Amazon Bedrock over raw HTTP: InvokeModel with Anthropic's body and events in AWS's event stream, the
+    Converse API, CountTokens, SigV4 keys and Bedrock's errors."""
+
+    HEADERS = SIGV4
+
+    def test_one_rule_answers_invoke_converse_and_direct(self):
+        answers = []
+        st, hdrs, data = self.post(BEDROCK + "/invoke", bedrock_invoke("hello there"))
+        self.assertEqual((st, hdrs["content-type"]), (200, "application/json"), data)
+        self.assertIn("x-amzn-requestid", hdrs)
+        answers.append(json.loads(data)["content"][0]["text"])
+        st, hdrs, data = self.post(BEDROCK + "/invoke-with-response-stream", bedrock_invoke("hello there"))
+        self.assertEqual((st, hdrs["content-type"], hdrs["x-amzn-bedrock-content-type"]),
+                         (200, "application/vnd.amazon.eventstream", "application/json"))
+        events = invoke_events(data)
+        self.assertEqual((events[0]["type"], events[-1]["type"]), ("message_start", "message_stop"))
+        self.assertEqual(events[-1]["amazon-bedrock-invocationMetrics"]["outputTokenCount"],
+                         events[-2]["usage"]["output_tokens"])
+        answers.append("".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta"))
+        st, _, data = self.post("/model/" + BEDROCK_MODEL + "/converse", converse("hello there"))  # ':' unencoded
+        r = json.loads(data)
+        self.assertEqual((r["stopReason"], r["usage"]["totalTokens"]), ("end_turn", r["usage"]["inputTokens"] +
+                                                                        r["usage"]["outputTokens"]))
+        answers.append(r["output"]["message"]["content"][0]["text"])
+        st, hdrs, data = self.post(BEDROCK + "/converse-stream", converse("hello there"))
+        messages, rest = eventstream(data)
+        names = [h[":event-type"] for h, _ in messages]
+        self.assertEqual((names[0], names[-2:], rest), ("messageStart", ["messageStop", "metadata"], b""))
+        self.assertEqual({h[":content-type"] for h, _ in messages}, {"application/json"})
+        answers.append("".join(json.loads(p)["delta"]["text"] for h, p in messages
+                               if h[":event-type"] == "contentBlockDelta"))
+        st, _, data = self.post("/v1/messages", anthropic_messages("hello there"), AN)
+        self.assertEqual(json.loads(data)["content"][0]["text"], "Hello from claude-sonnet-4-5")
+        self.assertEqual(answers, ["Hello from " + BEDROCK_MODEL] * 4)
+
+    def test_tool_calls_an_agent_step_and_token_counts(self):
+        st, _, data = self.post(BEDROCK + "/converse", converse("what is the weather?", tools=True))
+        r = json.loads(data)
+        use = r["output"]["message"]["content"][0]["toolUse"]
+        self.assertEqual((r["stopReason"], use["name"], use["input"]), ("tool_use", "get_weather", {"city": "Paris"}))
+        body = converse("what is the weather?", tools=True)
+        body["messages"] += [r["output"]["message"], {"role": "user", "content": [{"toolResult": {
+            "toolUseId": use["toolUseId"], "content": [{"json": {"temp": "22 C"}}]}}]}]
+        r = json.loads(self.post(BEDROCK + "/converse", body)[2])
+        self.assertEqual(r["output"]["message"]["content"], [{"text": "Sunny in Paris"}])
+        messages, _ = eventstream(self.post(BEDROCK + "/converse-stream", converse("the weather", tools=True))[2])
+        start = [json.loads(p) for h, p in messages if h[":event-type"] == "contentBlockStart"][0]
+        self.assertEqual(start["start"]["toolUse"]["name"], "get_weather")
+        self.assertEqual(json.loads("".join(json.loads(p)["delta"]["toolUse"]["input"] for h, p in messages
+                                            if h[":event-type"] == "contentBlockDelta")), {"city": "Paris"})
+        events = invoke_events(self.post(BEDROCK + "/invoke-with-response-stream", dict(
+            bedrock_invoke("what is the weather"), tools=[{"name": "get_weather", "input_schema": TOOL}]))[2])
+        self.assertEqual([e["content_block"]["name"] for e in events if e["type"] == "content_block_start"],
+                         ["get_weather"])
+        for given in ({"converse": converse("one two three")},
+                      {"invokeModel": {"body": base64.b64encode(json.dumps(bedrock_invoke("one two three"))
+                                                                .encode()).decode()}}):
+            st, _, data = self.post(BEDROCK + "/count-tokens", {"input": given})
+            self.assertEqual((st, json.loads(data)), (200, {"inputTokens": 3}), given)
+        body = dict(converse("a puzzle"), additionalModelRequestFields={"thinking": {"type": "enabled",
+                                                                                      "budget_tokens": 1024}})
+        content = json.loads(self.post(BEDROCK + "/converse", body)[2])["output"]["message"]["content"]
+        self.assertEqual(content[0]["reasoningContent"]["reasoningText"]["text"], "Thinking about: a puzzle")
+        schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+        body = dict(converse("hi"), outputConfig={"textFormat": {"type": "json_schema", "structure": {
+            "jsonSchema": {"schema": json.dumps(schema), "name": "reply"}}}})
+        text = json.loads(self.post(BEDROCK + "/converse", body)[2])["output"]["message"]["content"][0]["text"]
+        self.assertEqual(list(json.loads(text)), ["answer"])
+
+    def test_errors_are_bedrocks_on_every_route(self):
+        routes = [(BEDROCK + "/invoke", bedrock_invoke("x")), (BEDROCK + "/invoke-with-response-stream",
+                                                               bedrock_invoke("x")),
+                  (BEDROCK + "/converse", converse("x")), (BEDROCK + "/converse-stream", converse("x"))]
+        cases = [({}, 403, "MissingAuthenticationTokenException", "Missing Authentication Token"),
+                 (dict(SIGV4, Authorization=SIGV4["Authorization"].replace("AKIDTEST", "dummy_key")), 403,
+                  "UnrecognizedClientException", "The security token included in the request is invalid."),
+                 (dict(SIGV4, **{"X-DP-Scenario": "RATE_LIMITED"}), 429, "ThrottlingException",
+                  "Too many requests, please wait before trying again."),
+                 (dict(SIGV4, **{"X-DP-Scenario": "OVERLOADED"}), 503, "ServiceUnavailableException",
+                  "Bedrock is unable to process your request."),
+                 (dict(SIGV4, **{"X-DP-Scenario": "SERVER_ERROR"}), 500, "InternalServerException", None),
+                 ({"Authorization": "Bearer bedrock-api-key-x", "X-DP-Scenario": "REQUEST_TIMEOUT"}, 408,
+                  "ModelTimeoutException", None)]
+        for path, body in routes:
+            for headers, status, etype, message in cases:
+                st, hdrs, data = self.post(path, body, headers)
+                self.assertEqual((st, hdrs["x-amzn-errortype"].split(":")[0]), (status, etype), (path, etype, data))
+                self.assertEqual(list(json.loads(data)), ["message"])
+                self.assertIn("x-amzn-requestid", hdrs)
+                if message:
+                    self.assertEqual(json.loads(data)["message"], message)
+        bad = [(BEDROCK + "/invoke", dict(bedrock_invoke("x"), anthropic_version=None), "anthropic_version"),
+               ("/model/meta.llama3-70b-instruct-v1%3A0/invoke", bedrock_invoke("x"), "Converse"),
+               ("/model/anthropic.claude-does-not-exist/converse", converse("x"), "model identifier is invalid"),
+               (BEDROCK + "/converse", {"messages": [{"role": "assistant", "content": [{"text": "x"}]}]},
+                "must start with a user message"),
+               (BEDROCK + "/converse", {"messages": [{"role": "user", "content": [{"text": "x"}]}] * 2},
+                "must alternate"),
+               (BEDROCK + "/converse", {"messages": [{"role": "user", "content": [{"toolResult": {
+                   "toolUseId": "t", "content": [{"text": "x"}]}}]}]}, "toolConfig"),
+               (BEDROCK + "/converse", dict(converse("x"), inferenceConfig={"maxTokens": 0}), "maxTokens"),
+               (BEDROCK + "/count-tokens", {"input": {}}, "invokeModel")]
+        for path, body, words in bad:
+            st, hdrs, data = self.post(path, body)
+            self.assertEqual((st, hdrs["x-amzn-errortype"].split(":")[0]), (400, "ValidationException"), path)
+            self.assertIn(words, json.loads(data)["message"])
+
+    def stream(self, path, body, scenario):
+        raw = self.srv.raw(raw_request(path, dict(SIGV4, **{"X-DP-Scenario": scenario, "X-DP-Test-Id": "bedrock"}),
+                                       body, close=True))
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        chunks, _ = decode_chunks(rest, strict=False)
+        return raw, b"".join(chunks)
+
+    def test_stream_faults_act_on_the_event_stream(self):
+        for path, body in ((BEDROCK + "/invoke-with-response-stream", bedrock_invoke("hello")),
+                           (BEDROCK + "/converse-stream", converse("hello"))):
+            whole, _ = eventstream(self.post(path, body)[2])
+            raw, data = self.stream(path, body, "STREAM_ERROR; after=3")
+            messages, rest = eventstream(data)
+            self.assertEqual((len(messages), rest), (4, b""), path)
+            self.assertEqual((messages[-1][0][":message-type"], messages[-1][0][":exception-type"]),
+                             ("exception", "internalServerException"))
+            self.assertTrue(raw.endswith(b"0\r\n\r\n"))
+            raw, data = self.stream(path, body, "STREAM_CUT; events=2")
+            messages, rest = eventstream(data)
+            self.assertEqual((len(messages), rest, raw.endswith(b"0\r\n\r\n")), (2, b"", False), path)
+            raw, data = self.stream(path, body, "SSE_SPLIT; every=7")  # split across chunks, the same messages
+            self.assertEqual(summary(eventstream(data)[0]), summary(whole), path)
+            for scenario in ("SSE_COMMENTS", "SSE_LINE_ENDINGS; eol=cr"):  # SSE's own faults leave it alone
+                self.assertEqual(summary(eventstream(self.stream(path, body, scenario)[1])[0]), summary(whole),
+                                 (path, scenario))
+            messages, _ = eventstream(self.stream(path, body, "INVALID_JSON_200")[1])  # framed well, JSON broken
+            self.assertEqual(len(messages), len(whole))
+            self.assertRaises(ValueError, json.loads, messages[1][1] if "converse" in path else
+                              base64.b64decode(json.loads(messages[1][1])["bytes"]))
+            raw, data = self.stream(path, body, "STREAM_NO_END")
+            names = [h[":event-type"] for h, _ in eventstream(data)[0]]
+            self.assertNotIn("messageStop", names)
+            if "invoke" in path:
+                self.assertNotIn("message_stop", [e["type"] for e in invoke_events(data)])
+        entries = json.loads(self.srv.request("GET", "/_control/requests?test=bedrock")[2])["requests"]
+        self.assertEqual({(e["route"], e["platform"]) for e in entries}, {("messages", "bedrock"),
+                                                                          ("converse", "bedrock")})
+
+
 def _token_credentials():
     creds = importlib.import_module("google.oauth2.credentials")
     return creds.Credentials(token="ya29.test-token",
@@ -344,6 +559,153 @@ class AzureSdkTest(unittest.TestCase):
                                            extra_headers={"X-DP-Scenario": "STREAM_CUT; events=2"}))
         self.assertNotIsInstance(cm.exception, AssertionError)
 
+
+def _scenario_hook(scenario):
+    """A botocore handler that adds X-DP-Scenario to each request (before it is signed, as a real header)."""
+    def add(request, **kwargs):
+        request.headers["X-DP-Scenario"] = scenario
+    return add
+
+
+@unittest.skipUnless(_have("boto3"), "boto3 is not installed (optional)")
+class BedrockBoto3SdkTest(unittest.TestCase):
+    """boto3's bedrock-runtime: Converse and InvokeModel, plain and streamed, a rule-driven agent step, a 429 and
+    a cut stream as botocore's own errors; the event stream read byte for byte by botocore's decoder."""
+
+    def setUp(self):
+        self.boto3 = importlib.import_module("boto3")
+        self.config = importlib.import_module("botocore.config")
+        self.exceptions = importlib.import_module("botocore.exceptions")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULES).encode())
+        self.client = self.make()
+
+    def make(self, scenario=None):
+        client = self.boto3.client("bedrock-runtime", region_name="us-east-1", endpoint_url=self.srv.url,
+                                   aws_access_key_id="AKIDTEST", aws_secret_access_key="secret",
+                                   config=self.config.Config(retries={"total_max_attempts": 1}))
+        if scenario:
+            client.meta.events.register("before-sign.bedrock-runtime.*", _scenario_hook(scenario))
+        self.addCleanup(client.close)
+        return client
+
+    def test_converse_invoke_agent_step_and_errors(self):
+        c, m = self.client, BEDROCK_MODEL
+        r = c.converse(modelId=m, messages=[{"role": "user", "content": [{"text": "hello"}]}])
+        self.assertEqual(r["output"]["message"]["content"][0]["text"], "Hello from " + m)
+        events = list(c.converse_stream(modelId=m, messages=[{"role": "user", "content": [{"text": "hello"}]}])[
+            "stream"])
+        self.assertEqual("".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e),
+                         "Hello from " + m)
+        self.assertEqual(list(events[-1]), ["metadata"])
+        tools = {"tools": [{"toolSpec": {"name": "get_weather", "inputSchema": {"json": TOOL}}}]}
+        msgs = [{"role": "user", "content": [{"text": "what is the weather?"}]}]
+        r = c.converse(modelId=m, messages=msgs, toolConfig=tools)
+        use = r["output"]["message"]["content"][0]["toolUse"]
+        self.assertEqual((r["stopReason"], use["input"]), ("tool_use", {"city": "Paris"}))
+        msgs += [r["output"]["message"], {"role": "user", "content": [{"toolResult": {
+            "toolUseId": use["toolUseId"], "content": [{"text": "22 C"}]}}]}]
+        r = c.converse(modelId=m, messages=msgs, toolConfig=tools)
+        self.assertEqual(r["output"]["message"]["content"][0]["text"], "Sunny in Paris")
+        body = json.dumps(bedrock_invoke("hello"))
+        self.assertEqual(json.loads(c.invoke_model(modelId=m, body=body)["body"].read())["content"][0]["text"],
+                         "Hello from " + m)
+        chunks = [json.loads(e["chunk"]["bytes"]) for e in
+                  c.invoke_model_with_response_stream(modelId=m, body=body)["body"]]
+        self.assertEqual("".join(e["delta"].get("text", "") for e in chunks if e["type"] == "content_block_delta"),
+                         "Hello from " + m)
+        self.assertEqual(c.count_tokens(modelId=m, input={"converse": {"messages": msgs[:1]}})["inputTokens"], 4)
+        with self.assertRaises(c.exceptions.ThrottlingException):
+            self.make("RATE_LIMITED").converse(modelId=m, messages=msgs[:1])
+        with self.assertRaises(c.exceptions.ValidationException):
+            c.converse(modelId="anthropic.claude-does-not-exist", messages=msgs[:1])
+        with self.assertRaises(self.exceptions.EventStreamError) as cm:
+            list(self.make("STREAM_ERROR").converse_stream(modelId=m, messages=msgs[:1])["stream"])
+        self.assertEqual(cm.exception.response["Error"]["Code"], "internalServerException")
+        with self.assertRaises(Exception) as cm:
+            list(self.make("STREAM_CUT; events=2").converse_stream(modelId=m, messages=msgs[:1])["stream"])
+        self.assertNotIsInstance(cm.exception, AssertionError)
+        with self.assertRaises(Exception) as cm:
+            list(self.make("STREAM_CUT; events=2").invoke_model_with_response_stream(modelId=m, body=body)["body"])
+        self.assertNotIsInstance(cm.exception, AssertionError)
+
+    def test_botocores_decoder_reads_every_byte(self):
+        eventstream_mod = importlib.import_module("botocore.eventstream")
+        for path, body, scenario in ((BEDROCK + "/invoke-with-response-stream", bedrock_invoke("hello"), None),
+                                     (BEDROCK + "/converse-stream", converse("the weather", tools=True), None),
+                                     (BEDROCK + "/converse-stream", converse("hello"), "STREAM_ERROR; after=2"),
+                                     (BEDROCK + "/invoke-with-response-stream", bedrock_invoke("hello \u00fc\u2713"),
+                                      "SSE_SPLIT; every=5")):
+            headers = dict(SIGV4, **({"X-DP-Scenario": scenario} if scenario else {}))
+            with socket.create_connection((self.srv.host, self.srv.port), timeout=5) as sock:
+                sock.sendall(raw_request(path, headers, body, close=True))
+                raw = recv_all(sock)
+            _, _, data, _ = split_response(raw)
+            ours, rest = eventstream(data)
+            buf = eventstream_mod.EventStreamBuffer()
+            buf.add_data(data)  # botocore checks each prelude and message CRC32 (ChecksumMismatch otherwise)
+            theirs = list(buf)
+            self.assertEqual((rest, sum(m.prelude.total_length for m in theirs)), (b"", len(data)), path)
+            self.assertEqual([(m.headers, m.payload) for m in theirs], ours, path)
+            for m, (h, p) in zip(theirs, ours):  # the same bytes again from what botocore read
+                self.assertEqual(m.prelude.headers_length + len(m.payload) + 16, m.prelude.total_length)
+                self.assertEqual(m.crc, zlib.crc32(data[:m.prelude.total_length - 4]))
+                data = data[m.prelude.total_length:]
+            if scenario and scenario.startswith("STREAM_ERROR"):
+                self.assertEqual(theirs[-1].to_response_dict()["status_code"], 400)
+
+
+@unittest.skipUnless(_have("anthropic") and _have("botocore"), "the anthropic and botocore packages are not "
+                     "installed (optional)")
+class AnthropicBedrockSdkTest(unittest.TestCase):
+    """anthropic.AnthropicBedrock (SigV4, and a Bedrock API key): a plain call, a stream, a rule-driven agent
+    step, a 429, a stream error and a cut stream, as the SDK's own types."""
+
+    def setUp(self):
+        self.anthropic = importlib.import_module("anthropic")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULES).encode())
+        self.client = self.make()
+
+    def make(self, **keys):
+        keys = keys or {"aws_access_key": "AKIDTEST", "aws_secret_key": "secret"}
+        client = self.anthropic.AnthropicBedrock(base_url=self.srv.url, aws_region="us-east-1", max_retries=0, **keys)
+        self.addCleanup(client.close)
+        return client
+
+    def test_calls_streams_agent_step_and_errors(self):
+        a, c, m = self.anthropic, self.client, BEDROCK_MODEL
+        hello = [{"role": "user", "content": "hello"}]
+        self.assertEqual(c.messages.create(model=m, max_tokens=100, messages=hello).content[0].text, "Hello from " + m)
+        with c.messages.stream(model=m, max_tokens=100, messages=hello) as s:
+            self.assertEqual("".join(s.text_stream), "Hello from " + m)
+        tools = [{"name": "get_weather", "input_schema": TOOL}]
+        msgs = [{"role": "user", "content": "what is the weather?"}]
+        r = c.messages.create(model=m, max_tokens=100, messages=msgs, tools=tools)
+        call = r.content[-1]
+        self.assertEqual((call.name, call.input), ("get_weather", {"city": "Paris"}))
+        msgs += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "22 C"}]}]
+        self.assertEqual(c.messages.create(model=m, max_tokens=100, messages=msgs, tools=tools).content[0].text,
+                         "Sunny in Paris")
+        self.assertEqual(self.make(api_key="bedrock-api-key").messages.create(
+            model=m, max_tokens=100, messages=hello).content[0].text, "Hello from " + m)
+        with self.assertRaises(a.RateLimitError):
+            c.messages.create(model=m, max_tokens=10, messages=hello, extra_headers={"X-DP-Scenario": "RATE_LIMITED"})
+        with self.assertRaises(a.PermissionDeniedError):
+            self.make(aws_access_key="dummy_key", aws_secret_key="x").messages.create(model=m, max_tokens=10,
+                                                                                      messages=hello)
+        with self.assertRaises(a.APIStatusError):
+            with c.messages.stream(model=m, max_tokens=100, messages=hello,
+                                   extra_headers={"X-DP-Scenario": "STREAM_ERROR"}) as s:
+                s.get_final_message()
+        with self.assertRaises(Exception) as cm:
+            with c.messages.stream(model=m, max_tokens=100, messages=hello,
+                                   extra_headers={"X-DP-Scenario": "STREAM_CUT; events=2"}) as s:
+                s.get_final_message()
+        self.assertNotIsInstance(cm.exception, (AssertionError, a.APIStatusError))
 
 if __name__ == "__main__":
     unittest.main()
