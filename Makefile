@@ -55,16 +55,17 @@ bench:
 	cd $(HERE) && $(PYTHON) bench_dpmock.py $(BENCH_ARGS)
 
 # The sandbox's test CA and server certificate (for tests only: never trust them elsewhere). The
-# CA may only vouch for the provider hosts and loopback (critical nameConstraints). Its key,
-# certs/ca.key, stays here for re-signing but is never committed (.gitignore); delete it at will.
-CA_NAMES = permitted;DNS:api.openai.com,permitted;DNS:api.anthropic.com,permitted;DNS:generativelanguage.googleapis.com,permitted;DNS:localhost,permitted;IP:127.0.0.0/255.0.0.0,permitted;IP:::1/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff
+# CA may only vouch for the sandbox's hosts and loopback (critical nameConstraints); both lists come
+# from dpmocklib/sandbox.py (cert_config), which also writes certs/server.ext. Its key, certs/ca.key,
+# stays here for re-signing but is never committed (.gitignore); delete it at will.
+CERT_CONFIG = $(PYTHON) -c 'import sys; sys.path.insert(0, sys.argv[1]); from dpmocklib.sandbox import cert_config; print(cert_config(sys.argv[2]), end="")' $(HERE)
 certs:
 	@command -v openssl >/dev/null || { echo "make certs: the openssl command is not installed" >&2; exit 1; }
-	cd $(HERE)/certs && \
+	cd $(HERE)/certs && $(CERT_CONFIG) ext > server.ext && names="$$($(CERT_CONFIG) ca)" && \
 	openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 36500 -keyout ca.key -out ca.pem \
 	  -subj "/O=dpmock/CN=dpmock test CA - never trust outside the sandbox" \
 	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-	  -addext "nameConstraints=critical,$(CA_NAMES)" && \
+	  -addext "nameConstraints=critical,$$names" && \
 	openssl req -newkey rsa:2048 -nodes -sha256 -keyout server.key -out server.csr -subj "/O=dpmock/CN=dpmock test server" && \
 	openssl x509 -req -sha256 -days 36500 -in server.csr -CA ca.pem -CAkey ca.key -set_serial 0x$$(openssl rand -hex 8) \
 	  -extfile server.ext -out server.pem && \

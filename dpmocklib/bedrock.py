@@ -52,11 +52,50 @@ def _event(event_type, payload):
     return eventstream_message(headers, payload.encode("utf-8"))
 
 
-def exception_message(exception_type, message):
+def exception_message(exception_type, payload):
     """An exception event (``:message-type: exception``): how a stream reports an error after its 200."""
     return eventstream_message(event_headers((":exception-type", exception_type), (":content-type", "application/json"),
-                                             (":message-type", "exception")),
-                               COMPACT_JSON({"message": message}).encode("utf-8"))
+                                             (":message-type", "exception")), payload.encode("utf-8"))
+
+
+def read_message(data):
+    """The first message of an event stream as a recorded event (``chunk``: an InvokeModel chunk's decoded
+    bytes; ``event`` and ``data``; ``exception`` and ``data``), and how many bytes it took; (None, 0) while it is
+    incomplete. Bytes that are no message (a bad prelude or CRC, binary headers) are kept as ``data_base64``."""
+    if len(data) < 12:
+        return None, 0
+    total, hlen = struct.unpack(">II", data[:8])
+    if total < 16 or hlen > total - 16 or struct.unpack(">I", data[8:12])[0] != binascii.crc32(data[:8]):
+        return {"data_base64": b64(data)}, len(data)
+    if len(data) < total:
+        return None, 0
+    raw = {"data_base64": b64(data[:total])}
+    if struct.unpack(">I", data[total - 4:total])[0] != binascii.crc32(data[:total - 4]):
+        return raw, total
+    headers, at = {}, 12
+    try:
+        while at < 12 + hlen:
+            n = data[at]
+            name = data[at + 1:at + 1 + n].decode("utf-8")
+            if data[at + 1 + n] != 7:
+                return raw, total  # a header of another type: kept as it came
+            size = struct.unpack(">H", data[at + 2 + n:at + 4 + n])[0]
+            headers[name] = data[at + 4 + n:at + 4 + n + size].decode("utf-8")
+            at += 4 + n + size
+        text = data[12 + hlen:total - 4].decode("utf-8")
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return raw, total
+    kind, event = headers.get(":message-type"), headers.get(":event-type")
+    if kind == "exception" and ":exception-type" in headers:
+        return {"exception": headers[":exception-type"], "data": text}, total
+    if kind != "event" or event is None:
+        return raw, total
+    if event == "chunk":
+        try:
+            return {"chunk": binascii.a2b_base64(json.loads(text)["bytes"]).decode("utf-8")}, total
+        except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+            pass
+    return {"event": event, "data": text}, total
 
 
 _STREAM_FAILURE = ("internalServerException", "The system encountered an unexpected error during processing. "
@@ -76,7 +115,7 @@ class ConverseFramer:
         return _event(event, payload)
 
     def error(self):
-        return exception_message(*_STREAM_FAILURE)
+        return exception_message(_STREAM_FAILURE[0], COMPACT_JSON({"message": _STREAM_FAILURE[1]}))
 
 
 class InvokeFramer(ConverseFramer):
@@ -97,7 +136,7 @@ class InvokeFramer(ConverseFramer):
                 self.tokens.update((k, v) for k, v in usage.items() if k in ("input_tokens", "output_tokens"))
             except (ValueError, AttributeError):
                 pass  # a fault broke the payload: the metrics keep what they had
-        elif event == "message_stop" and payload.endswith("}"):
+        elif event == "message_stop" and payload.endswith("}") and "amazon-bedrock-invocationMetrics" not in payload:
             now = time.monotonic()
             metrics = {"inputTokenCount": self.tokens.get("input_tokens", 0),
                        "outputTokenCount": self.tokens.get("output_tokens", 0),

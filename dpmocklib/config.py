@@ -90,11 +90,12 @@ USAGE = """usage: dpmock.py [--host HOST] [--port PORT] [--listen [tls:][HOST:]P
                  [-q | -v] [--version]"""
 
 HELP = USAGE + """
-       dpmock.py sandbox [options above] -- CMD [ARGS...]
+       dpmock.py sandbox [--sandbox-host NAME]... [options above] -- CMD [ARGS...]
        dpmock.py record DIR [options above]
 
 Mock the OpenAI, Gemini and Anthropic HTTP APIs. The sandbox form runs CMD offline, in new
-mount and network namespaces where the providers' hosts resolve to dpmock (HTTPS on 443,
+mount and network namespaces where the providers' hosts (and the clouds' regional hosts; an
+Azure resource's with --sandbox-host NAME.openai.azure.com) resolve to dpmock (HTTPS on 443,
 HTTP on 80 and 8080), and returns its exit status. Started by a user other than root, CMD
 runs as uid 0 inside (a user namespace maps that user to root there, and only there).
 The record form is --record DIR in the foreground, printing one line per recording.
@@ -129,8 +130,9 @@ options:
                    scenario) to its upstream, relay the answer, and save it in DIR as a rule
                    (DIR/TEST.json per X-DP-Test-Id, else DIR/default.json); keys never saved
   --upstream PROVIDER=URL
-                   where --record forwards openai, anthropic or gemini requests (repeatable,
-                   several after one --upstream too; default: the providers' HTTPS hosts)
+                   where --record forwards openai, anthropic, gemini, azure, vertex or bedrock
+                   requests (repeatable, several after one --upstream too; default: the
+                   providers' HTTPS hosts, each cloud request's regional host; azure: none)
   --upstream-ca PATH  CA bundle that verifies HTTPS upstreams (default: the system's)
   --record-errors  record upstream answers with status 400 or more too (default: relay only)
   --record-redact REGEX  replace matches by [REDACTED] in recordings (repeatable)
@@ -154,6 +156,13 @@ _FLAGS = {"--foreground": "foreground", "-q": "quiet", "--quiet": "quiet", "-v":
 #: Where --record forwards each provider's requests unless --upstream says otherwise.
 DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com",
                      "gemini": "https://generativelanguage.googleapis.com"}
+#: The clouds' upstreams, unless --upstream names one: each request's own region's host (Vertex AI's location
+#: from the path, Bedrock's region from the SigV4 credential scope); an Azure resource is the user's to name.
+CLOUD_UPSTREAMS = {"azure": "https://RESOURCE.openai.azure.com (no default: name yours)",
+                   "vertex": "https://LOCATION-aiplatform.googleapis.com",
+                   "bedrock": "https://bedrock-runtime.REGION.amazonaws.com"}
+
+UPSTREAM_NAMES = tuple(DEFAULT_UPSTREAMS) + tuple(CLOUD_UPSTREAMS)
 
 
 class UsageError(Exception):
@@ -211,7 +220,7 @@ def parse_args(argv):
                 rules.append(os.path.abspath(value))
             elif name == "--upstream":  # --upstream openai=URL anthropic=URL: the PROVIDER=URL words that follow
                 upstreams.append(value)
-                while args and args[0].partition("=")[0] in DEFAULT_UPSTREAMS and "=" in args[0]:
+                while args and args[0].partition("=")[0] in UPSTREAM_NAMES and "=" in args[0]:
                     upstreams.append(args.pop(0))
             elif name == "--record-redact":
                 redact.append(value)
@@ -272,9 +281,9 @@ def parse_record_options(config, values, flags, upstreams, redact, path):
         raise UsageError("--upstream-ca %s: no such file" % config.upstream_ca)
     for spec in upstreams:
         provider, sep, url = spec.partition("=")
-        if provider not in DEFAULT_UPSTREAMS or not sep:
-            raise UsageError("--upstream takes PROVIDER=URL with PROVIDER openai, anthropic or gemini, not %r"
-                             % spec[:60])
+        if provider not in UPSTREAM_NAMES or not sep:
+            raise UsageError("--upstream takes PROVIDER=URL with PROVIDER %s, not %r"
+                             % (", ".join(UPSTREAM_NAMES), spec[:60]))
         try:
             config.upstreams[provider] = split_url(url).url
         except ValueError as e:

@@ -11,7 +11,8 @@ import socket
 import threading
 import time
 
-from .base import GEMINI, HTTPError, StartError, b64, read_regular_file, scenarios
+from .base import AZURE, BEDROCK, GEMINI, GEMINI_OPENAI, HTTPError, StartError, VERTEX, b64, read_regular_file, \
+    scenarios
 from .config import split_url
 from .conversation import read_turn
 from .providers import bearer_token, first_of
@@ -33,9 +34,10 @@ _WRITER_HEADERS = frozenset(("date", "server", "content-type", "content-length")
 RECORDED_HEADERS = ("content-type", "content-encoding", "retry-after", "retry-after-ms")
 #: Ids a recording normalises: values of these keys that start with one of these prefixes, and any
 #: value of the _ALWAYS_IDS keys (Gemini's responseId has no prefix).
-_ID_KEYS = ("id", "tool_call_id", "tool_use_id", "previous_response_id", "item_id")
+_ID_KEYS = ("id", "tool_call_id", "tool_use_id", "previous_response_id", "item_id", "toolUseId")
 _ALWAYS_IDS = ("responseId", "response_id", "request_id")
-ID_PREFIXES = ("chatcmpl-", "cmpl-", "modr-", "msg_", "resp_", "rs_", "fc_", "toolu_", "srvtoolu_", "call_", "req_")
+ID_PREFIXES = ("chatcmpl-", "cmpl-", "modr-", "msg_", "resp_", "rs_", "fc_", "toolu_", "srvtoolu_", "call_", "req_",
+               "tooluse_")
 RECORDED_TIME, RECORDED_STAMP = 1700000000, "2023-11-14T22:13:20Z"  #: what times become in a recording
 REDACTED = "[REDACTED]"
 _SECRET_MIN = 4  #: shorter key values are not searched for (every "a" would go)
@@ -88,6 +90,7 @@ class Recorder:
         self.via = "1.1 dpmock-" + os.urandom(6).hex()  #: sent upstream; seen again, it is a forwarding loop
         self._tmp = itertools.count(1)
         self._tls = None
+        self._unsigned_warned = False
         try:
             os.makedirs(self.dir, exist_ok=True)
             names = sorted(os.listdir(self.dir))
@@ -138,14 +141,10 @@ class Recorder:
         if any(self.via in v for v in req.headers.all("via")):
             raise HTTPError(508, "dpmock --record: this request came back from dpmock's own upstream (a forwarding "
                                  "loop): --upstream must name another server", "forwarding_loop")
-        if req.route.platform is not None:
-            raise HTTPError(501, "dpmock --record forwards the providers' own APIs only, not %s paths: answer "
-                                 "this request with a rule, or record it from the provider's API" % req.route.platform,
-                            "not_forwarded")
         turn = read_turn(req)  # a missing or bad key, or a body dpmock refuses, is refused here as ever
         if body is None and req.route.body == BODY_STREAM:
             body = read_json_body(req)  # an upload is forwarded whole (up to MAX_JSON_BODY)
-        up = self.upstreams[req.provider]
+        up = upstream_for(self.upstreams, req)
         conn = self.connection(up)
         try:
             t0 = time.monotonic()
@@ -181,13 +180,40 @@ class Recorder:
         """The request, as the client sent it, to the upstream; its answer's head. 502 or 504 when it fails."""
         import http.client
         try:
-            conn.putrequest(req.method, upstream_target(req, up), skip_host=True, skip_accept_encoding=True)
-            for k, v in forward_headers(req, up, body, self.via):
+            target = upstream_target(req, up)
+            headers = forward_headers(req, up, body, self.via)
+            if req.voice == BEDROCK:
+                headers = self.signed(req, target, up, body, headers)
+            conn.putrequest(req.method, target, skip_host=True, skip_accept_encoding=True)
+            for k, v in headers:
                 conn.putheader(k, v)
             conn.endheaders(body)
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             raise self.upstream_error(req, up, e, "cannot be reached")
+
+    def signed(self, req, target, up, body, headers):
+        """A SigV4-signed request, signed again for the upstream's host (the client signed for dpmock's) with
+        the AWS credentials in dpmock's environment; without them it goes as the client signed it."""
+        access, region = sigv4_scope(req.headers.get("authorization") or "")
+        if access is None:
+            return headers  # a Bedrock API key (Bearer) is forwarded as it came
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            if not self._unsigned_warned:
+                self._unsigned_warned = True
+                self.log.error("record: Bedrock requests go upstream signed as the client signed them (for %s, not "
+                               "%s): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) for "
+                               "dpmock to sign them", req.headers.get("host") or "dpmock", up.host)
+            return headers
+        token = os.environ.get("AWS_SESSION_TOKEN")
+        drop = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+        headers = [(k, v) for k, v in headers if k.lower() not in drop]
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        headers += [("X-Amz-Date", stamp)] + ([("X-Amz-Security-Token", token)] if token else [])
+        auth = sigv4_authorization(req.method, target, headers, body or b"", key, secret, region or "us-east-1",
+                                   "bedrock", stamp)
+        return headers + [("Authorization", auth)]
 
     def upstream_error(self, req, up, e, what):
         """The HTTPError (502, or 504 for a timeout) that says which upstream failed, and how."""
@@ -198,7 +224,7 @@ class Recorder:
             reason = "certificate verify failed: %s (--upstream-ca names the CA bundle to trust)" % e.verify_message
         else:
             reason = getattr(e, "strerror", None) or str(e) or "closed"
-        message = "dpmock --record: the %s upstream %s %s: %s: %s" % (req.provider, up.url, what,
+        message = "dpmock --record: the %s upstream %s %s: %s: %s" % (req.voice or req.provider, up.url, what,
                                                                       type(e).__name__, reason)
         self.log.error("%s (%s %s)", message, req.method, req.path)
         return HTTPError(504 if timeout else 502, message, "upstream_timeout" if timeout else "upstream_unreachable")
@@ -217,8 +243,8 @@ class Recorder:
         """Relay a streamed answer piece by piece as it arrives; its events, or None when not recorded."""
         import http.client
         w.extra_headers = ()
-        w.start_stream(resp.status, ctype, relay_headers(items, stream=True))
-        events = EventSplitter("event-stream" in ctype.lower()) if keep else None
+        w.start_stream(resp.status, ctype, relay_headers(items, stream=True), relayed=True)
+        events = EventSplitter(stream_kind(ctype)) if keep else None
         start, size = time.monotonic(), 0
         while True:
             try:
@@ -257,6 +283,8 @@ class Recorder:
         for ev in raw.get("events", ()):
             if "data" in ev:
                 ev["data"] = scrub(norm.text(ev["data"]))
+            elif "chunk" in ev:
+                ev["chunk"] = scrub(norm.text(ev["chunk"]))
             else:
                 ev["data_base64"] = b64(scrub_bytes(binascii.a2b_base64(ev["data_base64"]), scrub))
         raw["headers"] = scrub(raw["headers"])
@@ -348,16 +376,79 @@ def _digest(text):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def upstream_for(upstreams, req):
+    """Where this request goes: --upstream's URL for its provider or cloud, else the provider's host, or the
+    cloud's host for the request's own region (Vertex AI: the path's location; Bedrock: the SigV4 scope's
+    region, else AWS_REGION / AWS_DEFAULT_REGION, else us-east-1). Azure's resource has no default."""
+    name = req.route.platform or req.provider
+    name = GEMINI if name == GEMINI_OPENAI else name
+    up = upstreams.get(name)
+    if up is not None:
+        return up
+    if name == AZURE:
+        raise HTTPError(501, "dpmock --record needs --upstream azure=https://RESOURCE.openai.azure.com to forward "
+                             "Azure OpenAI requests (the resource is yours to name)", "not_forwarded")
+    if name == VERTEX:
+        where = req.params.get("location", "")
+        host = "aiplatform.googleapis.com" if where == "global" else where + "-aiplatform.googleapis.com"
+    else:
+        where = sigv4_scope(req.headers.get("authorization") or "")[1] or os.environ.get(
+            "AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        host = "bedrock-runtime.%s.amazonaws.com" % where
+    if not re.match(r"[a-z0-9-]{1,40}\Z", where):
+        raise HTTPError(400, "dpmock --record: %r is no %s region to forward to" % (where[:40], name),
+                        "bad_region")
+    return split_url("https://" + host)
+
+
 def upstream_target(req, up):
     """The upstream path: the client's, under the upstream's base path, with the provider's version
     (/v1, Gemini's /v1beta) when the client sent a bare one; the query as it came."""
     path = req.path
     upload = path.startswith("/upload/")
     parts = path.split("/")
-    if (parts[2] if upload and len(parts) > 2 else parts[1]) not in API_VERSIONS:
+    if req.route.platform in (None, VERTEX) and (parts[2] if upload and len(parts) > 2 else parts[1]) \
+            not in API_VERSIONS:  # Azure's and Bedrock's paths have no version
         version = "/v1beta" if req.provider == GEMINI else "/v1"
         path = "/upload" + version + path[7:] if upload else version + path
     return up.base + path + ("?" + req.query_string if req.query_string else "")
+
+
+def sigv4_scope(authorization):
+    """(access key id, region) of a SigV4 Authorization value, or (None, None)."""
+    if authorization[:17] != "AWS4-HMAC-SHA256 ":
+        return None, None
+    credential = authorization[17:].split(",")[0].strip()
+    parts = credential[11:].split("/") if credential[:11] == "Credential=" else []
+    return (parts[0], parts[2]) if len(parts) == 5 else (None, None)
+
+
+def _aws_quote(text, safe="-_.~"):
+    import urllib.parse
+    return urllib.parse.quote(text, safe=safe)
+
+
+def sigv4_authorization(method, target, headers, body, key, secret, region, service, stamp):
+    """AWS Signature Version 4 (the Authorization value) for a request to ``target`` (path?query as sent),
+    signing its Host and X-Amz-* headers; the path is encoded once more, as AWS does for all but S3."""
+    import hashlib
+    import hmac
+    path, _, query = target.partition("?")
+    pairs = [(p.partition("=")[0], p.partition("=")[2]) for p in query.split("&") if p]
+    canonical_query = "&".join("%s=%s" % (_aws_quote(percent_decode(k, True)), _aws_quote(percent_decode(v, True)))
+                               for k, v in sorted(pairs))
+    signed = sorted((k.lower(), " ".join(v.split())) for k, v in headers
+                    if k.lower() == "host" or k.lower().startswith("x-amz-"))
+    names = ";".join(k for k, _ in signed)
+    canonical = "\n".join([method, _aws_quote(path, "/~"), canonical_query, "".join("%s:%s\n" % kv for kv in signed),
+                           names, hashlib.sha256(body).hexdigest()])
+    scope = "%s/%s/%s/aws4_request" % (stamp[:8], region, service)
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+    k = ("AWS4" + secret).encode("utf-8")
+    for part in (stamp[:8], region, service, "aws4_request"):
+        k = hmac.new(k, part.encode("utf-8"), hashlib.sha256).digest()
+    signature = hmac.new(k, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (key, scope, names, signature)
 
 
 def _connection_tokens(values):
@@ -403,16 +494,37 @@ def recorded_answer(status, items, head_t, body=None, events=None):
     return raw
 
 
+def stream_kind(ctype):
+    """How a streamed answer of this content type is cut into recorded events: SSE, AWS's event stream, or
+    as it came (Gemini's JSON array)."""
+    ctype = ctype.lower()
+    return "sse" if "event-stream" in ctype else EVENTSTREAM if "vnd.amazon.eventstream" in ctype else "pieces"
+
+
+EVENTSTREAM = "eventstream"
+
+
 class EventSplitter:
     """A streamed answer cut into recorded events as it arrives: an SSE stream at its blank lines
-    (each event whole), anything else as the pieces came; together, every byte in order."""
+    (each event whole), AWS's event stream into its messages (each one's event type and JSON, a chunk's
+    bytes decoded: readable, redactable, framed again when served), anything else as the pieces came;
+    together, every byte (or every message) in order."""
 
-    def __init__(self, sse):
-        self.sse, self.buf, self.events = sse, b"", []
+    def __init__(self, kind):
+        self.kind, self.buf, self.events = kind, b"", []
 
     def feed(self, piece, t):
         self.buf += piece
-        if self.sse:
+        if self.kind == EVENTSTREAM:
+            from .bedrock import read_message
+            while True:
+                message, used = read_message(self.buf)
+                if message is None:
+                    break
+                self.events.append(dict(message, t=round(t, 3)))
+                self.buf = self.buf[used:]
+            return
+        if self.kind == "sse":
             end = 0
             for m in _record_re("sse_end").finditer(self.buf):
                 self.add(self.buf[end:m.end()], t)
@@ -432,7 +544,11 @@ class EventSplitter:
 
     def finish(self):
         if self.buf:
-            self.add(self.buf, self.events[-1]["t"] if self.events else 0.0)
+            t = self.events[-1]["t"] if self.events else 0.0
+            if self.kind == EVENTSTREAM:  # the start of a message that never ended: its bytes, as they came
+                self.events.append({"t": t, "data_base64": b64(self.buf)})
+            else:
+                self.add(self.buf, t)
         return self.events
 
 
@@ -502,7 +618,7 @@ def recorded_match(req, turn, scrub):
     """A recorded rule's match, from the request: provider, route, model, the exact last user text, turn
     and tool result (or a small body, whole, on routes without a conversation), stream and query."""
     route = req.route
-    match = {"provider": req.provider, "route": route.name}
+    match = {"provider": req.provider, "platform": route.platform or "", "route": route.name}
     model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model")
     if isinstance(model, str) and model:
         match["model"] = "".join("[%s]" % c if c in "*?[" else c for c in model)  # a glob: matched exactly
@@ -524,6 +640,16 @@ def recorded_match(req, turn, scrub):
     if query:
         match["query"] = scrub(query)
     return match
+
+
+def _event_type(text):
+    """An Anthropic event's ``type`` (what a recorded InvokeModel chunk is), without parsing all of it."""
+    m = re.search(r'"type"\s*:\s*"([^"\\]*)"', text)
+    return m.group(1) if m else None
+
+
+#: The forms of a recorded stream event (each with ``t``): bytes as text or base64, or AWS event stream messages.
+_EVENT_FORMS = ({"data"}, {"data_base64"}, {"chunk"}, {"event", "data"}, {"exception", "data"})
 
 
 def check_raw(raw, where):
@@ -560,12 +686,13 @@ def check_raw(raw, where):
         raise RuleError("%s.events must be a list of {t, data}" % where)
     for i, ev in enumerate(events):
         at = "%s.events[%d]" % (where, i)
-        if not isinstance(ev, dict) or set(ev) - {"t", "data", "data_base64"} or \
-                len([k for k in ("data", "data_base64") if k in ev]) != 1:
-            raise RuleError("%s must be {t, data} or {t, data_base64}" % at)
+        if not isinstance(ev, dict) or set(ev) - {"t"} not in _EVENT_FORMS:
+            raise RuleError("%s must be {t, data} or {t, data_base64} (an event stream's: {t, chunk}, {t, event, "
+                            "data} or {t, exception, data})" % at)
         _check_seconds(ev.get("t"), at + ".t")
-        if "data" in ev and not isinstance(ev["data"], str):
-            raise RuleError("%s.data must be a string: the event's bytes as text" % at)
+        for name in ("data", "chunk", "event", "exception"):
+            if name in ev and not isinstance(ev[name], str):
+                raise RuleError("%s.%s must be a string" % (at, name))
         if "data_base64" in ev:
             _check_base64(ev["data_base64"], at + ".data_base64")
 
@@ -610,15 +737,27 @@ def send_recorded(w, req, raw):
         body = raw["body"].encode("utf-8") if "body" in raw else binascii.a2b_base64(raw["body_base64"])
         w.send_bytes(raw["status"], body, ctype, headers)
         return
-    sse = "event-stream" in ctype.lower()
-    w.json_array = not sse  # Gemini's JSON array: the SSE-only faults leave it alone
+    kind = stream_kind(ctype)
+    sse = kind == "sse"
+    if kind == EVENTSTREAM:  # messages framed again (each one stream item, as dpmock's own are)
+        from .bedrock import ConverseFramer, InvokeFramer
+        w.framer = (InvokeFramer if any("chunk" in ev for ev in raw["events"]) else ConverseFramer)(req)
+    else:
+        w.json_array = not sse  # Gemini's JSON array: the SSE-only faults leave it alone
     w.start_stream(raw["status"], ctype, headers)
     last = 0.0
     for ev in raw["events"]:
         if paced:
             w.pause(ev["t"] - last)
             last = max(last, ev["t"])
-        if "data" not in ev:
+        if "chunk" in ev:
+            w.stream_text(ev["chunk"], ev["chunk"], _event_type(ev["chunk"]))
+        elif "event" in ev:
+            w.stream_text(ev["data"], ev["data"], ev["event"])
+        elif "exception" in ev:
+            from .bedrock import exception_message
+            w.send_chunk(exception_message(ev["exception"], ev["data"]))
+        elif "data" not in ev:
             w.send_chunk(binascii.a2b_base64(ev["data_base64"]))
         elif sse:
             w.stream_text(ev["data"], *sse_parts(ev["data"]))

@@ -5,7 +5,7 @@ import json
 import re
 import time
 
-from .base import ANTHROPIC, GEMINI, OPENAI, REGEX_BUDGET, bounded_int, cached, regex_left, scenarios, spend_regex
+from .base import ANTHROPIC, AZURE, BEDROCK, GEMINI, GEMINI_OPENAI, OPENAI, REGEX_BUDGET, VERTEX, bounded_int, cached, regex_left, scenarios, spend_regex
 from .conversation import RULE_FINISH
 from .providers import first_of, request_key
 from .rules import RULE_MATCH_KEYS, RULE_RESPOND_KEYS, RuleError, check_test_id
@@ -81,6 +81,11 @@ class Rule:
                 self.trigram = want[len(want) // 2 - 1:len(want) // 2 + 2]
             if name == "text_exact":
                 return name, (lambda c, w=want: c.text == w), want
+        if name == "platform":
+            if want not in PLATFORMS:
+                raise RuleError("match.platform must be %s, or \"\" (the providers' own APIs)"
+                                % ", ".join(p for p in PLATFORMS if p))
+            return name, (lambda c, w=want: c.platform == w), want
         if name == "model":
             if not isinstance(want, str):
                 raise RuleError("match.model must be a string (exact, or a glob with *)")
@@ -388,17 +393,18 @@ def json_equal(want, got):
 
 
 _NOTHING = object()
+PLATFORMS = (AZURE, BEDROCK, GEMINI_OPENAI, VERTEX, "")  #: match.platform: a route's platform, "" for none
 
 
 class RuleContext:
     """What a request asked, as rules see it (the same words on every provider)."""
 
-    __slots__ = ("provider", "route", "model", "text", "system", "tools", "tool_result", "tool_output", "tool_args",
+    __slots__ = ("provider", "platform", "route", "model", "text", "system", "tools", "tool_result", "tool_output", "tool_args",
                  "turn", "stream", "key", "headers", "query", "body", "_trigrams", "conversation", "found",
                  "stalled")
 
     def __init__(self, req, turn):
-        self.provider, self.route = req.provider, req.route.name
+        self.provider, self.platform, self.route = req.provider, req.route.platform or "", req.route.name
         model = turn.model if turn is not None else req.params.get("model") or first_of(req.json, "model")
         self.model = model if isinstance(model, str) else ""
         self.text = turn.user_text if turn is not None else ""

@@ -14,8 +14,8 @@ from .state import mask_header
 
 
 #: What a rule's ``match`` may say, and what its ``respond`` may give.
-RULE_MATCH_KEYS = ("provider", "route", "model", "text", "text_exact", "text_regex", "system", "tool", "tool_result",
-                   "turn", "stream", "key", "header", "query", "body")
+RULE_MATCH_KEYS = ("provider", "platform", "route", "model", "text", "text_exact", "text_regex", "system", "tool",
+                   "tool_result", "turn", "stream", "key", "header", "query", "body")
 RULE_RESPOND_KEYS = ("text", "tool_calls", "thinking", "json", "usage", "finish", "error", "scenario", "embedding",
                      "raw")
 TEST_ID_MAX = 200  #: characters in a test id (pytest node ids with parameters fit)

@@ -9,12 +9,64 @@ from .base import CERTS, LAUNCHER, StartError
 from .config import UsageError, parse_args
 
 
-SANDBOX_HOSTS = ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com")
+#: Vertex AI's locations and Bedrock's regions whose hosts the sandbox answers (the test certificate names each).
+VERTEX_LOCATIONS = ("us-central1", "us-east1", "us-east4", "us-east5", "us-south1", "us-west1", "us-west4",
+                    "northamerica-northeast1", "southamerica-east1", "europe-west1", "europe-west2", "europe-west3",
+                    "europe-west4", "europe-west6", "europe-west8", "europe-west9", "europe-north1",
+                    "europe-southwest1", "europe-central2", "asia-east1", "asia-northeast1", "asia-northeast3",
+                    "asia-south1", "asia-southeast1", "australia-southeast1", "me-central1", "me-west1")
+BEDROCK_REGIONS = ("us-east-1", "us-east-2", "us-west-1", "us-west-2", "ca-central-1", "sa-east-1", "eu-central-1",
+                   "eu-central-2", "eu-west-1", "eu-west-2", "eu-west-3", "eu-north-1", "eu-south-1", "eu-south-2",
+                   "ap-northeast-1", "ap-northeast-2", "ap-northeast-3", "ap-south-1", "ap-south-2",
+                   "ap-southeast-1", "ap-southeast-2", "ap-southeast-3", "ap-southeast-4", "me-central-1",
+                   "il-central-1", "us-gov-west-1", "us-gov-east-1")
+AZURE_DOMAIN = "openai.azure.com"  #: every resource's host is under it (the certificate: *.openai.azure.com)
+#: The hosts the sandbox answers (one Azure resource, dpmock.openai.azure.com; --sandbox-host adds others).
+SANDBOX_HOSTS = (("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com",
+                  "aiplatform.googleapis.com") + tuple("%s-aiplatform.googleapis.com" % loc for loc in VERTEX_LOCATIONS)
+                 + tuple("bedrock-runtime.%s.amazonaws.com" % r for r in BEDROCK_REGIONS) + ("dpmock." + AZURE_DOMAIN,))
 #: Where distributions keep the system CA bundle (each one present is overlaid in the sandbox).
 CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem",
               "/etc/ssl/cert.pem", "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem")
 SANDBOX_LISTENS = ["--listen", "tls:443", "--listen", "80", "--listen", "8080"]
 SANDBOX_UNAVAILABLE = 125  #: exit status when the sandbox itself cannot be made
+
+
+def cert_config(which):
+    """What ``make certs`` gives openssl: ``ext``, the server certificate's extensions (a name for each
+    sandbox host, *.openai.azure.com for Azure's resources); ``ca``, the CA's name constraints (those names
+    only, and loopback): one list, here, for the sandbox and its certificates."""
+    names = [h for h in SANDBOX_HOSTS if not h.endswith("." + AZURE_DOMAIN)]
+    if which == "ca":
+        return ",".join(["permitted;DNS:%s" % h for h in names + [AZURE_DOMAIN, "localhost"]] +
+                        ["permitted;IP:127.0.0.0/255.0.0.0",
+                         "permitted;IP:::1/ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"])
+    sans = ", ".join(["DNS:%s" % h for h in names + ["*." + AZURE_DOMAIN, "localhost"]] + ["IP:127.0.0.1", "IP:::1"])
+    return ("# Extensions of dpmock's test server certificate (made by `make certs` from dpmocklib/sandbox.py).\n"
+            "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth\nsubjectAltName = %s\nsubjectKeyIdentifier = hash\n"
+            "authorityKeyIdentifier = keyid\n" % sans)
+
+
+def sandbox_hosts(options):
+    """(dpmock's options, the hosts to answer): ``--sandbox-host NAME`` (repeatable) adds a host the test
+    certificate names (an Azure resource: NAME.openai.azure.com); UsageError for any other."""
+    import re
+    rest, hosts, args = [], list(SANDBOX_HOSTS), list(options)
+    while args:
+        arg = args.pop(0)
+        if arg == "--sandbox-host" or arg.startswith("--sandbox-host="):
+            name = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else "")
+            name = name.strip().lower().rstrip(".")
+            if name not in hosts and not re.match(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.%s\Z"
+                                                  % re.escape(AZURE_DOMAIN), name):
+                raise UsageError("--sandbox-host %r: the sandbox answers hosts its test certificate names: "
+                                 "RESOURCE.%s, or one of its Vertex AI and Bedrock regions' hosts"
+                                 % (name[:60], AZURE_DOMAIN))
+            hosts.append(name)
+        else:
+            rest.append(arg)
+    return rest, list(dict.fromkeys(hosts))
 
 
 def sandbox_main(argv):
@@ -25,6 +77,7 @@ def sandbox_main(argv):
         return 2
     options = argv[:argv.index("--")]  # the command after "--" runs inside (sandbox_inner)
     try:
+        options = sandbox_hosts(options)[0]
         parse_args(options + SANDBOX_LISTENS)  # refuse bad options before making anything
     except UsageError as e:
         print("dpmock.py sandbox: error: %s" % e, file=sys.stderr)
@@ -56,11 +109,11 @@ def sandbox_unavailable(cause, hint):
 def sandbox_inner(argv):
     """Inside the new namespaces (as root there): set the stage, serve, run the command."""
     cut = argv.index("--")
-    options, command = argv[:cut], argv[cut + 1:]
+    (options, names), command = sandbox_hosts(argv[:cut]), argv[cut + 1:]
     try:
         loopback_up()
-        hosts = "127.0.0.1 localhost %s\n::1 localhost ip6-localhost ip6-loopback\n127.0.0.1 %s\n" % (
-            socket.gethostname(), " ".join(SANDBOX_HOSTS))
+        hosts = "127.0.0.1 localhost %s\n::1 localhost ip6-localhost ip6-loopback\n%s" % (
+            socket.gethostname(), "".join("127.0.0.1 %s\n" % name for name in names))
         overlay(hosts.encode(), "/etc/hosts")
         with open(os.path.join(CERTS, "ca.pem"), "rb") as f:
             test_ca = f.read()

@@ -170,18 +170,22 @@ class ResponseWriter:
 
     # ---------------------------------------------------------------- streams
 
-    def start_stream(self, status, ctype, headers=(), close=False):
+    def start_stream(self, status, ctype, headers=(), close=False, relayed=False):
         """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0.
 
         A route whose stream is binary (``route.framing``) gets its framer here: its items, SSE events
-        to the handler, leave framed as that route's clients read them, with its content type."""
+        to the handler, leave framed as that route's clients read them, with its content type. A stream
+        ``relayed`` from upstream (--record) goes as it came."""
         fault, p = self.fault
         close = fault.stream_head(self, p) or close
         self.chunked = self.req is None or self.req.version != "HTTP/1.0"
         framing = self.req.route.framing if self.req is not None and self.req.route is not None else None
-        if framing is not None:
+        if framing is not None and self.framer is None and not relayed:
             self.framer = framing(self.req)
-            ctype, headers = self.framer.content_type, list(headers) + self.framer.headers
+        if self.framer is not None:
+            given = {k.lower() for k, _ in headers}
+            ctype = self.framer.content_type
+            headers = list(headers) + [kv for kv in self.framer.headers if kv[0].lower() not in given]
         hdrs = [("Content-Type", ctype), ("Cache-Control", "no-cache")]
         if self.chunked:
             hdrs.insert(1, ("Transfer-Encoding", "chunked"))

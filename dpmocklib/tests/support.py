@@ -40,14 +40,14 @@ MIB = 1024 * 1024
 class Server:
     """A dpmock process in the foreground on a free port; stop() always reaps it."""
 
-    def __init__(self, *args, logfile=None, sub=()):
+    def __init__(self, *args, logfile=None, sub=(), env=None):
         self.logfile = logfile
         cmd = [PY, DPMOCK] + list(sub) + ["--foreground", "--port", "0"] + list(args)  # sub: ("record", DIR)
         if logfile:
             cmd += ["--logfile", logfile]
         # stderr (the access log) goes to a file: an unread pipe would fill up and block the server
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, cwd=HERE)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, cwd=HERE, env=env)
         line = self.proc.stdout.readline().decode()
         if not line.startswith("DP_MOCK_SERVER="):
             self.stop()

@@ -4,13 +4,16 @@ installed."""
 
 import base64
 import datetime
+import http.server
 import importlib
 import json
 import os
+import re
 import shutil
 import socket
 import struct
 import tempfile
+import threading
 import unittest
 import zlib
 
@@ -194,27 +197,6 @@ class AzureTest(CloudCase):
             self.assertIsInstance(r["error"]["message"], str)
 
 
-class VertexRecordTest(unittest.TestCase):
-
-    def test_record_says_it_does_not_forward_vertex_paths(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d, True)
-        srv = Server("-q", "--record", d, "--upstream", "gemini=http://127.0.0.1:9", "--upstream",
-                     "anthropic=http://127.0.0.1:9")
-        self.addCleanup(srv.stop)
-        for path, body in ((VERTEX_GEMINI + "generateContent", gemini_contents("x")),
-                           (VERTEX_CLAUDE + "rawPredict", vertex_claude("x")),
-                           (VERTEX + "/google/models/text-embedding-005:predict", {"instances": [{"content": "x"}]})):
-            st, _, data = srv.request("POST", path, json.dumps(body).encode(), BEARER)
-            err = json.loads(data)["error"]
-            self.assertEqual((st, err["status"]), (501, "UNIMPLEMENTED"))
-            self.assertIn("vertex", err["message"])
-        st, _, data = srv.request("POST", "/v1beta/openai/chat/completions", json.dumps(openai_chat("x")).encode(),
-                                  {"Authorization": "Bearer gemini-key"})  # never to the OpenAI upstream
-        self.assertEqual((st, json.loads(data)["error"]["code"]), (501, "not_forwarded"))
-        self.assertEqual(os.listdir(d), [])
-
-
 BEDROCK_MODEL = "anthropic.claude-sonnet-4-5-20250929-v1:0"
 BEDROCK = "/model/" + BEDROCK_MODEL.replace(":", "%3A")  #: as boto3 sends it (the anthropic SDK leaves the ':')
 SIGV4 = {"Authorization": "AWS4-HMAC-SHA256 Credential=AKIDTEST/20261204/us-east-1/bedrock/aws4_request, "
@@ -386,9 +368,9 @@ class BedrockTest(CloudCase):
             self.assertEqual((st, hdrs["x-amzn-errortype"].split(":")[0]), (400, "ValidationException"), path)
             self.assertIn(words, json.loads(data)["message"])
 
-    def stream(self, path, body, scenario):
-        raw = self.srv.raw(raw_request(path, dict(SIGV4, **{"X-DP-Scenario": scenario, "X-DP-Test-Id": "bedrock"}),
-                                       body, close=True))
+    def stream(self, path, body, scenario, srv=None):
+        raw = (srv or self.srv).raw(raw_request(path, dict(SIGV4, **{"X-DP-Scenario": scenario,
+                                                                     "X-DP-Test-Id": "bedrock"}), body, close=True))
         head, _, rest = raw.partition(b"\r\n\r\n")
         chunks, _ = decode_chunks(rest, strict=False)
         return raw, b"".join(chunks)
@@ -423,6 +405,115 @@ class BedrockTest(CloudCase):
         entries = json.loads(self.srv.request("GET", "/_control/requests?test=bedrock")[2])["requests"]
         self.assertEqual({(e["route"], e["platform"]) for e in entries}, {("messages", "bedrock"),
                                                                           ("converse", "bedrock")})
+
+
+class CloudRecordTest(unittest.TestCase):
+    """--record from each cloud (its upstream: a second dpmock), replayed offline; a recording answers where it
+    was made only (match.platform)."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def server(self, *args, **kw):
+        srv = Server(*args, **kw)
+        self.addCleanup(srv.stop)
+        return srv
+
+    def requests(self):
+        bearer = {"Authorization": "Bearer bedrock-api-key-rec"}
+        return [(VERTEX_GEMINI + "generateContent", BEARER, gemini_contents("rec vertex gemini")),
+                (VERTEX_CLAUDE + "streamRawPredict", BEARER, vertex_claude("rec vertex claude", True)),
+                (AZURE + "chat/completions?api-version=2024-10-21", AZ_KEY, openai_chat("rec azure")),
+                ("/openai/v1/chat/completions", AZ_KEY, openai_chat("rec azure v1 stream", True)),
+                ("/v1beta/openai/chat/completions", {"Authorization": "Bearer g"}, openai_chat("rec gemini compat")),
+                (BEDROCK + "/converse", SIGV4, converse("rec converse")),
+                (BEDROCK + "/converse-stream", SIGV4, converse("rec converse stream", tools=True)),
+                (BEDROCK + "/invoke-with-response-stream", bearer, bedrock_invoke("rec invoke stream")),
+                (BEDROCK + "/invoke", SIGV4, bedrock_invoke("rec invoke"))]
+
+    @staticmethod
+    def said(data):
+        """An answer without what differs between two answers (ids, times, latencies)."""
+        return re.sub(rb'"(id|created|responseId|toolUseId|latencyMs)": ?("[^"]*"|\d+)', b"", data)
+
+    def test_record_from_every_cloud_then_replay_offline(self):
+        up = self.server("-q")
+        ups = ["%s=%s" % (p, up.url) for p in ("vertex", "azure", "bedrock", "gemini")]
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIDDPMOCK", AWS_SECRET_ACCESS_KEY="s3cret")
+        rec = self.server("-q", "--record", self.dir, "--upstream", *ups, env=env)
+        live = []
+        for path, headers, body in self.requests():
+            st, _, data = rec.request("POST", path, json.dumps(body).encode(), headers)
+            self.assertEqual(st, 200, (path, data[:300]))
+            live.append(data)
+        forwarded = json.loads(up.request("GET", "/_control/requests")[2])["requests"]
+        self.assertEqual([e["platform"] for e in forwarded], ["vertex"] * 2 + ["azure"] * 2 + ["gemini-openai"] +
+                         ["bedrock"] * 4)
+        signed = json.loads(up.request("GET", "/_control/requests?key=AKIDDPMOCK")[2])["requests"]
+        self.assertEqual(len(signed), 3)  # the SigV4 ones, signed again with dpmock's AWS credentials
+        self.assertEqual(len(json.loads(up.request("GET", "/_control/requests?key=bedrock-api-key-rec")[2])[
+            "requests"]), 1)  # a Bedrock API key goes as it came
+        self.assertEqual(up.stop(), 0)
+        self.assertEqual(rec.stop(), 0)
+        with open(os.path.join(self.dir, "default.json"), encoding="utf-8") as f:
+            text = f.read()
+        self.assertNotIn("bedrock-api-key-rec", text)
+        rules = json.loads(text)["rules"]
+        self.assertEqual([r["match"]["platform"] for r in rules], ["vertex"] * 2 + ["azure"] * 2 + ["gemini-openai"] +
+                         ["bedrock"] * 4)
+        chunks = [ev for r in rules for ev in r["respond"]["raw"].get("events", ()) if "chunk" in ev]
+        self.assertIn("message_start", chunks[0]["chunk"])  # an InvokeModel chunk's bytes, readable
+        replay = self.server("-q", "--rules", self.dir)
+        for (path, headers, body), was in zip(self.requests(), live):
+            st, hdrs, data = replay.request("POST", path, json.dumps(body).encode(), headers)
+            self.assertEqual(st, 200, (path, data[:300]))
+            if hdrs.get("content-type") == "application/vnd.amazon.eventstream":
+                self.assertEqual(summary(eventstream(data)[0]), summary(eventstream(was)[0]), path)
+            else:
+                self.assertEqual(self.said(data), self.said(was), path)
+        self.assertEqual({e["source"] for e in json.loads(replay.request("GET", "/_control/requests")[2])[
+            "requests"]}, {"replayed"})
+        body = dict(anthropic_messages("rec invoke"))  # Bedrock's recording is not Anthropic's own answer
+        st, _, data = replay.request("POST", "/v1/messages", json.dumps(body).encode(), AN)
+        self.assertEqual(json.loads(data)["content"][0]["text"], "dpmock reply to: rec invoke")
+        raw, data = BedrockTest.stream(self, BEDROCK + "/converse-stream", converse("rec converse stream", tools=True),
+                                       "STREAM_CUT; events=3", replay)
+        self.assertEqual(len(eventstream(data)[0]), 3)  # faults act on a replayed event stream's messages
+
+    def test_azure_needs_its_upstream_named(self):
+        rec = self.server("-q", "--record", self.dir, "--upstream", "openai=http://127.0.0.1:9")
+        st, _, data = rec.request("POST", AZURE + "chat/completions?api-version=2024-10-21",
+                                  json.dumps(openai_chat("x")).encode(), AZ_KEY)
+        self.assertEqual((st, json.loads(data)["error"]["code"]), (501, "not_forwarded"))
+        self.assertIn("--upstream azure=", json.loads(data)["error"]["message"])
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_each_cloud_request_goes_to_its_own_regions_host(self):
+        from dpmocklib.config import parse_args
+        from dpmocklib.record import Recorder, upstream_for
+        import dpmock
+        recorder = Recorder(parse_args(["--record", self.dir]), None)
+        cases = [("POST", "/v1/projects/p/locations/europe-west4/publishers/google/models/g:generateContent", {},
+                  "https://europe-west4-aiplatform.googleapis.com"),
+                 ("POST", "/v1/projects/p/locations/global/publishers/google/models/g:generateContent", {},
+                  "https://aiplatform.googleapis.com"),
+                 ("POST", BEDROCK + "/converse", {"authorization": SIGV4["Authorization"].replace("us-east-1",
+                                                                                                   "eu-west-3")},
+                  "https://bedrock-runtime.eu-west-3.amazonaws.com"),
+                 ("POST", "/v1beta/openai/chat/completions", {}, "https://generativelanguage.googleapis.com")]
+        for method, path, headers, want in cases:
+            route, params = dpmock.ROUTER.match(method, path.partition("?")[0])
+            req = type("Req", (), {"route": route, "params": params, "provider": route.provider,
+                                   "headers": headers, "voice": route.platform})()
+            self.assertEqual(upstream_for(recorder.upstreams, req).url, want, path)
+        route, params = dpmock.ROUTER.match("POST", "/v1/projects/p/locations/x.evil.com%2F/publishers/google/"
+                                                    "models/g:generateContent")
+        req = type("Req", (), {"route": route, "params": params, "provider": route.provider, "headers": {},
+                               "voice": route.platform})()
+        with self.assertRaises(dpmock.HTTPError) as cm:
+            upstream_for(recorder.upstreams, req)
+        self.assertEqual(cm.exception.status, 400)
 
 
 def _token_credentials():
@@ -620,15 +711,18 @@ class BedrockBoto3SdkTest(unittest.TestCase):
             self.make("RATE_LIMITED").converse(modelId=m, messages=msgs[:1])
         with self.assertRaises(c.exceptions.ValidationException):
             c.converse(modelId="anthropic.claude-does-not-exist", messages=msgs[:1])
+        stream = self.make("STREAM_ERROR").converse_stream(modelId=m, messages=msgs[:1])["stream"]
+        self.addCleanup(stream.close)
         with self.assertRaises(self.exceptions.EventStreamError) as cm:
-            list(self.make("STREAM_ERROR").converse_stream(modelId=m, messages=msgs[:1])["stream"])
+            list(stream)
         self.assertEqual(cm.exception.response["Error"]["Code"], "internalServerException")
-        with self.assertRaises(Exception) as cm:
-            list(self.make("STREAM_CUT; events=2").converse_stream(modelId=m, messages=msgs[:1])["stream"])
-        self.assertNotIsInstance(cm.exception, AssertionError)
-        with self.assertRaises(Exception) as cm:
-            list(self.make("STREAM_CUT; events=2").invoke_model_with_response_stream(modelId=m, body=body)["body"])
-        self.assertNotIsInstance(cm.exception, AssertionError)
+        for stream in (self.make("STREAM_CUT; events=2").converse_stream(modelId=m, messages=msgs[:1])["stream"],
+                       self.make("STREAM_CUT; events=2").invoke_model_with_response_stream(modelId=m, body=body)[
+                           "body"]):
+            self.addCleanup(stream.close)
+            with self.assertRaises(Exception) as cm:
+                list(stream)
+            self.assertNotIsInstance(cm.exception, AssertionError)
 
     def test_botocores_decoder_reads_every_byte(self):
         eventstream_mod = importlib.import_module("botocore.eventstream")
@@ -654,6 +748,56 @@ class BedrockBoto3SdkTest(unittest.TestCase):
                 data = data[m.prelude.total_length:]
             if scenario and scenario.startswith("STREAM_ERROR"):
                 self.assertEqual(theirs[-1].to_response_dict()["status_code"], 400)
+
+    def test_record_signs_bedrock_requests_again_as_botocore_would(self):
+        captured = []
+
+        class Upstream(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                captured.append((self.path, dict(self.headers), body))
+                out = json.dumps({"output": {"message": {"role": "assistant", "content": [{"text": "signed"}]}},
+                                  "stopReason": "end_turn", "metrics": {"latencyMs": 1},
+                                  "usage": {"inputTokens": 1, "outputTokens": 1, "totalTokens": 2}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        self.addCleanup(httpd.server_close)
+        self.addCleanup(httpd.shutdown)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIDDPMOCK", AWS_SECRET_ACCESS_KEY="s3cret", AWS_SESSION_TOKEN="tok")
+        rec = Server("-q", "--record", folder, "--upstream", "bedrock=http://127.0.0.1:%d" % httpd.server_port,
+                     env=env)
+        self.addCleanup(rec.stop)
+        client = self.boto3.client("bedrock-runtime", region_name="eu-west-3", endpoint_url=rec.url,
+                                   aws_access_key_id="AKIDCLIENT", aws_secret_access_key="other",
+                                   config=self.config.Config(retries={"total_max_attempts": 1}))
+        self.addCleanup(client.close)
+        r = client.converse(modelId=BEDROCK_MODEL, messages=[{"role": "user", "content": [{"text": "sign it"}]}])
+        self.assertEqual(r["output"]["message"]["content"][0]["text"], "signed")
+        path, headers, body = captured[0]
+        stamp = headers["X-Amz-Date"]
+        auth, awsrequest = importlib.import_module("botocore.auth"), importlib.import_module("botocore.awsrequest")
+        credentials = importlib.import_module("botocore.credentials")
+        req = awsrequest.AWSRequest(method="POST", url="http://127.0.0.1:%d%s" % (httpd.server_port, path), data=body,
+                                    headers={"X-Amz-Date": stamp, "X-Amz-Security-Token": "tok"})
+        req.context["timestamp"] = stamp
+        signer = auth.SigV4Auth(credentials.Credentials("AKIDDPMOCK", "s3cret", "tok"), "bedrock", "eu-west-3")
+        signature = signer.signature(signer.string_to_sign(req, signer.canonical_request(req)), req)
+        self.assertEqual(headers["Authorization"], "AWS4-HMAC-SHA256 Credential=AKIDDPMOCK/%s/eu-west-3/bedrock/"
+                         "aws4_request, SignedHeaders=host;x-amz-date;x-amz-security-token, Signature=%s"
+                         % (stamp[:8], signature))
+        self.assertEqual(path, BEDROCK + "/converse")
 
 
 @unittest.skipUnless(_have("anthropic") and _have("botocore"), "the anthropic and botocore packages are not "

@@ -45,6 +45,35 @@ class SandboxTest(unittest.TestCase):
         r = self.sandbox(PY, "-c", script, options=["--listen", "9999"])
         self.assertEqual((r.returncode, r.stdout.decode().split()), (0, ["running"] * 3), r.stderr)
 
+    def test_the_clouds_hosts_are_answered_too(self):
+        script = ("import json, ssl, http.client\n"
+                  "def post(host, path, body, headers):\n"
+                  "    c = http.client.HTTPSConnection(host, 443, timeout=10, context=ssl.create_default_context())\n"
+                  "    c.request('POST', path, json.dumps(body), headers)\n"
+                  "    return json.loads(c.getresponse().read())\n"
+                  "said = {'role': 'user', 'content': [{'text': 'hi bedrock'}]}\n"
+                  "r = post('bedrock-runtime.eu-west-3.amazonaws.com', '/model/anthropic.claude-x-v1%3A0/converse',\n"
+                  "         {'messages': [said]}, {'Authorization': 'AWS4-HMAC-SHA256 Credential=AK/20261204/eu-west-3/'\n"
+                  "                                               'bedrock/aws4_request, SignedHeaders=host, Signature=0'})\n"
+                  "print(r['output']['message']['content'][0]['text'])\n"
+                  "r = post('us-east5-aiplatform.googleapis.com', '/v1/projects/p/locations/us-east5/publishers/'\n"
+                  "         'google/models/gemini-2.5-flash:generateContent',\n"
+                  "         {'contents': [{'role': 'user', 'parts': [{'text': 'hi vertex'}]}]}, {'Authorization': 'Bearer t'})\n"
+                  "print(r['candidates'][0]['content']['parts'][0]['text'])\n"
+                  "r = post('my-res.openai.azure.com', '/openai/deployments/gpt/chat/completions?api-version=2024-10-21',\n"
+                  "         {'messages': [{'role': 'user', 'content': 'hi azure'}]}, {'api-key': 'k'})\n"
+                  "print(r['choices'][0]['message']['content'])\n")
+        r = self.sandbox(PY, "-c", script, options=["--sandbox-host", "my-res.openai.azure.com"])
+        self.assertEqual((r.returncode, r.stdout.decode().splitlines()), (0, [
+            "dpmock reply to: hi bedrock", "dpmock reply to: hi vertex", "dpmock reply to: hi azure"]), r.stderr)
+
+    def test_a_host_its_certificate_does_not_name_is_refused(self):
+        for host in ("example.com", "evil.openai.azure.com.example.com", ""):
+            r = run([PY, DPMOCK, "sandbox", "--sandbox-host", host, "--", "true"])
+            self.assertEqual(r.returncode, 2, host)
+            self.assertEqual(len(r.stderr.decode().strip().splitlines()), 1)
+            self.assertIn("--sandbox-host", r.stderr.decode())
+
     def test_unavailable_is_one_line(self):
         r = run([PY, DPMOCK, "sandbox", "--", "true"], env=dict(os.environ, PATH="/nonexistent"))
         self.assertEqual(r.returncode, 125)

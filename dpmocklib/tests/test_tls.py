@@ -11,8 +11,10 @@ import time
 import unittest
 
 import dpmock
+from dpmocklib.sandbox import cert_config
 
-from .support import CA, DPMOCK, HERE, OA, PY, Server, make_env, recv_all, run, split_response, tls_port
+from .support import (CA, DPMOCK, HERE, OA, PY, Server, make_env, recv_all, run, split_response, tls_port,
+    vendored_copy)
 
 
 class TlsTest(unittest.TestCase):
@@ -125,8 +127,8 @@ class CertsTest(unittest.TestCase):
         with open(CA) as f:
             der = base64.b64decode("".join(line for line in f.read().splitlines() if not line.startswith("-----")))
         self.assertIn(b"\x06\x03\x55\x1d\x1e\x01\x01\xff", der)  # id-ce-nameConstraints, critical TRUE
-        for name in dpmock.SANDBOX_HOSTS + ("localhost",):
-            self.assertIn(name.encode(), der)
+        for name in dpmock.SANDBOX_HOSTS + ("localhost",):  # each permitted (Azure's resources: their domain)
+            self.assertIn(("openai.azure.com" if name.endswith(".openai.azure.com") else name).encode(), der)
         self.assertIn(bytes([127, 0, 0, 0, 255, 0, 0, 0]), der)  # 127.0.0.0/8
         self.assertIn(bytes(15) + b"\x01" + b"\xff" * 16, der)  # ::1/128
         if shutil.which("openssl"):
@@ -135,36 +137,38 @@ class CertsTest(unittest.TestCase):
         if shutil.which("git") and run(["git", "-C", HERE, "rev-parse"]).returncode == 0:
             self.assertEqual(run(["git", "-C", HERE, "ls-files", "certs/ca.key"]).stdout, b"")
             self.assertEqual(run(["git", "-C", HERE, "check-ignore", "-q", "certs/ca.key"]).returncode, 0)
-        self.assertIsNone(_handshake(os.path.join(HERE, "certs", "server.pem"),
-                                     os.path.join(HERE, "certs", "server.key"), CA, "api.openai.com"))
+        for name in dpmock.SANDBOX_HOSTS + ("my-resource.openai.azure.com", "localhost", "127.0.0.1"):
+            self.assertIsNone(_handshake(os.path.join(HERE, "certs", "server.pem"),
+                                         os.path.join(HERE, "certs", "server.key"), CA, name), name)
+        with open(os.path.join(HERE, "certs", "server.ext")) as f:
+            self.assertEqual(f.read(), cert_config("ext"), "certs/ is stale: make certs")
 
     @unittest.skipUnless(shutil.which("openssl") and shutil.which("make"), "the openssl command is not installed")
     def test_make_certs_ca_refuses_to_vouch_for_other_names(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d, True)
+        d = vendored_copy(self, ("Makefile", "dpmocklib", "scenarios.py"))  # the names come from dpmocklib
         os.makedirs(os.path.join(d, "certs"))
-        shutil.copy(os.path.join(HERE, "Makefile"), d)
-        shutil.copy(os.path.join(HERE, "certs", "server.ext"), os.path.join(d, "certs"))
         r = run(["make", "-s", "certs"], cwd=d, env=make_env())
         self.assertEqual(r.returncode, 0, r.stderr)
         c = os.path.join(d, "certs")
         ca, ca_key = os.path.join(c, "ca.pem"), os.path.join(c, "ca.key")
         for name in ("api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com", "localhost",
-                     "127.0.0.1", "::1"):
+                     "127.0.0.1", "::1", "bedrock-runtime.eu-west-3.amazonaws.com", "x.openai.azure.com"):
             self.assertIsNone(_handshake(os.path.join(c, "server.pem"), os.path.join(c, "server.key"), ca, name))
         # A certificate for another name, properly signed by that same CA: refused for the constraint.
         evil_key, evil_csr, evil_pem, ext = (os.path.join(c, n) for n in ("evil.key", "evil.csr", "evil.pem",
                                                                             "evil.ext"))
-        with open(ext, "w") as f:
+        with open(ext, "w") as f:  # names near the permitted ones too
             f.write("basicConstraints = critical, CA:FALSE\nextendedKeyUsage = serverAuth\n"
-                    "subjectAltName = DNS:evil.example, IP:10.1.2.3\n")
+                    "subjectAltName = DNS:evil.example, DNS:storage.googleapis.com, DNS:s3.us-east-1.amazonaws.com, "
+                    "DNS:azure.com, IP:10.1.2.3\n")
         for cmd in (["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", evil_key, "-out", evil_csr,
                      "-subj", "/CN=evil.example"],
                     ["openssl", "x509", "-req", "-in", evil_csr, "-CA", ca, "-CAkey", ca_key, "-set_serial", "7",
                      "-days", "2", "-extfile", ext, "-out", evil_pem]):
             r = run(cmd)
             self.assertEqual(r.returncode, 0, r.stderr)
-        for name in ("evil.example", "10.1.2.3"):
+        for name in ("evil.example", "storage.googleapis.com", "s3.us-east-1.amazonaws.com", "azure.com",
+                     "10.1.2.3"):
             why = _handshake(evil_pem, evil_key, ca, name)
             self.assertIsNotNone(why, name)
             self.assertIn("permitted subtree violation", why)
