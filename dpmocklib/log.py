@@ -16,7 +16,7 @@ class Log:
 
     def __init__(self, stream, verbosity):
         self.stream, self.verbosity = stream, verbosity
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  #: re-entrant: a signal handler that logs may interrupt a holder
         self.queue = []  #: lines not yet written (list.append is atomic)
         self.kick = threading.Event()
         self.flusher = None
@@ -46,8 +46,10 @@ class Log:
     def _start_flusher(self):
         with self.lock:
             if self.flusher is None:
-                self.flusher = threading.Thread(target=self._flush_loop, name="dpmock-log", daemon=True)
-                self.flusher.start()
+                flusher = threading.Thread(target=self._flush_loop, name="dpmock-log", daemon=True)
+                if self.flusher is None:  # not made meanwhile, by a signal handler that logged while this ran
+                    self.flusher = flusher
+                    flusher.start()
 
     def _flush_loop(self):
         while not self.closed:
