@@ -127,6 +127,8 @@ class InvokeFramer(ConverseFramer):
         self.t0, self.first, self.tokens = req.t0, None, {}
 
     def frame(self, event, payload):
+        if event == "chunk":  # already a chunk's JSON (a recorded one that was no Anthropic event)
+            return _event("chunk", payload)
         if self.first is None:
             self.first = time.monotonic()
         if event in ("message_start", "message_delta"):  # the usage the metrics repeat
@@ -155,7 +157,7 @@ def handle_bedrock_invoke(w, req):
     check_key(req)
     model = req.params["model"]
     check_model(req, model)
-    if "anthropic" not in model.lower():
+    if "anthropic" not in model.lower() and not model.startswith("arn:"):  # an ARN may name a profile only
         raise _validation("dpmock answers InvokeModel for Anthropic's models (anthropic.*, us.anthropic.*, their "
                           "inference profiles), not %r; the Converse API (/model/%s/converse) answers every model"
                           % (model, model))
@@ -181,7 +183,9 @@ CONVERSE_SHAPE = {
     "toolConfig": {"tools": [{"toolSpec": {"name": str, "description": str, "inputSchema": {"json": dict}},
                               "cachePoint": dict}],
                    "toolChoice": {"auto": dict, "any": dict, "tool": {"name": str}}},
-    "additionalModelRequestFields": dict, "outputConfig": {"textFormat": dict},
+    "additionalModelRequestFields": dict,
+    "outputConfig": {"textFormat": {"type": str, "structure": {"jsonSchema": {"schema": str, "name": str,
+                                                                              "description": str}}}},
 }
 
 
@@ -285,17 +289,20 @@ def _output_schema(fmt):
     """outputConfig.textFormat's JSON schema (a JSON text in ``structure.jsonSchema.schema``)."""
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         raise _validation("outputConfig.textFormat.type: the only output format is \"json_schema\"")
-    text = ((fmt.get("structure") or {}).get("jsonSchema") or {}).get("schema")
+    text = ((fmt.get("structure") or {}).get("jsonSchema") or {}).get("schema")  # typed by CONVERSE_SHAPE
     if not isinstance(text, str):
         raise _validation("outputConfig.textFormat.structure.jsonSchema.schema: a JSON schema, as a JSON text, is "
                           "required")
+    return inner_json(text.encode("utf-8"), "outputConfig.textFormat.structure.jsonSchema.schema") or JSON_OBJECT
+
+
+def inner_json(data, where):
+    """A JSON object held in a field (as text, or base64), read as a body is: its size, depth and values bounded."""
+    from .dispatch import parse_json_body
     try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise _validation("outputConfig.textFormat.structure.jsonSchema.schema is not valid JSON: %s" % e)
-    if not isinstance(schema, dict):
-        raise _validation("outputConfig.textFormat.structure.jsonSchema.schema must be a JSON object")
-    return schema or JSON_OBJECT
+        return parse_json_body(data)
+    except HTTPError as e:
+        raise HTTPError(400, e.message.replace("request body", where), etype="ValidationException")
 
 
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use", "filter": "content_filtered"}
@@ -372,12 +379,10 @@ def handle_bedrock_count_tokens(w, req):
     if "invokeModel" in given:
         raw = given["invokeModel"].get("body") if isinstance(given["invokeModel"], dict) else None
         try:
-            body = json.loads(binascii.a2b_base64(raw.encode("ascii")).decode("utf-8"))
+            data = binascii.a2b_base64(raw.encode("ascii"))
         except (AttributeError, ValueError, UnicodeError, binascii.Error):
             raise _validation("input.invokeModel.body: expected the base64 of an InvokeModel JSON body")
-        if not isinstance(body, dict):
-            raise _validation("input.invokeModel.body: expected a JSON object")
-        turn = anthropic_turn(dict(body, model=model), need_max_tokens=False)
+        turn = anthropic_turn(dict(inner_json(data, "input.invokeModel.body"), model=model), need_max_tokens=False)
     else:
         turn = converse_turn(given["converse"], model)
     for name, schema in turn.tools:

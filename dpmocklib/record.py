@@ -17,7 +17,7 @@ from .config import split_url
 from .conversation import read_turn
 from .providers import bearer_token, first_of
 from .request import PIECE, CTL_BYTES, TOKEN_CHARS, compiled_cache, read_json_body
-from .routing import BODY_STREAM, STREAM_FLAG, STREAM_NEVER, API_VERSIONS, percent_decode
+from .routing import BODY_STREAM, STREAM_NEVER, API_VERSIONS, percent_decode
 from .rule import Rule
 from .rules import MAX_FILE, RuleError
 from .responses_api import remember_response
@@ -31,7 +31,7 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transf
 #: Answer headers the writer makes itself, so the upstream's are not relayed.
 _WRITER_HEADERS = frozenset(("date", "server", "content-type", "content-length"))
 #: The only answer headers a recording keeps: request ids, dates, cookies and organisation names never.
-RECORDED_HEADERS = ("content-type", "content-encoding", "retry-after", "retry-after-ms")
+RECORDED_HEADERS = ("content-type", "content-encoding", "retry-after", "retry-after-ms", "x-amzn-errortype")
 #: Ids a recording normalises: values of these keys that start with one of these prefixes, and any
 #: value of the _ALWAYS_IDS keys (Gemini's responseId has no prefix).
 _ID_KEYS = ("id", "tool_call_id", "tool_use_id", "previous_response_id", "item_id", "toolUseId")
@@ -46,6 +46,8 @@ _RECORD_RES = {
     "id": r'"(%s)"\s*:\s*"([^"\\]+)"' % "|".join(_ID_KEYS + _ALWAYS_IDS),
     "time": r'("(?:created|created_at|completed_at)"\s*:\s*)\d+(?:\.\d+)?',
     "stamp": r'("(?:createTime|updateTime|expirationTime)"\s*:\s*")[^"\\]*(")',
+    "latency": r'("(?:latencyMs|invocationLatency|firstByteLatency)"\s*:\s*)\d+',  # Bedrock's
+    "padding": r',\s*"p"\s*:\s*"[A-Za-z0-9]*"',  # Bedrock's random-length padding of stream events
 }
 
 
@@ -196,6 +198,8 @@ class Recorder:
         """A SigV4-signed request, signed again for the upstream's host (the client signed for dpmock's) with
         the AWS credentials in dpmock's environment; without them it goes as the client signed it."""
         access, region = sigv4_scope(req.headers.get("authorization") or "")
+        named = re.match(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com\Z", up.host)
+        region = named.group(1) if named else region  # the upstream's own region, when its host says it
         if access is None:
             return headers  # a Bedrock API key (Bearer) is forwarded as it came
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
@@ -243,7 +247,7 @@ class Recorder:
         """Relay a streamed answer piece by piece as it arrives; its events, or None when not recorded."""
         import http.client
         w.extra_headers = ()
-        w.start_stream(resp.status, ctype, relay_headers(items, stream=True), relayed=True)
+        w.start_stream(resp.status, ctype, relay_headers(items, stream=True), raw=True)
         events = EventSplitter(stream_kind(ctype)) if keep else None
         start, size = time.monotonic(), 0
         while True:
@@ -580,6 +584,7 @@ class Normaliser:
         for value, placeholder in self.ids.items():
             text = text.replace('"%s"' % value, '"%s"' % placeholder)
         text = _record_re("time").sub(r"\g<1>%d" % RECORDED_TIME, text)
+        text = _record_re("latency").sub(r"\g<1>0", _record_re("padding").sub("", text))
         return _record_re("stamp").sub(r"\g<1>%s\g<2>" % RECORDED_STAMP, text)
 
 
@@ -590,6 +595,9 @@ def request_secrets(req):
         for value in req.headers.all(name):
             found.update((value.strip(), bearer_token(value.strip())))
     found.update(v.strip() for v in req.query.get("key", ()))
+    if req.voice == BEDROCK:  # what dpmock signs again with (Recorder.signed)
+        found.update(os.environ.get(n) or "" for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                       "AWS_SESSION_TOKEN"))
     return sorted((s for s in found if len(s) >= _SECRET_MIN), key=len, reverse=True)
 
 
@@ -632,8 +640,8 @@ def recorded_match(req, turn, scrub):
         match["tool_result"] = turn.tool_result[0] if turn.tool_result else False
     elif isinstance(req.json, dict) and req.body_bytes <= RECORD_BODY_MATCH and scrub(req.json) == req.json:
         match["body"] = {"": req.json}
-    if route.stream == STREAM_FLAG:
-        match["stream"] = route.streaming(req)
+    if route.stream != STREAM_NEVER or route.reader is not None:  # Bedrock's /converse and /converse-stream
+        match["stream"] = route.streaming(req)  # share a name; a stream and a whole answer never meet
     query = {k: v[0] for k, v in req.query.items() if k != "key"}
     if req.provider == GEMINI and route.stream != STREAM_NEVER:
         query.setdefault("alt", None)  # alt=sse and the JSON array are two answers
@@ -693,6 +701,8 @@ def check_raw(raw, where):
         for name in ("data", "chunk", "event", "exception"):
             if name in ev and not isinstance(ev[name], str):
                 raise RuleError("%s.%s must be a string" % (at, name))
+            if name in ("event", "exception") and name in ev and not 0 < len(ev[name].encode("utf-8")) <= 255:
+                raise RuleError("%s.%s must be an event type of 1 to 255 bytes" % (at, name))
         if "data_base64" in ev:
             _check_base64(ev["data_base64"], at + ".data_base64")
 
@@ -757,6 +767,8 @@ def send_recorded(w, req, raw):
         elif "exception" in ev:
             from .bedrock import exception_message
             w.send_chunk(exception_message(ev["exception"], ev["data"]))
+        elif "data" not in ev or kind == EVENTSTREAM:  # bytes that were no message: as they came
+            w.send_chunk(binascii.a2b_base64(ev["data_base64"]) if "data" not in ev else ev["data"].encode("utf-8"))
         elif "data" not in ev:
             w.send_chunk(binascii.a2b_base64(ev["data_base64"]))
         elif sse:

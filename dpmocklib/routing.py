@@ -62,8 +62,9 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS;
     ``reader(req)`` reads a conversation route's body into a Turn (what rules match on). ``handler``
     and ``reader`` are functions, or ``"module.function"`` names in the package (imported when first called).
-    ``platform`` is a cloud (VERTEX) that serves the provider's models: its keys, error shapes and headers
-    (providers.PROVIDERS[platform]) replace the provider's, while the provider's engine answers;
+    ``platform`` is a cloud (VERTEX, AZURE, BEDROCK, GEMINI_OPENAI) that serves the provider's models: its
+    keys, error shapes and headers (providers.PROVIDERS[platform]) replace the provider's, while the
+    provider's engine answers;
     ``model_param`` names the path placeholder that is the model (the body's ``model`` is set from it);
     ``framing(req)`` makes the framer of a stream that is not SSE (Bedrock's binary event stream).
     A placeholder written ``{name*}`` may hold a ``:`` (Bedrock's model ids: ``...-v1:0``).

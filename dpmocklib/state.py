@@ -137,7 +137,8 @@ def entry_matches(e, filters):
     return True
 
 
-SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization", "cookie")
+SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization", "cookie",
+                  "x-amz-security-token")
 
 
 def mask_header(name, value):

@@ -170,17 +170,17 @@ class ResponseWriter:
 
     # ---------------------------------------------------------------- streams
 
-    def start_stream(self, status, ctype, headers=(), close=False, relayed=False):
+    def start_stream(self, status, ctype, headers=(), close=False, raw=False):
         """The head of a streamed answer: chunked on HTTP/1.1, raw until the close on HTTP/1.0.
 
         A route whose stream is binary (``route.framing``) gets its framer here: its items, SSE events
-        to the handler, leave framed as that route's clients read them, with its content type. A stream
-        ``relayed`` from upstream (--record) goes as it came."""
+        to the handler, leave framed as that route's clients read them, with its content type. A ``raw``
+        body (relayed from upstream by --record, a whole answer a fault sends chunked) goes as it came."""
         fault, p = self.fault
         close = fault.stream_head(self, p) or close
         self.chunked = self.req is None or self.req.version != "HTTP/1.0"
         framing = self.req.route.framing if self.req is not None and self.req.route is not None else None
-        if framing is not None and self.framer is None and not relayed:
+        if framing is not None and self.framer is None and not raw:
             self.framer = framing(self.req)
         if self.framer is not None:
             given = {k.lower() for k, _ in headers}

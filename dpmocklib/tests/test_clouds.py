@@ -362,11 +362,54 @@ class BedrockTest(CloudCase):
                (BEDROCK + "/converse", {"messages": [{"role": "user", "content": [{"toolResult": {
                    "toolUseId": "t", "content": [{"text": "x"}]}}]}]}, "toolConfig"),
                (BEDROCK + "/converse", dict(converse("x"), inferenceConfig={"maxTokens": 0}), "maxTokens"),
-               (BEDROCK + "/count-tokens", {"input": {}}, "invokeModel")]
+               (BEDROCK + "/count-tokens", {"input": {}}, "invokeModel"),
+               (BEDROCK + "/count-tokens", {"input": {"invokeModel": {"body": base64.b64encode(b"[" * 100000).decode()}}},
+                "nested too deeply"),
+               (BEDROCK + "/converse", dict(converse("x"), outputConfig={"textFormat": {"type": "json_schema",
+                                                                                         "structure": "x"}}),
+                "structure"),
+               (BEDROCK + "/converse", dict(converse("x"), outputConfig={"textFormat": {
+                   "type": "json_schema", "structure": {"jsonSchema": {"schema": "[" * 100000}}}}), "schema"),
+               (BEDROCK + "/converse", {"messages": [{"role": "user", "content": ["text"]}]}, "content"),
+               (BEDROCK + "/converse", dict(converse("x"), toolConfig={"tools": "x"}), "toolConfig")]
         for path, body, words in bad:
             st, hdrs, data = self.post(path, body)
-            self.assertEqual((st, hdrs["x-amzn-errortype"].split(":")[0]), (400, "ValidationException"), path)
+            self.assertEqual((st, hdrs["x-amzn-errortype"].split(":")[0]), (400, "ValidationException"), (path, data))
             self.assertIn(words, json.loads(data)["message"])
+        arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abc123"
+        st, _, data = self.post("/model/%s/invoke" % arn.replace(":", "%3A").replace("/", "%2F"), bedrock_invoke("x"))
+        self.assertEqual((st, json.loads(data)["model"]), (200, arn))
+        st, hdrs, data = self.post(BEDROCK + "/converse-stream", {"messages": []},
+                                   dict(SIGV4, **{"X-DP-Scenario": "NO_FINAL_CHUNK"}))
+        self.assertEqual((st, hdrs["content-type"]), (400, "application/json"))  # a whole answer stays JSON
+        for route in ("/invoke", "/invoke-with-response-stream"):  # the Flask contract's Anthropic bytes are not
+            st, hdrs, data = self.post(BEDROCK + route, bedrock_invoke("x"),  # Bedrock's: not given there
+                                       dict(SIGV4, **{"X-DP-Scenario": "AUTH_FAILURE_ANTHROPIC"}))
+            self.assertEqual(st, 200, data)
+        self.post(BEDROCK + "/converse", converse("x"), dict(SIGV4, **{"X-Amz-Security-Token": "tok-secret-12345",
+                                                                       "X-DP-Test-Id": "token"}))
+        entry = json.loads(self.srv.request("GET", "/_control/requests?test=token")[2])["requests"][0]
+        self.assertNotIn("tok-secret-12345", json.dumps(entry))
+
+    def test_hand_written_event_stream_recordings(self):
+        events = [{"t": 0, "event": "messageStart", "data": '{"role":"assistant"}'},
+                  {"t": 0, "event": "contentBlockDelta", "data": '{"delta":{"text":"canned"},"contentBlockIndex":0}'},
+                  {"t": 0, "exception": "throttlingException", "data": '{"message":"slow down"}'}]
+        rule = {"match": {"platform": "bedrock", "route": "converse", "text": "canned"}, "respond": {"raw": {
+            "status": 200, "headers": {"content-type": "application/vnd.amazon.eventstream"}, "events": events}}}
+        headers = {"X-DP-Test-Id": "canned"}
+        st, _, data = self.srv.request("POST", "/_control/rules", json.dumps(rule).encode(), headers)
+        self.assertEqual(st, 200, data)
+        st, hdrs, data = self.post(BEDROCK + "/converse-stream", converse("canned"), dict(SIGV4, **headers))
+        messages, rest = eventstream(data)
+        self.assertEqual([h.get(":event-type", h.get(":exception-type")) for h, _ in messages],
+                         ["messageStart", "contentBlockDelta", "throttlingException"])
+        self.assertEqual(rest, b"")
+        for bad in ({"t": 0, "event": "x" * 300, "data": "{}"}, {"t": 0, "exception": "", "data": "{}"},
+                    {"t": 0, "chunk": 5}):
+            broken = dict(rule, respond={"raw": dict(rule["respond"]["raw"], events=[bad])})
+            st, _, data = self.srv.request("POST", "/_control/rules", json.dumps(broken).encode(), headers)
+            self.assertEqual(st, 400, (bad, data))
 
     def stream(self, path, body, scenario, srv=None):
         raw = (srv or self.srv).raw(raw_request(path, dict(SIGV4, **{"X-DP-Scenario": scenario,
@@ -427,10 +470,11 @@ class CloudRecordTest(unittest.TestCase):
                 (AZURE + "chat/completions?api-version=2024-10-21", AZ_KEY, openai_chat("rec azure")),
                 ("/openai/v1/chat/completions", AZ_KEY, openai_chat("rec azure v1 stream", True)),
                 ("/v1beta/openai/chat/completions", {"Authorization": "Bearer g"}, openai_chat("rec gemini compat")),
-                (BEDROCK + "/converse", SIGV4, converse("rec converse")),
-                (BEDROCK + "/converse-stream", SIGV4, converse("rec converse stream", tools=True)),
-                (BEDROCK + "/invoke-with-response-stream", bearer, bedrock_invoke("rec invoke stream")),
-                (BEDROCK + "/invoke", SIGV4, bedrock_invoke("rec invoke"))]
+                (BEDROCK + "/converse", SIGV4, converse("rec converse")),  # the same words streamed and not:
+                (BEDROCK + "/converse-stream", SIGV4, converse("rec converse")),  # two recordings
+                (BEDROCK + "/invoke-with-response-stream", bearer, bedrock_invoke("rec invoke")),
+                (BEDROCK + "/invoke", SIGV4, bedrock_invoke("rec invoke")),
+                ("/model/anthropic.claude-does-not-exist/converse", SIGV4, converse("rec error"))]
 
     @staticmethod
     def said(data):
@@ -441,17 +485,17 @@ class CloudRecordTest(unittest.TestCase):
         up = self.server("-q")
         ups = ["%s=%s" % (p, up.url) for p in ("vertex", "azure", "bedrock", "gemini")]
         env = dict(os.environ, AWS_ACCESS_KEY_ID="AKIDDPMOCK", AWS_SECRET_ACCESS_KEY="s3cret")
-        rec = self.server("-q", "--record", self.dir, "--upstream", *ups, env=env)
+        rec = self.server("-q", "--record", self.dir, "--record-errors", "--upstream", *ups, env=env)
         live = []
         for path, headers, body in self.requests():
             st, _, data = rec.request("POST", path, json.dumps(body).encode(), headers)
-            self.assertEqual(st, 200, (path, data[:300]))
+            self.assertEqual(st, 400 if "does-not-exist" in path else 200, (path, data[:300]))
             live.append(data)
         forwarded = json.loads(up.request("GET", "/_control/requests")[2])["requests"]
         self.assertEqual([e["platform"] for e in forwarded], ["vertex"] * 2 + ["azure"] * 2 + ["gemini-openai"] +
-                         ["bedrock"] * 4)
+                         ["bedrock"] * 5)
         signed = json.loads(up.request("GET", "/_control/requests?key=AKIDDPMOCK")[2])["requests"]
-        self.assertEqual(len(signed), 3)  # the SigV4 ones, signed again with dpmock's AWS credentials
+        self.assertEqual(len(signed), 4)  # the SigV4 ones, signed again with dpmock's AWS credentials
         self.assertEqual(len(json.loads(up.request("GET", "/_control/requests?key=bedrock-api-key-rec")[2])[
             "requests"]), 1)  # a Bedrock API key goes as it came
         self.assertEqual(up.stop(), 0)
@@ -461,13 +505,18 @@ class CloudRecordTest(unittest.TestCase):
         self.assertNotIn("bedrock-api-key-rec", text)
         rules = json.loads(text)["rules"]
         self.assertEqual([r["match"]["platform"] for r in rules], ["vertex"] * 2 + ["azure"] * 2 + ["gemini-openai"] +
-                         ["bedrock"] * 4)
+                         ["bedrock"] * 5)
+        self.assertNotIn("AKIDDPMOCK", text)
         chunks = [ev for r in rules for ev in r["respond"]["raw"].get("events", ()) if "chunk" in ev]
         self.assertIn("message_start", chunks[0]["chunk"])  # an InvokeModel chunk's bytes, readable
         replay = self.server("-q", "--rules", self.dir)
         for (path, headers, body), was in zip(self.requests(), live):
             st, hdrs, data = replay.request("POST", path, json.dumps(body).encode(), headers)
-            self.assertEqual(st, 200, (path, data[:300]))
+            self.assertEqual(st, 400 if "does-not-exist" in path else 200, (path, data[:300]))
+            self.assertEqual(hdrs["content-type"] == "application/vnd.amazon.eventstream",
+                             path.endswith("-stream"), path)
+            if st == 400:
+                self.assertEqual(hdrs["x-amzn-errortype"].split(":")[0], "ValidationException")
             if hdrs.get("content-type") == "application/vnd.amazon.eventstream":
                 self.assertEqual(summary(eventstream(data)[0]), summary(eventstream(was)[0]), path)
             else:
@@ -477,7 +526,7 @@ class CloudRecordTest(unittest.TestCase):
         body = dict(anthropic_messages("rec invoke"))  # Bedrock's recording is not Anthropic's own answer
         st, _, data = replay.request("POST", "/v1/messages", json.dumps(body).encode(), AN)
         self.assertEqual(json.loads(data)["content"][0]["text"], "dpmock reply to: rec invoke")
-        raw, data = BedrockTest.stream(self, BEDROCK + "/converse-stream", converse("rec converse stream", tools=True),
+        raw, data = BedrockTest.stream(self, BEDROCK + "/converse-stream", converse("rec converse"),
                                        "STREAM_CUT; events=3", replay)
         self.assertEqual(len(eventstream(data)[0]), 3)  # faults act on a replayed event stream's messages
 
