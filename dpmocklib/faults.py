@@ -352,6 +352,34 @@ class SseManyEvents(FaultKind):
         return [text[i % len(text)] for i in range(p["n"])]
 
 
+class _BatchFault(FaultKind):
+    """How a batch made with it goes: its pace (``step_ms`` per status) and its end (batches.py asks)."""
+
+    outcome = "completed"
+
+    def batch(self, p):
+        return p["step_ms"] / 1000.0, self.outcome
+
+
+class BatchSlow(_BatchFault):
+    kind = "BATCH_SLOW"
+
+
+class BatchFailed(_BatchFault):
+    kind = "BATCH_FAILED"
+    outcome = "failed"
+
+
+class BatchExpired(_BatchFault):
+    kind = "BATCH_EXPIRED"
+    outcome = "expired"
+
+
+class BatchCancelled(_BatchFault):
+    kind = "BATCH_CANCELLED"
+    outcome = "cancelled"
+
+
 class ExpectReject(FaultKind):
     kind = "EXPECT_REJECT"
 

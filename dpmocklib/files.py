@@ -18,9 +18,13 @@ def file_record(name, mime, nbytes, digest, **extra):
 
 
 def openai_file(r):
-    return {"id": "file-" + r["id"], "object": "file", "bytes": r["bytes"], "created_at": int(r["created"]),
-            "filename": r["filename"], "purpose": r.get("purpose", "user_data"), "status": "processed",
-            "expires_at": None, "status_details": None}
+    """The File object; ``expires_at`` only when the file expires (OpenAI's document types it an integer, not
+    nullable), and never the deprecated ``status_details``."""
+    out = {"id": "file-" + r["id"], "object": "file", "bytes": r["bytes"], "created_at": int(r["created"]),
+           "filename": r["filename"], "purpose": r.get("purpose", "user_data"), "status": "processed"}
+    if r.get("expires_at") is not None:
+        out["expires_at"] = int(r["expires_at"])
+    return out
 
 
 def gemini_file(r, origin):
@@ -109,15 +113,36 @@ def handle_openai_file_upload(w, req):
     """POST /files: multipart/form-data parsed as it streams in; the file part is only counted."""
     check_key(req)
     boundary = multipart_boundary(req, "multipart/form-data")
-    fields, files = read_multipart(req, boundary)
+    fields, files = read_multipart(req, boundary, keep_files=KEPT_FILE_BYTES)
     if not files:
         raise invalid("Missing required parameter: 'file'.", "file", "missing_required_parameter")
     purpose = fields.get("purpose")
     if not purpose:
         raise invalid("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
-    name, mime, nbytes, digest = files[0]
-    record = w.server.files.add(OPENAI, file_record(name, mime, nbytes, digest, purpose=purpose))
-    w.send_json(200, openai_file(record))
+    name, mime, nbytes, digest, content = files[0]
+    record = file_record(name, mime, nbytes, digest, purpose=purpose)
+    if purpose in KEPT_PURPOSES:
+        if content is False:
+            raise HTTPError(413, "a file of purpose %s is kept by dpmock up to %d bytes, not %d" % (
+                purpose, KEPT_FILE_BYTES, nbytes), "file_too_large", param="file")
+        record["content"] = content
+    w.send_json(200, openai_file(w.server.files.add(OPENAI, record)))
+
+
+KEPT_FILE_BYTES = 32 * 1024 * 1024  #: an uploaded file's bytes kept (for a batch's input) up to this size
+KEPT_PURPOSES = ("batch",)  #: the purposes whose files' bytes are kept (others are only counted)
+
+
+def handle_file_content(w, req):
+    """GET /files/{id}/content: a kept file's bytes (a batch's input, output and error files)."""
+    check_key(req)
+    record = w.server.files.get(req.provider, _file_id(req))
+    if record is None:
+        raise _missing_file(req)
+    if record.get("content") is None:
+        raise invalid("Not allowed to download files of purpose: %s. (dpmock keeps the bytes of files of purpose %s "
+                      "and of batch output only.)" % (record.get("purpose"), ", ".join(KEPT_PURPOSES)))
+    w.send_bytes(200, record["content"], record.get("mime") or "application/octet-stream")
 
 
 def handle_gemini_upload_raw(w, req):
@@ -159,7 +184,7 @@ def handle_gemini_upload(w, req):
         if not files:
             raise invalid("multipart upload has no media part")
         meta = _upload_meta(fields.get(""))
-        _, mime, nbytes, digest = files[0]
+        _, mime, nbytes, digest, _ = files[0]
         gemini_store(w, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
     elif protocol in ("media", "raw", ""):
         nbytes, digest = count_body(req)
@@ -236,11 +261,12 @@ def multipart_boundary(req, kind):
     return params["boundary"].encode("latin-1")
 
 
-def read_multipart(req, boundary, keep_first=False):
+def read_multipart(req, boundary, keep_first=False, keep_files=0):
     """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
 
-    Returns ({field name: text}, [(filename, mime, byte count, sha256 digest)]). With
-    ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part). At most
+    Returns ({field name: text}, [(filename, mime, byte count, sha256 digest, bytes or None)]). With
+    ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part); with ``keep_files``
+    each file's bytes are kept too, up to that many (a larger file's are not: False). At most
     MAX_PARTS parts and MAX_FORM_BYTES of field text are accepted (as Go's mime/multipart and
     Werkzeug bound forms): a form can't make dpmock hold more than that.
     """
@@ -295,6 +321,10 @@ def read_multipart(req, boundary, keep_first=False):
             size += len(body)
             if is_file:
                 digest.update(body)
+                if keep_files and size <= keep_files:
+                    kept += body
+                elif kept:
+                    kept = bytearray()  # too large to keep: only counted, as every file is without keep_files
             elif len(kept) + len(body) > MAX_FIELD:
                 raise invalid("multipart field over %d bytes" % MAX_FIELD)
             elif held + len(kept) + len(body) > MAX_FORM_BYTES:
@@ -307,7 +337,8 @@ def read_multipart(req, boundary, keep_first=False):
             buf += more()
         if is_file:
             files.append((disp.get("filename") or "upload", headers.get("content-type", "application/octet-stream"),
-                          size, digest.digest()))
+                          size, digest.digest(), (bytes(kept) if size <= keep_files else False) if keep_files
+                          else None))
         else:
             held += len(kept)
             fields["" if keep_first and index == 0 else disp.get("name", "")] = kept.decode("utf-8", "replace")

@@ -272,13 +272,17 @@ class FileStore:
     def __init__(self):
         self.lock = threading.Lock()
         self.files = {}  # (provider, id) -> record dict
+        self.kept = 0  # bytes of the records' "content"
         self.uploads = {}  # upload_id -> resumable session dict
+
+    KEPT = 256 * 1024 * 1024  #: file bytes kept in all (batch files); the oldest files go first past it
 
     def add(self, provider, record):
         with self.lock:
             self.files[(provider, record["id"])] = record
-            while len(self.files) > self.LIMIT:
-                self.files.pop(next(iter(self.files)))
+            self.kept += len(record.get("content") or b"")
+            while len(self.files) > self.LIMIT or (self.kept > self.KEPT and len(self.files) > 1):
+                self.kept -= len(self.files.pop(next(iter(self.files))).get("content") or b"")
         return record
 
     def get(self, provider, file_id):
@@ -287,7 +291,9 @@ class FileStore:
 
     def remove(self, provider, file_id):
         with self.lock:
-            return self.files.pop((provider, file_id), None)
+            record = self.files.pop((provider, file_id), None)
+            self.kept -= len((record or {}).get("content") or b"")
+            return record
 
     def list(self, provider):
         with self.lock:

@@ -1,0 +1,336 @@
+"""Batches: OpenAI's Batch API (/v1/batches over a JSONL input file), each request answered by the same
+engine and rules as a direct call (answer_inline), its results read back as JSONL files."""
+
+import json
+import threading
+import time
+
+from .base import HTTPError, OPENAI, clip
+from .faults import NO_FAULT
+from .files import file_record, openai_file
+from .providers import check_key, invalid, new_id
+from .request import Request
+from .routing import int_arg
+from .writer import ResponseWriter, encode_body
+
+
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations")
+MAX_REQUESTS = 50000  #: requests one batch may hold (the real limit)
+MAX_OUTPUT = 64 * 1024 * 1024  #: bytes of answers one batch's files hold; requests past it fail, saying so
+WINDOW = 24 * 3600
+
+
+# ----------------------------------------------------------------------------- one request, answered inline
+
+class CaptureWriter(ResponseWriter):
+    """A writer with no connection: the answer a handler gives is kept (status, body), not sent."""
+
+    def __init__(self, server, req):  # noqa: super's needs a connection; these are the fields handlers use
+        self.conn, self.server, self.req = None, server, req
+        self.fault, self.sent, self.status, self.events, self.headers_sent, self.chunked = NO_FAULT, 0, 0, 0, False, False
+        self.extra_headers, self.json_array, self.entry, self.ended = (), False, None, None
+        self.request_id, self.stream_error, self.framer = new_id("req_", 12), None, None
+        self.answer = None
+
+    def send_bytes(self, status, body, ctype, headers=(), close=False):
+        self.answer = (status, body)
+
+    def start_stream(self, status, ctype, headers=(), close=False, raw=False):
+        raise HTTPError(400, "a batch request cannot stream: leave \"stream\" out of its body", param="body.stream")
+
+
+def answer_inline(server, parent, path, body):
+    """(status, answer JSON, request id) of ``POST path`` with ``body``, as a client with the parent request's
+    key and test would get it: the route's reader, the rules (a rule's error included) and its handler."""
+    from .rules import apply_rules
+    req = Request("POST", path, "HTTP/1.1", parent.headers)
+    req.server, req.test, req.json = server, parent.test, body
+    req.route, req.params = server.router.match("POST", path)
+    req.provider = req.voice = req.route.provider
+    req.body_bytes = len(encode_body(body, compact=True))
+    w = CaptureWriter(server, req)
+    try:
+        answer = apply_rules(w, req)
+        if answer is not None and "raw" not in answer:
+            req.answer = answer
+        req.route.handler(w, req)
+        status, data = w.answer
+    except HTTPError as e:
+        reply = w.error_reply(e)
+        status, data = reply.status, encode_body(reply.body, compact=True)
+    try:
+        return status, json.loads(data), w.request_id
+    except ValueError:
+        return status, data.decode("utf-8", "replace"), w.request_id
+
+
+# ----------------------------------------------------------------------------- the store
+
+class BatchStore:
+    """The batches made (the last LIMIT), shared by every connection."""
+
+    LIMIT = 1000
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.batches = {}  # id -> Batch, oldest first
+
+    def add(self, batch):
+        with self.lock:
+            self.batches[batch.id] = batch
+            while len(self.batches) > self.LIMIT:
+                self.batches.pop(next(iter(self.batches)))
+
+    def get(self, batch_id):
+        with self.lock:
+            return self.batches.get(batch_id)
+
+    def listing(self):
+        with self.lock:
+            return list(self.batches.values())
+
+
+def store(server):
+    """The server's batch store, made at the first batch (a run that makes none never holds one)."""
+    with _MADE:
+        if getattr(server, "batches", None) is None:
+            server.batches = BatchStore()
+    return server.batches
+
+
+_MADE = threading.Lock()
+STEPS = ("validating", "in_progress", "finalizing")
+
+
+class Batch:
+    """One batch: its input (the file's bytes, not a copy: read again when it runs), its pace (``step``
+    seconds per status) and how it ends (``outcome``)."""
+
+    def __init__(self, req, content, count, errors, step, outcome):
+        self.id = new_id("batch_", 12)
+        self.body, self.content, self.count, self.errors = req.json, content, count, errors
+        self.step, self.outcome = step, outcome
+        self.headers, self.test = req.headers, req.test  #: its requests are answered with its maker's key and test
+        self.created = time.time()
+        self.cancelled = self.created + step if outcome == "cancelled" else None  #: when cancel was asked
+        if outcome == "failed" and not errors:
+            self.errors = [{"code": "token_limit_exceeded", "message": "Enqueued token limit reached in organization "
+                            "org-dpmock. Please try again once some in_progress batches have been completed.",
+                            "param": None, "line": None}]
+        self.results = None  #: (output file id, error file id, counts), once made
+        self.lock = threading.Lock()
+
+    def status(self, now):
+        """(status, {status: when it began}) at ``now``."""
+        t0, step = self.created, self.step
+        if self.errors:
+            return "failed", {"in_progress_at": None, "failed_at": t0 + step}
+        stamps = {"in_progress_at": t0 + step, "finalizing_at": t0 + 2 * step}
+        if self.cancelled is not None and now >= self.cancelled:
+            stamps = {k: v for k, v in stamps.items() if v <= self.cancelled}
+            stamps["cancelling_at"] = self.cancelled
+            if now < self.cancelled + step:
+                return "cancelling", stamps
+            return "cancelled", dict(stamps, cancelled_at=self.cancelled + step)
+        for i, name in enumerate(STEPS):
+            if now < t0 + (i + 1) * step:
+                return name, {k: v for k, v in stamps.items() if v <= now}
+        end = t0 + 3 * step
+        if self.outcome == "expired":
+            return "expired", dict(stamps, expired_at=end)
+        if self.outcome == "failed":
+            return "failed", {"in_progress_at": None, "failed_at": end}
+        return "completed", dict(stamps, completed_at=end)
+
+
+# ----------------------------------------------------------------------------- the API
+
+def handle_batch_create(w, req):
+    check_key(req)
+    body = req.json
+    for name in ("input_file_id", "endpoint", "completion_window"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise invalid("Missing required parameter: '%s'." % name, name, "missing_required_parameter")
+    if body["endpoint"] not in ENDPOINTS:
+        raise invalid("Invalid value for 'endpoint': %r. Supported values are: %s." % (
+            clip(body["endpoint"]), ", ".join("'%s'" % e for e in ENDPOINTS)), "endpoint", "invalid_value")
+    if body["completion_window"] != "24h":
+        raise invalid("Invalid value for 'completion_window': %r. Supported values are: '24h'." % clip(
+            body["completion_window"]), "completion_window", "invalid_value")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items())):
+        raise invalid("Invalid 'metadata': up to 16 string keys (64 characters) with string values (512).",
+                      "metadata", "invalid_value")
+    file_id = body["input_file_id"]
+    record = w.server.files.get(OPENAI, file_id[5:] if file_id.startswith("file-") else file_id)
+    if record is None:
+        raise HTTPError(404, "No such File object: %s" % clip(file_id), param="input_file_id")
+    if record.get("purpose") != "batch" or record.get("content") is None:
+        raise invalid("The file %s was not uploaded with purpose 'batch'." % clip(file_id), "input_file_id",
+                      "invalid_file_purpose")
+    lines, errors = read_lines(record["content"], body["endpoint"])
+    step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
+    batch = Batch(req, record["content"], len(lines), errors, step, outcome)
+    store(w.server).add(batch)
+    w.send_json(200, dict(batch_object(w.server, batch, batch.created), status="validating",
+                          in_progress_at=None, completed_at=None, failed_at=None, finalizing_at=None,
+                          output_file_id=None, error_file_id=None, errors=None,
+                          request_counts={"total": 0, "completed": 0, "failed": 0}))
+
+
+def read_lines(content, endpoint):
+    """The requests of a batch's JSONL input, and what is wrong with it, as the real service checks it:
+    each line a JSON object with a unique custom_id, method POST, the batch's endpoint as url and a body."""
+    lines, errors, seen = [], [], set()
+
+    def error(code, message, n, param=None):
+        if len(errors) < 100:
+            errors.append({"code": code, "message": message, "param": param, "line": n})
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        error("invalid_json_line", "The file is not UTF-8 text.", 1)
+        return lines, errors
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError):
+            error("invalid_json_line", "This line is not parseable as valid JSON.", n)
+            continue
+        if not isinstance(item, dict):
+            error("invalid_json_line", "This line is not a JSON object.", n)
+            continue
+        custom = item.get("custom_id")
+        if not isinstance(custom, str) or not custom:
+            error("missing_required_parameter", "Missing required parameter: 'custom_id'.", n, "custom_id")
+        elif custom in seen:
+            error("duplicate_custom_id", "The custom_id for this request is a duplicate of another request. The "
+                                         "custom_id parameter must be unique for each request in a batch.", n,
+                  "custom_id")
+        seen.add(custom)
+        if item.get("method") != "POST":
+            error("invalid_method", "The method for this request is invalid: only POST is supported.", n, "method")
+        if item.get("url") != endpoint:
+            error("mismatched_endpoint", "The provided url for this request does not match the batch endpoint %s."
+                  % endpoint, n, "url")
+        if not isinstance(item.get("body"), dict):
+            error("missing_required_parameter", "Missing required parameter: 'body'.", n, "body")
+        if not errors:
+            lines.append((custom, item.get("body")))
+    if not lines and not errors:
+        error("empty_file", "The batch input file is empty.", 1)
+    if len(lines) > MAX_REQUESTS:
+        error("too_many_requests", "The batch input file has %d requests; the limit is %d." % (len(lines),
+                                                                                           MAX_REQUESTS), 1)
+    return lines, errors
+
+
+def batch_object(server, batch, now):
+    """The Batch object as it is at ``now`` (its results made when it has finished)."""
+    status, stamps = batch.status(now)
+    out = {"id": batch.id, "object": "batch", "endpoint": batch.body["endpoint"], "errors": None,
+           "input_file_id": batch.body["input_file_id"], "completion_window": "24h", "status": status,
+           "output_file_id": None, "error_file_id": None, "created_at": int(batch.created),
+           "in_progress_at": None, "expires_at": int(batch.created) + WINDOW, "finalizing_at": None,
+           "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+           "request_counts": {"total": batch.count, "completed": 0, "failed": 0},
+           "metadata": batch.body.get("metadata")}
+    for name, when in stamps.items():
+        out[name] = int(when) if when is not None else None
+    if batch.errors:
+        out["errors"] = {"object": "list", "data": batch.errors}
+        out["request_counts"]["total"] = 0
+    elif status in ("completed", "expired", "cancelled"):
+        output, error, counts = results(server, batch, status)
+        out.update(output_file_id=output, error_file_id=error, request_counts=counts)
+    elif status in ("in_progress", "finalizing"):
+        done = batch.count if status == "finalizing" else batch.count // 2
+        out["request_counts"]["completed"] = done
+    return out
+
+
+def results(server, batch, status):
+    """The batch's output and error files (made once): each request answered as a direct call would be."""
+    with batch.lock:
+        if batch.results is None:
+            ok, failed, size = [], [], 0
+            run = batch.count if status == "completed" else batch.count // 2
+            for i, (custom, body) in enumerate(read_lines(batch.content, batch.body["endpoint"])[0]):
+                rid = new_id("batch_req_", 12)
+                if i >= run or size > MAX_OUTPUT:  # expired or cancelled before it ran, or too much already
+                    code = "batch_expired" if status == "expired" else "batch_cancelled" if i >= run else \
+                        "output_limit"
+                    failed.append({"id": rid, "custom_id": custom, "response": None, "error": {
+                        "code": code, "message": {
+                            "batch_expired": "This request could not be executed before the completion window "
+                                             "expired.",
+                            "batch_cancelled": "This request was cancelled.",
+                            "output_limit": "dpmock holds up to %d bytes of one batch's answers" % MAX_OUTPUT}[code]}})
+                    continue
+                code, answer, request_id = answer_inline(server, batch, batch.body["endpoint"], body)
+                line = json.dumps({"id": rid, "custom_id": custom, "response": {
+                    "status_code": code, "request_id": request_id, "body": answer}, "error": None},
+                    separators=(",", ":"), ensure_ascii=False)
+                size += len(line)
+                (ok if code < 400 else failed).append(line)
+            output = _result_file(server, batch, "output", ok)
+            error = _result_file(server, batch, "error", failed)
+            batch.results = (output, error, {"total": batch.count, "completed": len(ok), "failed": len(failed)})
+            batch.content = None  # the input is not needed again
+        return batch.results
+
+
+def _result_file(server, batch, kind, lines):
+    if not lines:
+        return None
+    data = "".join((line if isinstance(line, str) else json.dumps(line, separators=(",", ":"), ensure_ascii=False))
+                   + "\n" for line in lines).encode("utf-8")
+    from .files import _hasher
+    digest = _hasher()
+    digest.update(data)
+    record = file_record("batch_%s_%s.jsonl" % (batch.id[6:], kind), "application/jsonl", len(data), digest.digest(),
+                         purpose="batch_output", content=data, expires_at=time.time() + 30 * 24 * 3600)
+    return openai_file(server.files.add(OPENAI, record))["id"]
+
+
+def _batch(w, req):
+    check_key(req)
+    batch = store(w.server).get(req.params["batch_id"])
+    if batch is None:
+        raise HTTPError(404, "No batch found with id '%s'." % clip(req.params["batch_id"]), param="batch_id")
+    return batch
+
+
+def handle_batch_get(w, req):
+    batch = _batch(w, req)
+    w.send_json(200, batch_object(w.server, batch, time.time()))
+
+
+def handle_batch_cancel(w, req):
+    batch = _batch(w, req)
+    now = time.time()
+    status, _ = batch.status(now)
+    if status not in STEPS:
+        raise HTTPError(409, "Cannot cancel a batch with status '%s'." % status, param="batch_id")
+    with batch.lock:
+        if batch.cancelled is None:
+            batch.cancelled = now
+    w.send_json(200, batch_object(w.server, batch, now))
+
+
+def handle_batch_list(w, req):
+    check_key(req)
+    limit = int_arg(req, "limit", 20, 1, 100)
+    batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test]
+    after = req.arg("after")
+    if after is not None:
+        ids = [b.id for b in batches]
+        batches = batches[ids.index(after) + 1:] if after in ids else []
+    page = batches[:limit]
+    now = time.time()
+    data = [batch_object(w.server, b, now) for b in page]
+    w.send_json(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None, "has_more": len(batches) > limit})

@@ -1,0 +1,198 @@
+"""Batches: OpenAI's Batch API over a JSONL input file, its requests answered by the same engine and rules as
+direct calls, its pace and end chosen by scenarios; the official SDK where it is installed."""
+
+import importlib
+import io
+import json
+import time
+import unittest
+
+from .support import OA, Server, _have
+
+
+RULE = {"id": "greet", "match": {"text": "hello"}, "respond": {"text": "Hi from a rule"}}
+
+
+def chat_line(custom_id, text, model="gpt-4o"):
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": text}]}}
+
+
+def jsonl(lines):
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+def upload(srv, data, purpose="batch", headers=OA):
+    body = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n' + purpose.encode() +
+            b'\r\n--B\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+            b'Content-Type: application/jsonl\r\n\r\n' + data + b"\r\n--B--\r\n")
+    st, _, r = srv.request("POST", "/v1/files", body, dict(headers, **{"Content-Type": "multipart/form-data; "
+                                                                                        "boundary=B"}))
+    assert st == 200, r
+    return json.loads(r)
+
+
+class BatchTest(unittest.TestCase):
+    """/v1/batches over raw HTTP."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = Server("-q")
+        st, _, body = cls.srv.request("POST", "/_control/rules", json.dumps(RULE).encode())
+        assert st == 200, body
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+
+    def call(self, method, path, body=None, headers=OA):
+        st, hdrs, data = self.srv.request(method, path, json.dumps(body).encode() if body is not None else None,
+                                          dict(headers, **({"Content-Type": "application/json"} if body else {})))
+        return st, json.loads(data) if data[:1] in (b"{", b"[") else data
+
+    def create(self, file_id, scenario=None, endpoint="/v1/chat/completions", headers=OA):
+        headers = dict(headers, **({"X-DP-Scenario": scenario} if scenario else {}))
+        st, batch = self.call("POST", "/v1/batches", {"input_file_id": file_id, "endpoint": endpoint,
+                                                      "completion_window": "24h", "metadata": {"run": "t"}}, headers)
+        self.assertEqual(st, 200, batch)
+        return batch
+
+    def content(self, file_id):
+        st, hdrs, data = self.srv.request("GET", "/v1/files/%s/content" % file_id, None, OA)
+        self.assertEqual((st, hdrs["content-type"]), (200, "application/jsonl"), data)
+        return [json.loads(line) for line in data.decode().splitlines()]
+
+    def test_a_batch_answers_each_line_as_a_direct_call_would(self):
+        f = upload(self.srv, jsonl([chat_line("a", "hello there"), chat_line("b", "what else"),
+                                    chat_line("c", "x", model="gpt-does-not-exist")]))
+        self.assertEqual((f["purpose"], "expires_at" in f, "status_details" in f), ("batch", False, False))
+        batch = self.create(f["id"])
+        self.assertEqual((batch["status"], batch["object"], batch["metadata"]), ("validating", "batch", {"run": "t"}))
+        st, batch = self.call("GET", "/v1/batches/" + batch["id"])
+        self.assertEqual((batch["status"], batch["request_counts"]), ("completed", {"total": 3, "completed": 2,
+                                                                                    "failed": 1}))
+        self.assertLessEqual(batch["created_at"], batch["completed_at"])
+        out = {line["custom_id"]: line for line in self.content(batch["output_file_id"])}
+        self.assertEqual(out["a"]["response"]["body"]["choices"][0]["message"]["content"], "Hi from a rule")
+        st, direct = self.call("POST", "/v1/chat/completions", chat_line("b", "what else")["body"])
+        self.assertEqual(out["b"]["response"]["body"]["choices"][0]["message"]["content"],
+                         direct["choices"][0]["message"]["content"])
+        self.assertEqual((out["b"]["response"]["status_code"], out["b"]["error"]), (200, None))
+        errors = self.content(batch["error_file_id"])
+        self.assertEqual([(e["custom_id"], e["response"]["status_code"], e["response"]["body"]["error"]["code"])
+                          for e in errors], [("c", 404, "model_not_found")])
+        st, meta = self.call("GET", "/v1/files/" + batch["output_file_id"])
+        self.assertEqual((meta["purpose"], meta["expires_at"] > meta["created_at"]), ("batch_output", True))
+        newer = self.create(f["id"])
+        st, listing = self.call("GET", "/v1/batches?limit=1")
+        self.assertEqual((listing["object"], [b["id"] for b in listing["data"]], listing["has_more"]),
+                         ("list", [newer["id"]], True))
+        st, listing = self.call("GET", "/v1/batches?limit=1&after=" + newer["id"])
+        self.assertEqual([b["id"] for b in listing["data"]], [batch["id"]])
+        st, again = self.call("POST", "/v1/batches/%s/cancel" % batch["id"])
+        self.assertEqual(st, 409)
+
+    def test_each_tests_batches_use_its_rules(self):
+        f = upload(self.srv, jsonl([chat_line("a", "ping")]))
+        headers = dict(OA, **{"X-DP-Test-Id": "batch-rules"})
+        rule = {"match": {"text": "ping"}, "respond": {"text": "pong for this test"}}
+        self.assertEqual(self.srv.request("POST", "/_control/rules", json.dumps(rule).encode(), headers)[0], 200)
+        batch = self.create(f["id"], headers=headers)
+        st, batch = self.call("GET", "/v1/batches/" + batch["id"], headers=headers)
+        line = self.content(batch["output_file_id"])[0]
+        self.assertEqual(line["response"]["body"]["choices"][0]["message"]["content"], "pong for this test")
+        st, listing = self.call("GET", "/v1/batches", headers=headers)
+        self.assertEqual([b["id"] for b in listing["data"]], [batch["id"]])  # the test's own batches
+
+    def test_the_input_is_checked_as_the_real_service_checks_it(self):
+        bad = jsonl(["{not json", chat_line("a", "x"), chat_line("a", "y"),
+                     dict(chat_line("c", "z"), url="/v1/embeddings"), dict(chat_line("d", "w"), method="GET"),
+                     {"custom_id": "e", "method": "POST", "url": "/v1/chat/completions"}])
+        batch = self.create(upload(self.srv, bad)["id"])
+        st, batch = self.call("GET", "/v1/batches/" + batch["id"])
+        self.assertEqual((batch["status"], batch["output_file_id"]), ("failed", None))
+        self.assertEqual([(e["code"], e["line"]) for e in batch["errors"]["data"]],
+                         [("invalid_json_line", 1), ("duplicate_custom_id", 3), ("mismatched_endpoint", 4),
+                          ("invalid_method", 5), ("missing_required_parameter", 6)])
+        good = upload(self.srv, jsonl([chat_line("a", "x")]))
+        other = upload(self.srv, jsonl([chat_line("a", "x")]), purpose="user_data")
+        for body, status, param in (
+                ({"input_file_id": good["id"], "endpoint": "/v1/images", "completion_window": "24h"}, 400, "endpoint"),
+                ({"input_file_id": good["id"], "endpoint": "/v1/chat/completions", "completion_window": "1h"}, 400,
+                 "completion_window"),
+                ({"input_file_id": other["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}, 400,
+                 "input_file_id"),
+                ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}, 404,
+                 "input_file_id"),
+                ({"endpoint": "/v1/chat/completions", "completion_window": "24h"}, 400, "input_file_id")):
+            st, r = self.call("POST", "/v1/batches", body)
+            self.assertEqual((st, r["error"]["param"]), (status, param), body)
+        st, r = self.call("GET", "/v1/files/%s/content" % other["id"])
+        self.assertEqual(st, 400)  # only batch files' bytes are kept
+        st, r = self.call("GET", "/v1/batches/batch_nope")
+        self.assertEqual(st, 404)
+
+    def test_scenarios_pace_and_end_a_batch(self):
+        f = upload(self.srv, jsonl([chat_line("a", "one"), chat_line("b", "two")]))
+        batch = self.create(f["id"], "BATCH_SLOW; step_ms=300")
+        seen = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (not seen or seen[-1] != "completed"):
+            status = self.call("GET", "/v1/batches/" + batch["id"])[1]["status"]
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.05)
+        self.assertEqual(seen, ["validating", "in_progress", "finalizing", "completed"])
+        for scenario, status, code in (("BATCH_EXPIRED", "expired", "batch_expired"),
+                                       ("BATCH_CANCELLED", "cancelled", "batch_cancelled")):
+            st, batch = self.call("GET", "/v1/batches/" + self.create(f["id"], scenario)["id"])
+            self.assertEqual((batch["status"], batch["request_counts"]["completed"]), (status, 1), scenario)
+            self.assertEqual([e["error"]["code"] for e in self.content(batch["error_file_id"])], [code])
+        st, batch = self.call("GET", "/v1/batches/" + self.create(f["id"], "BATCH_FAILED")["id"])
+        self.assertEqual((batch["status"], batch["errors"]["data"][0]["code"]), ("failed", "token_limit_exceeded"))
+        batch = self.create(f["id"], "BATCH_SLOW; step_ms=5000")
+        st, cancelled = self.call("POST", "/v1/batches/%s/cancel" % batch["id"])
+        self.assertEqual((st, cancelled["status"]), (200, "cancelling"))
+        st, r = self.call("POST", "/v1/batches", {"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                                                  "completion_window": "24h"}, dict(OA, **{"X-DP-Scenario":
+                                                                                           "RATE_LIMITED"}))
+        self.assertEqual(st, 429)
+
+
+@unittest.skipUnless(_have("openai"), "the openai package is not installed (optional)")
+class BatchSdkTest(unittest.TestCase):
+    """openai's client.batches with a JSONL input file and its downloaded output."""
+
+    def setUp(self):
+        openai = importlib.import_module("openai")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULE).encode())
+        self.client = openai.OpenAI(base_url=self.srv.url + "/v1", api_key="sk-test", max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_batches_end_to_end(self):
+        c = self.client
+        lines = [chat_line("a", "hello"), {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                                           "body": {"model": "text-embedding-3-small", "input": "x"}}]
+        f = c.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines[:1]))), purpose="batch")
+        batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        self.assertEqual(batch.status, "validating")
+        batch = c.batches.retrieve(batch.id)
+        self.assertEqual((batch.status, batch.request_counts.completed), ("completed", 1))
+        out = [json.loads(line) for line in c.files.content(batch.output_file_id).text.splitlines()]
+        self.assertEqual(out[0]["response"]["body"]["choices"][0]["message"]["content"], "Hi from a rule")
+        f = c.files.create(file=("e.jsonl", io.BytesIO(jsonl(lines[1:]))), purpose="batch")
+        batch = c.batches.retrieve(c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                                                    completion_window="24h").id)
+        out = json.loads(c.files.content(batch.output_file_id).text)
+        self.assertEqual(len(out["response"]["body"]["data"][0]["embedding"]), 1536)
+        ids = [b.id for b in c.batches.list()]  # newest first
+        self.assertEqual((len(ids), ids[0]), (2, batch.id))
+        slow = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h",
+                                extra_headers={"X-DP-Scenario": "BATCH_SLOW; step_ms=5000"})
+        self.assertEqual(c.batches.cancel(slow.id).status, "cancelling")
+
+
+if __name__ == "__main__":
+    unittest.main()
