@@ -5,6 +5,7 @@ import re
 
 from .base import ANTHROPIC, HTTPError, b64, scenarios
 from .conversation import Plan, Turn, check_max_tokens, json_fragments, read_turn
+from .files import file_key
 from .providers import TOKEN_PIECES, first_of, check_key, check_model, count_tokens, invalid, new_id
 from .shapes import Shape, validate
 from .state import ThreadStore
@@ -28,8 +29,20 @@ ANTHROPIC_MESSAGES_SHAPE = {
 
 
 def anthropic_reader(req):
-    """The route's reader: a server-held thread (``thread: continue``) is resumed first."""
-    return anthropic_turn(thread_messages(req))
+    """The route's reader: a server-held thread (``thread: continue``) is resumed first; a block whose source
+    is an uploaded file (Files API) must name one."""
+    body = thread_messages(req)
+    turn = anthropic_turn(body)
+    for m in body.get("messages") or ():
+        for block in m.get("content") if isinstance(m.get("content"), list) else ():
+            source = block.get("source") if isinstance(block, dict) else None
+            if isinstance(source, dict) and source.get("type") == "file":
+                file_id = source.get("file_id")
+                if not isinstance(file_id, str) or req.server.files.get(ANTHROPIC, file_key(ANTHROPIC, file_id)) \
+                        is None:
+                    raise HTTPError(404, "File not found: %s" % (file_id if isinstance(file_id, str) else None),
+                                    etype="not_found_error")
+    return turn
 
 
 def thread_messages(req):

@@ -1,14 +1,15 @@
-"""Batches: OpenAI's Batch API (/v1/batches over a JSONL input file), each request answered by the same
-engine and rules as a direct call (answer_inline), its results read back as JSONL files."""
+"""Batches: OpenAI's Batch API (/v1/batches over a JSONL input file) and Anthropic's Message Batches
+(/v1/messages/batches), each request answered by the same engine and rules as a direct call (answer_inline),
+the results read back as JSONL."""
 
 import json
 import threading
 import time
 
-from .base import HTTPError, OPENAI, clip
+from .base import ANTHROPIC, HTTPError, OPENAI, clip
 from .faults import NO_FAULT
 from .files import file_record, openai_file
-from .providers import check_key, invalid, new_id
+from .providers import check_key, invalid, new_id, rfc3339
 from .request import Request
 from .routing import int_arg
 from .writer import ResponseWriter, encode_body
@@ -89,6 +90,10 @@ class BatchStore:
         with self.lock:
             return list(self.batches.values())
 
+    def remove(self, batch_id):
+        with self.lock:
+            return self.batches.pop(batch_id, None)
+
 
 def store(server):
     """The server's batch store, made at the first batch (a run that makes none never holds one)."""
@@ -106,9 +111,10 @@ class Batch:
     """One batch: its input (the file's bytes, not a copy: read again when it runs), its pace (``step``
     seconds per status) and how it ends (``outcome``)."""
 
-    def __init__(self, req, content, count, errors, step, outcome):
-        self.id = new_id("batch_", 12)
+    def __init__(self, req, content, count, errors, step, outcome, prefix="batch_"):
+        self.id = new_id(prefix, 12)
         self.body, self.content, self.count, self.errors = req.json, content, count, errors
+        self.provider = req.provider
         self.step, self.outcome = step, outcome
         self.headers, self.test = req.headers, req.test  #: its requests are answered with its maker's key and test
         self.created = time.time()
@@ -258,7 +264,10 @@ def results(server, batch, status):
         if batch.results is None:
             ok, failed, size = [], [], 0
             run = batch.count if status == "completed" else batch.count // 2
-            for i, (custom, body) in enumerate(read_lines(batch.content, batch.body["endpoint"])[0]):
+            requests = batch.content if batch.provider == ANTHROPIC else read_lines(batch.content,
+                                                                                    batch.body["endpoint"])[0]
+            path = "/v1/messages" if batch.provider == ANTHROPIC else batch.body["endpoint"]
+            for i, (custom, body) in enumerate(requests):
                 rid = new_id("batch_req_", 12)
                 if i >= run or size > MAX_OUTPUT:  # expired or cancelled before it ran, or too much already
                     code = "batch_expired" if status == "expired" else "batch_cancelled" if i >= run else \
@@ -270,7 +279,7 @@ def results(server, batch, status):
                             "batch_cancelled": "This request was cancelled.",
                             "output_limit": "dpmock holds up to %d bytes of one batch's answers" % MAX_OUTPUT}[code]}})
                     continue
-                code, answer, request_id = answer_inline(server, batch, batch.body["endpoint"], body)
+                code, answer, request_id = answer_inline(server, batch, path, body)
                 line = json.dumps({"id": rid, "custom_id": custom, "response": {
                     "status_code": code, "request_id": request_id, "body": answer}, "error": None},
                     separators=(",", ":"), ensure_ascii=False)
@@ -299,7 +308,10 @@ def _result_file(server, batch, kind, lines):
 def _batch(w, req):
     check_key(req)
     batch = store(w.server).get(req.params["batch_id"])
-    if batch is None:
+    if batch is None or batch.provider != req.provider:
+        if req.provider == ANTHROPIC:
+            raise HTTPError(404, "message_batch_id: no Message Batch %s" % clip(req.params["batch_id"]),
+                            etype="not_found_error")
         raise HTTPError(404, "No batch found with id '%s'." % clip(req.params["batch_id"]), param="batch_id")
     return batch
 
@@ -324,7 +336,7 @@ def handle_batch_cancel(w, req):
 def handle_batch_list(w, req):
     check_key(req)
     limit = int_arg(req, "limit", 20, 1, 100)
-    batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test]
+    batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == OPENAI]
     after = req.arg("after")
     if after is not None:
         ids = [b.id for b in batches]
@@ -334,3 +346,141 @@ def handle_batch_list(w, req):
     data = [batch_object(w.server, b, now) for b in page]
     w.send_json(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                       "last_id": data[-1]["id"] if data else None, "has_more": len(batches) > limit})
+
+
+# ----------------------------------------------------------------------------- Anthropic's Message Batches
+
+MAX_MESSAGE_REQUESTS = 100000  #: requests one Message Batch may hold (the real limit)
+_CUSTOM_ID = r"[A-Za-z0-9_-]{1,64}\Z"
+#: Anthropic's processing_status for each of the batch's own statuses.
+_PROCESSING = {"validating": "in_progress", "in_progress": "in_progress", "finalizing": "in_progress",
+               "cancelling": "canceling"}
+
+
+def handle_message_batch_create(w, req):
+    """POST /v1/messages/batches: ``requests`` of ``{custom_id, params}``, each params a messages body."""
+    import re
+    check_key(req)
+    requests = req.json.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise invalid("requests: Field required (a list of at least one request)")
+    if len(requests) > MAX_MESSAGE_REQUESTS:
+        raise invalid("requests: at most %d requests in one batch, not %d" % (MAX_MESSAGE_REQUESTS, len(requests)))
+    seen, items = set(), []
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict) or not isinstance(r.get("params"), dict):
+            raise invalid("requests.%d.params: Field required" % i)
+        custom = r.get("custom_id")
+        if not isinstance(custom, str) or not re.match(_CUSTOM_ID, custom):
+            raise invalid("requests.%d.custom_id: String should match pattern '^[a-zA-Z0-9_-]{1,64}$'" % i)
+        if custom in seen:
+            raise invalid("requests.%d.custom_id: Duplicate custom_id %r: each must be unique in a batch" % (i, custom))
+        if r["params"].get("stream") is True:
+            raise invalid("requests.%d.params.stream: a batch request cannot stream" % i)
+        seen.add(custom)
+        items.append((custom, r["params"]))
+    step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
+    batch = Batch(req, items, len(items), [], step, outcome, prefix="msgbatch_01")
+    store(w.server).add(batch)
+    w.send_json(200, dict(message_batch(w.server, req, batch, batch.created), processing_status="in_progress",
+                          ended_at=None, results_url=None,
+                          request_counts={"processing": len(items), "succeeded": 0, "errored": 0, "canceled": 0,
+                                          "expired": 0}))
+
+
+def message_batch(server, req, batch, now):
+    """The MessageBatch object at ``now`` (its results made once it has ended)."""
+    status, stamps = batch.status(now)
+    out = {"id": batch.id, "type": "message_batch", "processing_status": _PROCESSING.get(status, "ended"),
+           "request_counts": {"processing": batch.count, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+           "ended_at": None, "created_at": rfc3339(batch.created), "expires_at": rfc3339(batch.created + WINDOW),
+           "archived_at": None, "cancel_initiated_at": rfc3339(batch.cancelled) if "cancelling_at" in stamps else None,
+           "results_url": None}
+    if out["processing_status"] == "ended":
+        end = stamps.get("completed_at") or stamps.get("expired_at") or stamps.get("cancelled_at") or \
+            stamps.get("failed_at") or now
+        counts = message_results(server, batch, status)[1]
+        out.update(ended_at=rfc3339(end), request_counts=counts,
+                   results_url="%s/v1/messages/batches/%s/results" % (req.origin(), batch.id))
+    return out
+
+
+def message_results(server, batch, status):
+    """(the results JSONL, request_counts) of an ended Message Batch, made once."""
+    with batch.lock:
+        if batch.results is None:
+            lines, counts = [], {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+            run = batch.count if status == "completed" else 0 if status == "failed" else batch.count // 2
+            size = 0
+            for i, (custom, params) in enumerate(batch.content):
+                if i < run and size <= MAX_OUTPUT:
+                    code, answer, _ = answer_inline(server, batch, "/v1/messages", params)
+                    result = ({"type": "succeeded", "message": answer} if code < 400 else
+                              {"type": "errored", "error": answer if isinstance(answer, dict) else
+                               {"type": "error", "error": {"type": "api_error", "message": str(answer)}}})
+                elif status == "failed" or i < run:
+                    result = {"type": "errored", "error": {"type": "error", "error": {
+                        "type": "api_error", "message": "Internal server error" if status == "failed" else
+                        "dpmock holds up to %d bytes of one batch's results" % MAX_OUTPUT}}}
+                else:
+                    result = {"type": "expired" if status == "expired" else "canceled"}
+                counts[{"succeeded": "succeeded", "errored": "errored", "expired": "expired",
+                        "canceled": "canceled"}[result["type"]]] += 1
+                line = json.dumps({"custom_id": custom, "result": result}, separators=(",", ":"), ensure_ascii=False)
+                size += len(line)
+                lines.append(line)
+            batch.results = (("\n".join(lines) + "\n").encode("utf-8"), counts)
+            batch.content = None  # the requests are not needed again
+        return batch.results
+
+
+def handle_message_batch_get(w, req):
+    w.send_json(200, message_batch(w.server, req, _batch(w, req), time.time()))
+
+
+def handle_message_batch_cancel(w, req):
+    batch = _batch(w, req)
+    now = time.time()
+    status, _ = batch.status(now)
+    with batch.lock:
+        if status in STEPS and batch.cancelled is None:
+            batch.cancelled = now
+    w.send_json(200, message_batch(w.server, req, batch, now))
+
+
+def handle_message_batch_delete(w, req):
+    batch = _batch(w, req)
+    if message_batch(w.server, req, batch, time.time())["processing_status"] != "ended":
+        raise invalid("Batch %s cannot be deleted while it is still in progress: cancel it first" % batch.id)
+    store(w.server).remove(batch.id)
+    w.send_json(200, {"id": batch.id, "type": "message_batch_deleted"})
+
+
+def handle_message_batch_results(w, req):
+    batch = _batch(w, req)
+    status, _ = batch.status(time.time())
+    if _PROCESSING.get(status, "ended") != "ended":
+        raise HTTPError(404, "Results for Message Batch %s are not available: it has not ended" % batch.id,
+                        etype="not_found_error")
+    w.send_bytes(200, message_results(w.server, batch, status)[0], "application/binary")
+
+
+def handle_message_batch_list(w, req):
+    """Newest first, ``limit`` (1-1000), ``after_id`` / ``before_id``, as Anthropic's list pages are."""
+    check_key(req)
+    limit = int_arg(req, "limit", 20, 1, 1000)
+    batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == ANTHROPIC]
+    ids = [b.id for b in batches]
+    after, before = req.arg("after_id"), req.arg("before_id")
+    if after is not None:
+        batches = batches[ids.index(after) + 1:] if after in ids else []
+        page = batches[:limit]
+    elif before is not None:
+        batches = batches[:ids.index(before)] if before in ids else []
+        page = batches[-limit:]
+    else:
+        page = batches[:limit]
+    now = time.time()
+    data = [message_batch(w.server, req, b, now) for b in page]
+    w.send_json(200, {"data": data, "has_more": len(batches) > len(page), "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None})

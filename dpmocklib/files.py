@@ -1,10 +1,11 @@
-"""Files: uploads (multipart, streamed, and Gemini's resumable protocol), listing and deletion."""
+"""Files: uploads (multipart, streamed, and Gemini's resumable protocol), Anthropic's Files API, listing,
+downloads and deletion."""
 
 import json
 import re
 import time
 
-from .base import GEMINI, HTTPError, OPENAI, b64, bounded_int, clip
+from .base import ANTHROPIC, GEMINI, HTTPError, OPENAI, b64, bounded_int, clip
 from .providers import first_of, check_key, invalid, new_id, rfc3339
 from .request import MAX_FIELD, MAX_FORM_BYTES, MAX_PARTS
 from .routing import int_arg
@@ -35,16 +36,31 @@ def gemini_file(r, origin):
             "uri": "%s/v1beta/files/%s" % (origin, r["id"]), "state": "ACTIVE", "source": "UPLOADED"}
 
 
+def anthropic_file(r):
+    """Anthropic's FileMetadata (Files API, beta)."""
+    return {"id": ANTHROPIC_FILE + r["id"], "type": "file", "filename": r["filename"], "mime_type": r["mime"],
+            "size_bytes": r["bytes"], "created_at": rfc3339(r["created"]), "downloadable": True}
+
+
+ANTHROPIC_FILE = "file_011"  #: Anthropic's file ids: this, then dpmock's own id
+
+
 def _file_id(req):
     file_id = req.params["file_id"]
-    if req.provider == OPENAI:
-        return file_id[5:] if file_id.startswith("file-") else file_id
-    return file_id[6:] if file_id.startswith("files/") else file_id
+    return file_key(req.provider, file_id)
+
+
+def file_key(provider, file_id):
+    """The store's id of a provider's file id (OpenAI's file-..., Anthropic's file_011..., Gemini's files/...)."""
+    prefix = {OPENAI: "file-", ANTHROPIC: ANTHROPIC_FILE}.get(provider, "files/")
+    return file_id[len(prefix):] if file_id.startswith(prefix) else file_id
 
 
 def _missing_file(req):
     if req.provider == GEMINI:
         return HTTPError(404, "File files/%s does not exist." % _file_id(req), etype="NOT_FOUND")
+    if req.provider == ANTHROPIC:
+        return HTTPError(404, "File not found: %s" % clip(req.params["file_id"]), etype="not_found_error")
     return HTTPError(404, "No such File object: %s" % req.params["file_id"], param="id")
 
 
@@ -62,6 +78,22 @@ def handle_files_list(w, req):
             answer["nextPageToken"] = str(start + size)
         w.send_json(200, answer)
         return
+    if req.provider == ANTHROPIC:  # newest first, Anthropic's paging
+        data = [anthropic_file(r) for r in reversed(records)]
+        limit = int_arg(req, "limit", 20, 1, 1000)
+        ids = [d["id"] for d in data]
+        after, before = req.arg("after_id"), req.arg("before_id")
+        if after is not None:
+            data = data[ids.index(after) + 1:] if after in ids else []
+            page = data[:limit]
+        elif before is not None:
+            data = data[:ids.index(before)] if before in ids else []
+            page = data[-limit:]
+        else:
+            page = data[:limit]
+        w.send_json(200, {"data": page, "has_more": len(data) > len(page), "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None})
+        return
     data = [openai_file(r) for r in reversed(records)]
     w.send_json(200, {"object": "list", "data": data, "has_more": False,
                       "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
@@ -72,7 +104,8 @@ def handle_file_get(w, req):
     record = w.server.files.get(req.provider, _file_id(req))
     if record is None:
         raise _missing_file(req)
-    w.send_json(200, gemini_file(record, req.origin()) if req.provider == GEMINI else openai_file(record))
+    w.send_json(200, gemini_file(record, req.origin()) if req.provider == GEMINI else
+                anthropic_file(record) if req.provider == ANTHROPIC else openai_file(record))
 
 
 def handle_file_delete(w, req):
@@ -80,6 +113,9 @@ def handle_file_delete(w, req):
     record = w.server.files.remove(req.provider, _file_id(req))
     if record is None:
         raise _missing_file(req)
+    if req.provider == ANTHROPIC:
+        w.send_json(200, {"id": ANTHROPIC_FILE + record["id"], "type": "file_deleted"})
+        return
     w.send_json(200, {} if req.provider == GEMINI else {"id": "file-" + record["id"], "object": "file",
                                                          "deleted": True})
 
@@ -109,11 +145,22 @@ def small_body(req):
     return bytes(data)
 
 
-def handle_openai_file_upload(w, req):
-    """POST /files: multipart/form-data parsed as it streams in; the file part is only counted."""
+def handle_file_upload(w, req):
+    """POST /files: multipart/form-data parsed as it streams in; OpenAI's (with a purpose; the file part is
+    only counted, a batch file's kept) or Anthropic's Files API (its bytes kept, for downloads)."""
     check_key(req)
     boundary = multipart_boundary(req, "multipart/form-data")
     fields, files = read_multipart(req, boundary, keep_files=KEPT_FILE_BYTES)
+    if req.provider == ANTHROPIC:
+        if not files:
+            raise invalid("file: Field required")
+        name, mime, nbytes, digest, content = files[0]
+        if content is False:
+            raise HTTPError(413, "file: dpmock keeps Anthropic's uploads up to %d bytes, not %d" % (
+                KEPT_FILE_BYTES, nbytes), etype="request_too_large")
+        record = file_record(name, mime, nbytes, digest, content=content)
+        w.send_json(200, anthropic_file(w.server.files.add(ANTHROPIC, record)))
+        return
     if not files:
         raise invalid("Missing required parameter: 'file'.", "file", "missing_required_parameter")
     purpose = fields.get("purpose")
@@ -134,11 +181,13 @@ KEPT_PURPOSES = ("batch",)  #: the purposes whose files' bytes are kept (others 
 
 
 def handle_file_content(w, req):
-    """GET /files/{id}/content: a kept file's bytes (a batch's input, output and error files)."""
+    """GET /files/{id}/content: a kept file's bytes (a batch's input, output and error files; Anthropic's)."""
     check_key(req)
     record = w.server.files.get(req.provider, _file_id(req))
     if record is None:
         raise _missing_file(req)
+    if record.get("content") is None and req.provider == ANTHROPIC:
+        raise invalid("File %s is not downloadable" % clip(req.params["file_id"]))
     if record.get("content") is None:
         raise invalid("Not allowed to download files of purpose: %s. (dpmock keeps the bytes of files of purpose %s "
                       "and of batch output only.)" % (record.get("purpose"), ", ".join(KEPT_PURPOSES)))
@@ -341,5 +390,10 @@ def read_multipart(req, boundary, keep_first=False, keep_files=0):
                           else None))
         else:
             held += len(kept)
-            fields["" if keep_first and index == 0 else disp.get("name", "")] = kept.decode("utf-8", "replace")
+            name = "" if keep_first and index == 0 else disp.get("name", "")
+            value = kept.decode("utf-8", "replace")
+            if name.endswith("[]"):  # an array field (timestamp_granularities[]): every value, in order
+                fields.setdefault(name, []).append(value)
+            else:
+                fields[name] = value
         index += 1

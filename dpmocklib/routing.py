@@ -93,7 +93,8 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     def streaming(self, req):
         """Whether this request's answer is a stream."""
         return self.stream == STREAM_ALWAYS or (self.stream == STREAM_FLAG and isinstance(req.json, dict)
-                                                and req.json.get("stream") is True)
+                                                and (req.json.get("stream") is True
+                                                     or req.json.get("stream_format") == "sse"))
 
 
 #: Version segments; google-genai also uses /v1alpha and, in Vertex express mode, /v1beta1.

@@ -7,7 +7,7 @@ import json
 import time
 import unittest
 
-from .support import OA, Server, _have
+from .support import AN, OA, Server, _have
 
 
 RULE = {"id": "greet", "match": {"text": "hello"}, "respond": {"text": "Hi from a rule"}}
@@ -32,8 +32,8 @@ def upload(srv, data, purpose="batch", headers=OA):
     return json.loads(r)
 
 
-class BatchTest(unittest.TestCase):
-    """/v1/batches over raw HTTP."""
+class BatchCase(unittest.TestCase):
+    """One server for the class, with RULE loaded."""
 
     @classmethod
     def setUpClass(cls):
@@ -49,6 +49,10 @@ class BatchTest(unittest.TestCase):
         st, hdrs, data = self.srv.request(method, path, json.dumps(body).encode() if body is not None else None,
                                           dict(headers, **({"Content-Type": "application/json"} if body else {})))
         return st, json.loads(data) if data[:1] in (b"{", b"[") else data
+
+
+class BatchTest(BatchCase):
+    """/v1/batches over raw HTTP."""
 
     def create(self, file_id, scenario=None, endpoint="/v1/chat/completions", headers=OA):
         headers = dict(headers, **({"X-DP-Scenario": scenario} if scenario else {}))
@@ -157,6 +161,105 @@ class BatchTest(unittest.TestCase):
                                                   "completion_window": "24h"}, dict(OA, **{"X-DP-Scenario":
                                                                                            "RATE_LIMITED"}))
         self.assertEqual(st, 429)
+
+
+def message_request(custom_id, text, **params):
+    return {"custom_id": custom_id, "params": dict({"model": "claude-sonnet-4-5", "max_tokens": 100,
+                                                    "messages": [{"role": "user", "content": text}]}, **params)}
+
+
+class MessageBatchTest(BatchCase):
+    """Anthropic's /v1/messages/batches over raw HTTP."""
+
+    def create_messages(self, requests, scenario=None, headers=AN):
+        st, batch = self.call("POST", "/v1/messages/batches", {"requests": requests},
+                              dict(headers, **({"X-DP-Scenario": scenario} if scenario else {})))
+        self.assertEqual(st, 200, batch)
+        return batch
+
+    def results(self, batch_id):
+        st, hdrs, data = self.srv.request("GET", "/v1/messages/batches/%s/results" % batch_id, None, AN)
+        self.assertEqual(st, 200, data)
+        return {line["custom_id"]: line["result"] for line in map(json.loads, data.decode().splitlines())}
+
+    def test_a_message_batch_answers_each_request_as_a_direct_call_would(self):
+        batch = self.create_messages([message_request("a", "hello"), message_request("b", "plain"),
+                                      {"custom_id": "c", "params": {"model": "claude-sonnet-4-5",
+                                                                    "messages": [{"role": "user", "content": "x"}]}}])
+        self.assertEqual((batch["type"], batch["processing_status"], batch["results_url"]),
+                         ("message_batch", "in_progress", None))
+        st, batch = self.call("GET", "/v1/messages/batches/" + batch["id"], headers=AN)
+        self.assertEqual((batch["processing_status"], batch["request_counts"]),
+                         ("ended", {"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0, "expired": 0}))
+        self.assertTrue(batch["results_url"].endswith("/v1/messages/batches/%s/results" % batch["id"]))
+        results = self.results(batch["id"])
+        self.assertEqual(results["a"]["message"]["content"][0]["text"], "Hi from a rule")
+        self.assertEqual(results["b"]["message"]["content"][0]["text"], "dpmock reply to: plain")
+        self.assertEqual((results["c"]["type"], results["c"]["error"]["error"]["type"]),
+                         ("errored", "invalid_request_error"))
+        st, deleted = self.call("DELETE", "/v1/messages/batches/" + batch["id"], headers=AN)
+        self.assertEqual(deleted, {"id": batch["id"], "type": "message_batch_deleted"})
+        st, gone = self.call("GET", "/v1/messages/batches/" + batch["id"], headers=AN)
+        self.assertEqual((st, gone["error"]["type"]), (404, "not_found_error"))
+        st, other = self.call("GET", "/v1/batches/" + batch["id"])  # OpenAI's batches are apart
+        self.assertEqual(st, 404)
+
+    def test_message_batch_requests_are_checked(self):
+        for requests, words in (([], "requests"), ([{"custom_id": "a b", "params": {}}], "custom_id"),
+                                ([message_request("a", "x"), message_request("a", "y")], "Duplicate"),
+                                ([{"custom_id": "a"}], "params"), ([message_request("a", "x", stream=True)], "stream")):
+            st, r = self.call("POST", "/v1/messages/batches", {"requests": requests}, AN)
+            self.assertEqual((st, r["error"]["type"]), (400, "invalid_request_error"), requests)
+            self.assertIn(words, r["error"]["message"])
+
+    def test_scenarios_and_cancel_and_paging(self):
+        two = [message_request("a", "one"), message_request("b", "two")]
+        for scenario, counts in (("BATCH_EXPIRED", {"succeeded": 1, "expired": 1}),
+                                 ("BATCH_CANCELLED", {"succeeded": 1, "canceled": 1}),
+                                 ("BATCH_FAILED", {"errored": 2})):
+            st, batch = self.call("GET", "/v1/messages/batches/" + self.create_messages(two, scenario)["id"],
+                                  headers=AN)
+            self.assertEqual({k: v for k, v in batch["request_counts"].items() if v}, counts, scenario)
+        slow = self.create_messages(two, "BATCH_SLOW; step_ms=5000")
+        st, r = self.call("GET", "/v1/messages/batches/%s/results" % slow["id"], headers=AN)
+        self.assertEqual(st, 404)  # not ended yet
+        st, r = self.call("DELETE", "/v1/messages/batches/" + slow["id"], headers=AN)
+        self.assertEqual(st, 400)  # in progress
+        st, r = self.call("POST", "/v1/messages/batches/%s/cancel" % slow["id"], headers=AN)
+        self.assertEqual((r["processing_status"], r["cancel_initiated_at"] is not None), ("canceling", True))
+        headers = dict(AN, **{"X-DP-Test-Id": "paging"})
+        made = [self.create_messages(two, headers=headers)["id"] for _ in range(3)]
+        st, page = self.call("GET", "/v1/messages/batches?limit=2", headers=headers)
+        self.assertEqual(([b["id"] for b in page["data"]], page["has_more"]), (made[::-1][:2], True))
+        st, page = self.call("GET", "/v1/messages/batches?limit=2&after_id=" + page["last_id"], headers=headers)
+        self.assertEqual(([b["id"] for b in page["data"]], page["has_more"]), ([made[0]], False))
+
+
+@unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")
+class MessageBatchSdkTest(unittest.TestCase):
+    """anthropic's client.messages.batches, results() included."""
+
+    def setUp(self):
+        anthropic = importlib.import_module("anthropic")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULE).encode())
+        self.client = anthropic.Anthropic(base_url=self.srv.url, api_key="sk-ant-test", max_retries=0)
+        self.addCleanup(self.client.close)
+
+    def test_message_batches_end_to_end(self):
+        c = self.client
+        batch = c.messages.batches.create(requests=[message_request("a", "hello"), message_request("b", "x")])
+        self.assertEqual(batch.processing_status, "in_progress")
+        batch = c.messages.batches.retrieve(batch.id)
+        self.assertEqual((batch.processing_status, batch.request_counts.succeeded), ("ended", 2))
+        results = {r.custom_id: r.result for r in c.messages.batches.results(batch.id)}
+        self.assertEqual(results["a"].message.content[0].text, "Hi from a rule")
+        self.assertEqual([b.id for b in c.messages.batches.list()], [batch.id])
+        slow = c.messages.batches.create(requests=[message_request("a", "x")],
+                                         extra_headers={"X-DP-Scenario": "BATCH_SLOW; step_ms=5000"})
+        self.assertEqual(c.messages.batches.cancel(slow.id).processing_status, "canceling")
+        self.assertEqual(c.messages.batches.delete(batch.id).type, "message_batch_deleted")
 
 
 @unittest.skipUnless(_have("openai"), "the openai package is not installed (optional)")
