@@ -390,17 +390,21 @@ _FAULTS = (
              On(BODY, Fault("EXPECT_IGNORE")), group="fault"),
     # batches (OpenAI's /v1/batches): how a batch made with one of these goes
     Scenario("BATCH_SLOW", "a batch moves `validating` -> `in_progress` -> `finalizing` -> `completed`, each "
-             "status `step_ms` long (without it: finished at once)", {"batches_create": Fault("BATCH_SLOW"), "messages_batches_create": Fault("BATCH_SLOW")},
+             "status `step_ms` long (without it: finished at once)", {"batches_create": Fault("BATCH_SLOW"), "messages_batches_create": Fault("BATCH_SLOW"),
+              "gemini_batches_create": Fault("BATCH_SLOW")},
              [_int("step_ms", 1000, 0, MAX_WAIT_S * 1000, "how long each status lasts, ms")], "fault"),
     Scenario("BATCH_FAILED", "a batch fails once `validating` is over (`errors`: the enqueued token limit), "
-             "running none of its requests", {"batches_create": Fault("BATCH_FAILED"), "messages_batches_create": Fault("BATCH_FAILED")},
+             "running none of its requests", {"batches_create": Fault("BATCH_FAILED"), "messages_batches_create": Fault("BATCH_FAILED"),
+              "gemini_batches_create": Fault("BATCH_FAILED")},
              [_int("step_ms", 0, 0, MAX_WAIT_S * 1000, "how long validating lasts, ms")], "fault"),
     Scenario("BATCH_EXPIRED", "a batch `expired` after `in_progress`: its first half answered, the rest "
-             "`batch_expired` in its error file", {"batches_create": Fault("BATCH_EXPIRED"), "messages_batches_create": Fault("BATCH_EXPIRED")},
+             "`batch_expired` in its error file", {"batches_create": Fault("BATCH_EXPIRED"), "messages_batches_create": Fault("BATCH_EXPIRED"),
+              "gemini_batches_create": Fault("BATCH_EXPIRED")},
              [_int("step_ms", 0, 0, MAX_WAIT_S * 1000, "how long each status lasts, ms")], "fault"),
     Scenario("BATCH_CANCELLED", "a batch `cancelling`, then `cancelled`, once `validating` is over (as if "
              "cancelled then): its first half answered, the rest `batch_cancelled`",
-             {"batches_create": Fault("BATCH_CANCELLED"), "messages_batches_create": Fault("BATCH_CANCELLED")},
+             {"batches_create": Fault("BATCH_CANCELLED"), "messages_batches_create": Fault("BATCH_CANCELLED"),
+              "gemini_batches_create": Fault("BATCH_CANCELLED")},
              [_int("step_ms", 0, 0, MAX_WAIT_S * 1000, "how long each status lasts, ms")], "fault"),
     # schedules
     Scenario("FAIL_FIRST", "the first `n` requests of a key get `fault`, later ones succeed",

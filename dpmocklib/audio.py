@@ -199,7 +199,7 @@ def _audio_text(w, req, task):
     check_model(req, model)
     if not files:
         raise invalid("Missing required parameter: 'file'.", "file", "missing_required_parameter")
-    name, _, nbytes, _, audio = files[0]
+    name, _, nbytes, _, audio, _ = files[0]
     if audio is False:
         raise HTTPError(413, "Maximum content size limit (%d) exceeded (%d bytes read)" % (MAX_AUDIO, nbytes),
                         param="file", close=True)

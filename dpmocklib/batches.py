@@ -6,10 +6,10 @@ import json
 import threading
 import time
 
-from .base import ANTHROPIC, HTTPError, OPENAI, clip
+from .base import ANTHROPIC, GEMINI, HTTPError, OPENAI, clip
 from .faults import NO_FAULT
 from .files import file_record, openai_file
-from .providers import check_key, invalid, new_id, rfc3339
+from .providers import check_key, check_model, invalid, new_id, rfc3339
 from .request import Request
 from .routing import int_arg
 from .writer import ResponseWriter, encode_body
@@ -307,8 +307,11 @@ def _result_file(server, batch, kind, lines):
 
 def _batch(w, req):
     check_key(req)
-    batch = store(w.server).get(req.params["batch_id"])
+    batch_id = req.params["batch_id"]
+    batch = store(w.server).get(batch_id[8:] if req.provider == GEMINI and batch_id.startswith("batches/") else batch_id)
     if batch is None or batch.provider != req.provider:
+        if req.provider == GEMINI:
+            raise HTTPError(404, "Batch batches/%s not found." % clip(batch_id), etype="NOT_FOUND")
         if req.provider == ANTHROPIC:
             raise HTTPError(404, "message_batch_id: no Message Batch %s" % clip(req.params["batch_id"]),
                             etype="not_found_error")
@@ -317,6 +320,8 @@ def _batch(w, req):
 
 
 def handle_batch_get(w, req):
+    if req.provider == GEMINI:  # GET /v1beta/batches/{id}: Gemini's operation
+        return handle_gemini_batch_get(w, req)
     batch = _batch(w, req)
     w.send_json(200, batch_object(w.server, batch, time.time()))
 
@@ -334,6 +339,8 @@ def handle_batch_cancel(w, req):
 
 
 def handle_batch_list(w, req):
+    if req.provider == GEMINI:
+        return handle_gemini_batch_list(w, req)
     check_key(req)
     limit = int_arg(req, "limit", 20, 1, 100)
     batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == OPENAI]
@@ -484,3 +491,122 @@ def handle_message_batch_list(w, req):
     data = [message_batch(w.server, req, b, now) for b in page]
     w.send_json(200, {"data": data, "has_more": len(batches) > len(page), "first_id": data[0]["id"] if data else None,
                       "last_id": data[-1]["id"] if data else None})
+
+
+# ----------------------------------------------------------------------------- Gemini's batch mode
+
+_GEMINI_STATES = {"validating": "BATCH_STATE_PENDING", "in_progress": "BATCH_STATE_RUNNING",
+                  "finalizing": "BATCH_STATE_RUNNING", "cancelling": "BATCH_STATE_RUNNING",
+                  "completed": "BATCH_STATE_SUCCEEDED", "failed": "BATCH_STATE_FAILED",
+                  "expired": "BATCH_STATE_EXPIRED", "cancelled": "BATCH_STATE_CANCELLED"}
+_GEMINI_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch"
+
+
+def handle_gemini_batch_create(w, req):
+    """POST models/{model}:batchGenerateContent: ``batch.inputConfig.requests.requests`` of ``{request,
+    metadata}``, each request a generateContent body."""
+    check_key(req)
+    model = req.params["model"]
+    check_model(req, model, "batchGenerateContent")
+    batch = req.json.get("batch")
+    config = batch.get("inputConfig", batch.get("input_config")) if isinstance(batch, dict) else None
+    if not isinstance(config, dict):
+        raise invalid("* BatchGenerateContentRequest.batch.input_config: input_config is required")
+    if config.get("fileName", config.get("file_name")) is not None:
+        raise HTTPError(501, "dpmock answers batches of inlined requests (inputConfig.requests); a batch read from "
+                             "an uploaded file (inputConfig.fileName) is not served yet", etype="UNIMPLEMENTED")
+    requests = (config.get("requests") or {}).get("requests") if isinstance(config.get("requests"), dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests: at least one request is "
+                      "required")
+    items = []
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict) or not isinstance(r.get("request"), dict):
+            raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests[%d].request: request "
+                          "is required" % i)
+        items.append((r.get("metadata"), dict(r["request"], model=None)))
+    step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
+    job = Batch(req, items, len(items), [], step, outcome, prefix="")
+    job.model, job.display = model, batch.get("displayName", batch.get("display_name")) or job.id
+    store(w.server).add(job)
+    w.send_json(200, gemini_operation(w.server, job, job.created))
+
+
+def gemini_operation(server, job, now):
+    """The batch as Gemini's long-running operation (its GenerateContentBatch in ``metadata``)."""
+    status, stamps = job.status(now)
+    state = _GEMINI_STATES[status]
+    done = state not in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")
+    meta = {"@type": _GEMINI_TYPE, "model": "models/" + job.model, "displayName": job.display,
+            "createTime": rfc3339(job.created), "updateTime": rfc3339(min(now, job.created + 3 * job.step)),
+            "batchStats": {"requestCount": str(job.count), "pendingRequestCount": str(0 if done else job.count)},
+            "state": state, "name": "batches/" + job.id}
+    op = {"name": "batches/" + job.id, "metadata": meta}
+    if done:
+        responses, ok = gemini_results(server, job, status)
+        meta["endTime"] = meta["updateTime"]
+        meta["batchStats"].update(successfulRequestCount=str(ok), failedRequestCount=str(job.count - ok))
+        meta["output"] = {"inlinedResponses": {"inlinedResponses": responses}}
+        op.update(done=True, response=dict(meta["output"], **{"@type": _GEMINI_TYPE + "Output"}))
+    return op
+
+
+def gemini_results(server, job, status):
+    """([inlined response], successes) of an ended batch, made once: each request answered as a direct
+    generateContent call would be."""
+    with job.lock:
+        if job.results is None:
+            out, ok, size = [], 0, 0
+            run = job.count if status == "completed" else 0 if status == "failed" else job.count // 2
+            for i, (metadata, request) in enumerate(job.content):
+                item = {} if metadata is None else {"metadata": metadata}
+                if i < run and size <= MAX_OUTPUT:
+                    request = {k: v for k, v in request.items() if k != "model"}
+                    code, answer, _ = answer_inline(server, job, "/v1beta/models/%s:generateContent" % job.model,
+                                                    request)
+                    if code < 400:
+                        item["response"] = answer
+                        ok += 1
+                    else:
+                        item["error"] = answer.get("error") if isinstance(answer, dict) else {
+                            "code": code, "message": str(answer), "status": "INTERNAL"}
+                    size += len(encode_body(item, compact=True))
+                else:
+                    item["error"] = {"code": 1, "message": "The batch ended (%s) before this request ran." % status,
+                                     "status": "CANCELLED"}
+                out.append(item)
+            job.results = (out, ok)
+            job.content = None
+        return job.results
+
+
+def handle_gemini_batch_get(w, req):
+    w.send_json(200, gemini_operation(w.server, _batch(w, req), time.time()))
+
+
+def handle_gemini_batch_cancel(w, req):
+    job = _batch(w, req)
+    now = time.time()
+    with job.lock:
+        if job.status(now)[0] in STEPS and job.cancelled is None:
+            job.cancelled = now
+    w.send_json(200, {})
+
+
+def handle_gemini_batch_delete(w, req):
+    job = _batch(w, req)
+    store(w.server).remove(job.id)
+    w.send_json(200, {})
+
+
+def handle_gemini_batch_list(w, req):
+    check_key(req)
+    size = int_arg(req, "pageSize", 50, 1, 1000)
+    jobs = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == GEMINI]
+    token = req.arg("pageToken") or "0"
+    start = int(token) if token.isdigit() else 0
+    now = time.time()
+    answer = {"operations": [gemini_operation(w.server, b, now) for b in jobs[start:start + size]]}
+    if start + size < len(jobs):
+        answer["nextPageToken"] = str(start + size)
+    w.send_json(200, answer)

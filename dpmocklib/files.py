@@ -154,7 +154,7 @@ def handle_file_upload(w, req):
     if req.provider == ANTHROPIC:
         if not files:
             raise invalid("file: Field required")
-        name, mime, nbytes, digest, content = files[0]
+        name, mime, nbytes, digest, content, _ = files[0]
         if content is False:
             raise HTTPError(413, "file: dpmock keeps Anthropic's uploads up to %d bytes, not %d" % (
                 KEPT_FILE_BYTES, nbytes), etype="request_too_large")
@@ -166,7 +166,7 @@ def handle_file_upload(w, req):
     purpose = fields.get("purpose")
     if not purpose:
         raise invalid("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
-    name, mime, nbytes, digest, content = files[0]
+    name, mime, nbytes, digest, content, _ = files[0]
     record = file_record(name, mime, nbytes, digest, purpose=purpose)
     if purpose in KEPT_PURPOSES:
         if content is False:
@@ -233,7 +233,7 @@ def handle_gemini_upload(w, req):
         if not files:
             raise invalid("multipart upload has no media part")
         meta = _upload_meta(fields.get(""))
-        _, mime, nbytes, digest, _ = files[0]
+        _, mime, nbytes, digest, _, _ = files[0]
         gemini_store(w, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
     elif protocol in ("media", "raw", ""):
         nbytes, digest = count_body(req)
@@ -313,7 +313,7 @@ def multipart_boundary(req, kind):
 def read_multipart(req, boundary, keep_first=False, keep_files=0):
     """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
 
-    Returns ({field name: text}, [(filename, mime, byte count, sha256 digest, bytes or None)]). With
+    Returns ({field name: text}, [(filename, mime, byte count, sha256 digest, bytes or None, field name)]). With
     ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part); with ``keep_files``
     each file's bytes are kept too, up to that many (a larger file's are not: False). At most
     MAX_PARTS parts and MAX_FORM_BYTES of field text are accepted (as Go's mime/multipart and
@@ -387,7 +387,7 @@ def read_multipart(req, boundary, keep_first=False, keep_files=0):
         if is_file:
             files.append((disp.get("filename") or "upload", headers.get("content-type", "application/octet-stream"),
                           size, digest.digest(), (bytes(kept) if size <= keep_files else False) if keep_files
-                          else None))
+                          else None, disp.get("name", "")))
         else:
             held += len(kept)
             name = "" if keep_first and index == 0 else disp.get("name", "")

@@ -4,7 +4,7 @@ import json
 import re
 import time
 
-from .base import AZURE, OPENAI, b64, scenarios
+from .base import AZURE, OPENAI, b64, bounded_int, clip, scenarios
 from .conversation import JSON_OBJECT, Plan, Turn, check_max_tokens, require_model, json_fragments, read_turn
 from .embeddings import embedding, embedding_b64, embedding_dims
 from .images import image_name, png_for
@@ -203,12 +203,42 @@ def handle_openai_images(w, req):
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
-    model = body.get("model") or "dall-e-2"
+    w.send_json(200, images_answer(req, body.get("model") or "dall-e-2", prompt, body.get("n", 1),
+                                   body.get("response_format")))
+
+
+def handle_image_edit(w, req):
+    """POST /images/edits and /images/variations (multipart): the answer an image generation gives, for the
+    prompt (edits) or the uploaded image (variations, which take dall-e-2 only)."""
+    from .files import multipart_boundary, read_multipart
+    check_key(req)
+    fields, files = read_multipart(req, multipart_boundary(req, "multipart/form-data"))
+    images = [f for f in files if f[5] in ("image", "image[]")]
+    if not images:
+        raise invalid("Missing required parameter: 'image'.", "image", "missing_required_parameter")
+    model = fields.get("model") or "dall-e-2"
+    edit = req.route.name == "images_edits"
+    if edit and not fields.get("prompt"):
+        raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if not edit and model != "dall-e-2":
+        raise invalid("Invalid model %s: image variations take dall-e-2" % clip(model), "model", "invalid_value")
+    if len(images) > (16 if model.startswith("gpt-image") else 1):
+        raise invalid("Too many images: %s takes %s" % (model, "up to 16" if model.startswith("gpt-image") else "one"),
+                      "image", "invalid_value")
+    n = fields.get("n", "1")
+    n = bounded_int(n, 1, 10) if isinstance(n, str) else None
+    if n is None:
+        raise invalid("Invalid 'n': expected an integer from 1 to 10.", "n")
+    prompt = fields["prompt"] if edit else "a variation of an image (sha256 %s)" % images[0][3].hex()[:16]
+    w.send_json(200, images_answer(req, model, prompt, n, fields.get("response_format")))
+
+
+def images_answer(req, model, prompt, n, fmt):
+    """An images answer: ``n`` PNGs whose colour comes from the prompt, as URLs dpmock serves or base64."""
     check_model(req, model)
-    n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
         raise invalid("Invalid 'n': expected an integer from 1 to 10.", "n")
-    fmt = body.get("response_format") or ("b64_json" if model.startswith("gpt-image") else "url")
+    fmt = fmt or ("b64_json" if model.startswith("gpt-image") else "url")
     if fmt not in ("url", "b64_json"):
         raise invalid("Invalid 'response_format': expected 'url' or 'b64_json'.", "response_format")
     data = []
@@ -224,7 +254,7 @@ def handle_openai_images(w, req):
         words = count_tokens([prompt])
         answer["usage"] = {"input_tokens": words, "input_tokens_details": {"text_tokens": words, "image_tokens": 0},
                            "output_tokens": 272 * n, "total_tokens": words + 272 * n}
-    w.send_json(200, answer)
+    return answer
 
 
 def embedding_texts(value, name, provider=OPENAI):

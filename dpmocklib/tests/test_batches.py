@@ -7,7 +7,7 @@ import json
 import time
 import unittest
 
-from .support import AN, OA, Server, _have
+from .support import AN, GE, OA, Server, _have
 
 
 RULE = {"id": "greet", "match": {"text": "hello"}, "respond": {"text": "Hi from a rule"}}
@@ -233,6 +233,79 @@ class MessageBatchTest(BatchCase):
         self.assertEqual(([b["id"] for b in page["data"]], page["has_more"]), (made[::-1][:2], True))
         st, page = self.call("GET", "/v1/messages/batches?limit=2&after_id=" + page["last_id"], headers=headers)
         self.assertEqual(([b["id"] for b in page["data"]], page["has_more"]), ([made[0]], False))
+
+
+class GeminiBatchTest(BatchCase):
+    """Gemini's batch mode over raw HTTP: models/{m}:batchGenerateContent and batches/{id} operations."""
+
+    PATH = "/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+
+    def create_gemini(self, texts, scenario=None, headers=GE):
+        body = {"batch": {"displayName": "run", "inputConfig": {"requests": {"requests": [
+            {"request": {"contents": [{"role": "user", "parts": [{"text": t}]}]}, "metadata": {"key": "k%d" % i}}
+            for i, t in enumerate(texts)]}}}}
+        st, op = self.call("POST", self.PATH, body, dict(headers, **({"X-DP-Scenario": scenario} if scenario else {})))
+        self.assertEqual(st, 200, op)
+        return op
+
+    def test_a_gemini_batch_answers_each_request_as_a_direct_call_would(self):
+        op = self.create_gemini(["hello", "plain"])
+        self.assertEqual((op["done"], op["metadata"]["state"], op["metadata"]["displayName"]),
+                         (True, "BATCH_STATE_SUCCEEDED", "run"))
+        st, again = self.call("GET", "/v1beta/" + op["name"], headers=GE)
+        responses = again["response"]["inlinedResponses"]["inlinedResponses"]
+        self.assertEqual([(r["metadata"]["key"], r["response"]["candidates"][0]["content"]["parts"][0]["text"])
+                          for r in responses], [("k0", "Hi from a rule"), ("k1", "dpmock reply to: plain")])
+        self.assertEqual(again["metadata"]["batchStats"]["successfulRequestCount"], "2")
+        st, listing = self.call("GET", "/v1beta/batches", headers=GE)
+        self.assertIn(op["name"], [o["name"] for o in listing["operations"]])
+        self.assertEqual(self.call("DELETE", "/v1beta/" + op["name"], headers=GE)[0], 200)
+        st, gone = self.call("GET", "/v1beta/" + op["name"], headers=GE)
+        self.assertEqual((st, gone["error"]["status"]), (404, "NOT_FOUND"))
+
+    def test_gemini_batches_are_checked_paced_and_cancelled(self):
+        for body in ({}, {"batch": {"inputConfig": {"requests": {"requests": []}}}},
+                     {"batch": {"inputConfig": {"requests": {"requests": [{"metadata": {}}]}}}}):
+            st, r = self.call("POST", self.PATH, body, GE)
+            self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), body)
+        st, r = self.call("POST", self.PATH, {"batch": {"inputConfig": {"fileName": "files/abc"}}}, GE)
+        self.assertEqual((st, r["error"]["status"]), (501, "UNIMPLEMENTED"))
+        op = self.create_gemini(["one"], "BATCH_SLOW; step_ms=5000")
+        self.assertEqual((op.get("done"), op["metadata"]["state"]), (None, "BATCH_STATE_PENDING"))
+        self.assertEqual(self.call("POST", "/v1beta/%s:cancel" % op["name"], {}, GE)[0], 200)
+        op = self.create_gemini(["one", "two"], "BATCH_EXPIRED")
+        errors = [r.get("error") for r in op["response"]["inlinedResponses"]["inlinedResponses"]]
+        self.assertEqual((op["metadata"]["state"], errors[0], errors[1]["status"]),
+                         ("BATCH_STATE_EXPIRED", None, "CANCELLED"))
+
+
+@unittest.skipUnless(_have("google.genai"), "the google-genai package is not installed (optional)")
+class GeminiBatchSdkTest(unittest.TestCase):
+    """google-genai's client.batches with inlined requests."""
+
+    def setUp(self):
+        genai, self.types = importlib.import_module("google.genai"), importlib.import_module("google.genai.types")
+        self.srv = Server("-q")
+        self.addCleanup(self.srv.stop)
+        self.srv.request("POST", "/_control/rules", json.dumps(RULE).encode())
+        self.client = genai.Client(api_key="gk-test", http_options=self.types.HttpOptions(base_url=self.srv.url))
+
+    def test_gemini_batches_end_to_end(self):
+        c = self.client
+        job = c.batches.create(model="gemini-2.5-flash", src=[
+            {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]},
+            {"contents": [{"role": "user", "parts": [{"text": "again"}]}], "metadata": {"key": "b"}}],
+            config={"display_name": "sdk batch"})
+        job = c.batches.get(name=job.name)
+        self.assertEqual(job.state, self.types.JobState.JOB_STATE_SUCCEEDED)
+        self.assertEqual([r.response.text for r in job.dest.inlined_responses], ["Hi from a rule",
+                                                                                  "dpmock reply to: again"])
+        self.assertEqual([j.name for j in c.batches.list()], [job.name])
+        slow = c.batches.create(model="gemini-2.5-flash", src=[{"contents": [{"role": "user", "parts": [
+            {"text": "x"}]}]}], config={"http_options": {"headers": {"X-DP-Scenario": "BATCH_SLOW; step_ms=5000"}}})
+        self.assertEqual(c.batches.get(name=slow.name).state, self.types.JobState.JOB_STATE_PENDING)
+        c.batches.cancel(name=slow.name)
+        c.batches.delete(name=job.name)
 
 
 @unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")

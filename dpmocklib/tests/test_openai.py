@@ -184,6 +184,34 @@ class OpenAIRoutesTest(unittest.TestCase):
         st, _, r = jpost("/v1/images/generations", {"model": "dall-e-3"}, OA)
         self.assertEqual((st, r["error"]["param"]), (400, "prompt"))
 
+    def test_image_edits_and_variations(self):
+        png = base64.b64decode(jpost("/v1/images/generations", {"prompt": "x", "response_format": "b64_json"},
+                                     OA)[2]["data"][0]["b64_json"])
+
+        def form(fields, images=("image",)):
+            body = b"".join(b'--B\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (k.encode(),
+                                                                                                   v.encode())
+                            for k, v in fields)
+            body += b"".join(b'--B\r\nContent-Disposition: form-data; name="%s"; filename="i.png"\r\n'
+                             b'Content-Type: image/png\r\n\r\n%s\r\n' % (name.encode(), png) for name in images)
+            return body + b"--B--\r\n", dict(OA, **{"Content-Type": "multipart/form-data; boundary=B"})
+        st, _, r = jpost("/v1/images/edits", *form([("prompt", "make it blue"), ("n", "2"),
+                                                    ("response_format", "b64_json")]))
+        self.assertEqual((st, len(r["data"])), (200, 2), r)
+        self.assertEqual(base64.b64decode(r["data"][0]["b64_json"])[:4], b"\x89PNG")
+        st, _, r = jpost("/v1/images/edits", *form([("prompt", "merge"), ("model", "gpt-image-1")],
+                                                   ("image[]", "image[]")))
+        self.assertEqual((st, "usage" in r, "b64_json" in r["data"][0]), (200, True, True))
+        st, _, r = jpost("/v1/images/variations", *form([]))
+        self.assertTrue(r["data"][0]["url"].startswith(SERVER.url + "/_images/"))
+        for path, fields, images, param in (("/v1/images/edits", [], ("image",), "prompt"),
+                                            ("/v1/images/edits", [("prompt", "x")], (), "image"),
+                                            ("/v1/images/edits", [("prompt", "x")], ("image", "image"), "image"),
+                                            ("/v1/images/variations", [("model", "gpt-image-1")], ("image",), "model"),
+                                            ("/v1/images/variations", [("n", "11")], ("image",), "n")):
+            st, _, r = jpost(path, *form(fields, images))
+            self.assertEqual((st, r["error"]["param"]), (400, param), (path, fields))
+
 
 class StructuredOutputTest(unittest.TestCase):
     """JSON valid against the requested schema, on every provider, streamed or not."""

@@ -78,7 +78,14 @@ class OpenAISdkTest(unittest.TestCase):
         self.assertTrue(__import__("base64").b64decode(img.data[0].b64_json).startswith(b"\x89PNG\r\n"))
         img = self.client.images.generate(model="dall-e-3", prompt="a fox", response_format="url")
         with __import__("urllib.request").request.urlopen(img.data[0].url) as resp:
-            self.assertTrue(resp.read().startswith(b"\x89PNG\r\n"))
+            png = resp.read()
+            self.assertTrue(png.startswith(b"\x89PNG\r\n"))
+        edited = self.client.images.edit(image=("fox.png", png, "image/png"), prompt="make it blue", n=2,
+                                         response_format="b64_json")
+        self.assertEqual(len(edited.data), 2)
+        self.assertTrue(__import__("base64").b64decode(edited.data[0].b64_json).startswith(b"\x89PNG\r\n"))
+        varied = self.client.images.create_variation(image=("fox.png", png, "image/png"))
+        self.assertIn("/_images/", varied.data[0].url)
 
     def test_typed_errors(self):
         o = self.openai
