@@ -38,10 +38,10 @@ def anthropic_reader(req):
             source = block.get("source") if isinstance(block, dict) else None
             if isinstance(source, dict) and source.get("type") == "file":
                 file_id = source.get("file_id")
-                if not isinstance(file_id, str) or req.server.files.get(ANTHROPIC, file_key(ANTHROPIC, file_id)) \
-                        is None:
-                    raise HTTPError(404, "File not found: %s" % (file_id if isinstance(file_id, str) else None),
-                                    etype="not_found_error")
+                if not isinstance(file_id, str) or not file_id:
+                    raise invalid("source.file_id: Input should be a valid string")
+                if req.server.files.get(ANTHROPIC, file_key(ANTHROPIC, file_id)) is None:
+                    raise HTTPError(404, "File not found: %s" % file_id[:100], etype="not_found_error")
     return turn
 
 

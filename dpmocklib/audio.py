@@ -43,7 +43,7 @@ def handle_speech(w, req):
         raise invalid("Invalid value for 'voice': %r. Supported values are: %s, or {\"id\": VOICE_ID}." % (
             clip(str(voice)), ", ".join("'%s'" % v for v in VOICES)), "voice", "invalid_value")
     fmt = body.get("response_format", "mp3")
-    if fmt not in TYPES:
+    if not isinstance(fmt, str) or fmt not in TYPES:
         raise invalid("Invalid value for 'response_format': %r. Supported values are: %s." % (
             clip(str(fmt)), ", ".join("'%s'" % f for f in TYPES)), "response_format", "invalid_value")
     if fmt not in MADE:
@@ -53,7 +53,7 @@ def handle_speech(w, req):
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.25 <= speed <= 4.0:
         raise invalid("Invalid 'speed': expected a number from 0.25 to 4.0.", "speed", "invalid_value")
     stream = body.get("stream_format", "audio")
-    if stream not in ("audio", "sse"):
+    if not isinstance(stream, str) or stream not in ("audio", "sse"):
         raise invalid("Invalid value for 'stream_format': %r. Supported values are: 'sse' and 'audio'." %
                       clip(str(stream)), "stream_format", "invalid_value")
     if stream == "sse" and model not in SSE_MODELS:
@@ -112,18 +112,18 @@ def _syncsafe(n):
     return bytes(((n >> 21) & 0x7F, (n >> 14) & 0x7F, (n >> 7) & 0x7F, n & 0x7F))
 
 
-_CRC8, _CRC16 = [], []
+def _crc_table(poly, width):
+    """The 256 entries of an MSB-first CRC (FLAC's CRC-8, poly 0x07, and CRC-16, poly 0x8005)."""
+    top, mask, table = 1 << (width - 1), (1 << width) - 1, []
+    for i in range(256):
+        c = i << (width - 8)
+        for _ in range(8):
+            c = ((c << 1) ^ poly) & mask if c & top else (c << 1) & mask
+        table.append(c)
+    return table
 
 
-def _crc_tables():
-    if not _CRC8:
-        for i in range(256):
-            c8, c16 = i, i << 8
-            for _ in range(8):
-                c8 = ((c8 << 1) ^ 0x07) & 0xFF if c8 & 0x80 else (c8 << 1) & 0xFF
-                c16 = ((c16 << 1) ^ 0x8005) & 0xFFFF if c16 & 0x8000 else (c16 << 1) & 0xFFFF
-            _CRC8.append(c8)
-            _CRC16.append(c16)
+_CRC8, _CRC16 = _crc_table(0x07, 8), _crc_table(0x8005, 16)  #: made at import (the module loads on first use)
 
 
 def _crc8(data):
@@ -142,7 +142,6 @@ def _crc16(data):
 
 def flac(pcm, text):
     """A FLAC stream: STREAMINFO, a Vorbis comment holding the text, then frames of 4096 verbatim samples."""
-    _crc_tables()
     samples = len(pcm) // 2
     block = 4096
     info = struct.pack(">HH", block, block) + b"\0" * 6  # block sizes; frame sizes unknown (0)
@@ -152,8 +151,7 @@ def flac(pcm, text):
     out = [b"fLaC", bytes((0,)) + len(info).to_bytes(3, "big") + info,
            bytes((0x80 | 4,)) + len(vorbis).to_bytes(3, "big") + vorbis]
     big = array.array("h", pcm)
-    if sys.byteorder == "little":
-        big.byteswap()  # FLAC's samples are big-endian
+    big.byteswap()  # the PCM is little-endian on every host, FLAC's samples big-endian
     data = big.tobytes()
     for n, start in enumerate(range(0, samples, block)):
         count = min(block, samples - start)
@@ -177,8 +175,6 @@ def _utf8_number(n):
 
 # ----------------------------------------------------------------------------- transcriptions and translations
 
-TRANSCRIBE = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-03-20",
-              "gpt-4o-transcribe-diarize")
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 
 
@@ -265,23 +261,37 @@ def _language(code):
     return _LANGUAGES.get((code or "en").lower(), (code or "english").lower())
 
 
+MAX_SAID = 4096  #: characters of text read back from a file's tag (speech's own input limit)
+
+
 def audio_facts(data, name):
-    """(seconds of audio, the text dpmock's own speech carries, or None) of an uploaded audio file."""
+    """(seconds of audio, the text dpmock's own speech carries, or None) of an uploaded audio file; a header
+    that is broken or lies gives the estimate from its size."""
+    try:
+        seconds, said = _audio_facts(data)
+    except (IndexError, struct.error, ValueError, ZeroDivisionError):
+        seconds, said = len(data) / 16000.0, None
+    return max(0.0, min(seconds, len(data) / 100.0)), said[:MAX_SAID] if said else said
+
+
+def _audio_facts(data):
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         at, rate, width, frames, said = 12, RATE, 2, None, None
-        while at + 8 <= len(data):
+        for _ in range(64):  # chunks looked at: a file of empty chunks is not walked to its end
+            if at + 8 > len(data):
+                break
             kind, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
             chunk = data[at + 8:at + 8 + size]
             if kind == b"fmt " and len(chunk) >= 16:
                 channels, rate, _, align = struct.unpack("<HIIH", chunk[2:14])
                 width = max(1, align)
             elif kind == b"data":
-                frames = size // width
+                frames = min(size, len(data) - at - 8) // width  # no more than the bytes there
             elif kind == b"LIST" and chunk[:4] == b"INFO":
                 m = re.search(rb"ICMT(....)", chunk, re.S)
                 if m:
                     n = struct.unpack("<I", m.group(1))[0]
-                    said = chunk[m.end():m.end() + n].rstrip(b"\0").decode("utf-8", "replace")
+                    said = chunk[m.end():m.end() + min(n, 4 * MAX_SAID)].rstrip(b"\0").decode("utf-8", "replace")
             at += 8 + size + size % 2
         return (frames / float(rate or RATE) if frames is not None else len(data) / 48000.0), said
     if data[:4] == b"fLaC" and len(data) >= 42:
@@ -291,13 +301,13 @@ def audio_facts(data, name):
         said = None
         if m:
             n = struct.unpack("<I", data[m.start() - 4:m.start()])[0]
-            said = data[m.end():m.start() + n].decode("utf-8", "replace")
+            said = data[m.end():m.start() + min(n, 4 * MAX_SAID)].decode("utf-8", "replace")
         return samples / float(rate or RATE), said
     if data[:3] == b"ID3" and len(data) >= 10:
         size = (data[6] << 21) | (data[7] << 14) | (data[8] << 7) | data[9]
         said = None
-        if data[10:14] == b"TIT2":
-            n = (data[14] << 21) | (data[15] << 14) | (data[16] << 7) | data[17]
+        if data[10:14] == b"TIT2" and len(data) >= 21:
+            n = min((data[14] << 21) | (data[15] << 14) | (data[16] << 7) | data[17], size, 4 * MAX_SAID)
             said = data[21:20 + n].decode("utf-8", "replace")
         frames = max(0, len(data) - 10 - size) // 192
         return frames * 576 / float(RATE), said

@@ -6,16 +6,17 @@ import json
 import threading
 import time
 
-from .base import ANTHROPIC, GEMINI, HTTPError, OPENAI, clip
+from .base import ANTHROPIC, GEMINI, HTTPError, OPENAI, bounded_int, clip, scenarios, start_regex_budget
 from .faults import NO_FAULT
 from .files import file_record, openai_file
 from .providers import check_key, check_model, invalid, new_id, rfc3339
 from .request import Request
-from .routing import int_arg
+from .routing import anthropic_page, int_arg, page_body
 from .writer import ResponseWriter, encode_body
 
 
-ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations")
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations",
+             "/v1/images/generations")  #: (the SDK's others, /v1/images/edits and /v1/videos, dpmock does not batch)
 MAX_REQUESTS = 50000  #: requests one batch may hold (the real limit)
 MAX_OUTPUT = 64 * 1024 * 1024  #: bytes of answers one batch's files hold; requests past it fail, saying so
 WINDOW = 24 * 3600
@@ -28,7 +29,8 @@ class CaptureWriter(ResponseWriter):
 
     def __init__(self, server, req):  # noqa: super's needs a connection; these are the fields handlers use
         self.conn, self.server, self.req = None, server, req
-        self.fault, self.sent, self.status, self.events, self.headers_sent, self.chunked = NO_FAULT, 0, 0, 0, False, False
+        self.fault, self.sent, self.status, self.events = NO_FAULT, 0, 0, 0
+        self.headers_sent, self.chunked = False, False
         self.extra_headers, self.json_array, self.entry, self.ended = (), False, None, None
         self.request_id, self.stream_error, self.framer = new_id("req_", 12), None, None
         self.answer = None
@@ -42,45 +44,81 @@ class CaptureWriter(ResponseWriter):
 
 def answer_inline(server, parent, path, body):
     """(status, answer JSON, request id) of ``POST path`` with ``body``, as a client with the parent request's
-    key and test would get it: the route's reader, the rules (a rule's error included) and its handler."""
+    key and test would get it: the route's reader, the rules (a rule's error, scenario or recorded answer
+    included; a regex budget of its own) and its handler. Whatever goes wrong is that request's answer."""
+    from .dispatch import provider_error
+    from .faults import scenario_answer
     from .rules import apply_rules
     req = Request("POST", path, "HTTP/1.1", parent.headers)
     req.server, req.test, req.json = server, parent.test, body
-    req.route, req.params = server.router.match("POST", path)
-    req.provider = req.voice = req.route.provider
-    req.body_bytes = len(encode_body(body, compact=True))
     w = CaptureWriter(server, req)
+    start_regex_budget()
     try:
+        req.route, req.params = server.router.match("POST", path)
+        req.provider = req.voice = req.route.provider
+        req.body_bytes = len(encode_body(body, compact=True))
         answer = apply_rules(w, req)
-        if answer is not None and "raw" not in answer:
-            req.answer = answer
+        if answer is not None and "raw" in answer:  # a recorded answer: its status and body, as recorded
+            raw = answer["raw"]
+            return raw["status"], _parsed(raw.get("body", "").encode("utf-8")), w.request_id
+        if answer is not None and "scenario" in answer:  # a rule's scenario: its fixed answer or error, if any
+            scenario, params = scenarios.resolve(answer["scenario"])
+            value = scenario_answer(scenario, req.route, req.provider)
+            if isinstance(value, scenarios.ProviderError):
+                value = provider_error(w, value, params)
+            if isinstance(value, scenarios.Reply):
+                return value.status, _parsed(encode_body(value.body)), w.request_id
+        req.answer = answer
         req.route.handler(w, req)
         status, data = w.answer
     except HTTPError as e:
         reply = w.error_reply(e)
         status, data = reply.status, encode_body(reply.body, compact=True)
+    except Exception as e:  # noqa: BLE001 - one request of a batch: its own 500, the batch goes on
+        reply = w.error_reply(HTTPError(500, "dpmock internal error answering this batch request: %s: %s" % (
+            type(e).__name__, e)))
+        status, data = reply.status, encode_body(reply.body, compact=True)
+    return status, _parsed(data), w.request_id
+
+
+def _parsed(data):
     try:
-        return status, json.loads(data), w.request_id
+        return json.loads(data)
     except ValueError:
-        return status, data.decode("utf-8", "replace"), w.request_id
+        return data.decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------- the store
 
 class BatchStore:
-    """The batches made (the last LIMIT), shared by every connection."""
+    """The batches made: the last LIMIT, holding at most BYTES of requests and results (the oldest go first),
+    shared by every connection."""
 
     LIMIT = 1000
+    BYTES = 256 * 1024 * 1024
 
     def __init__(self):
         self.lock = threading.Lock()
         self.batches = {}  # id -> Batch, oldest first
+        self.size = 0
 
     def add(self, batch):
         with self.lock:
             self.batches[batch.id] = batch
-            while len(self.batches) > self.LIMIT:
-                self.batches.pop(next(iter(self.batches)))
+            self.size += batch.size
+            self._evict()
+
+    def grew(self, batch, n):
+        """A batch holds ``n`` more bytes (its results) or fewer (its requests, once answered)."""
+        with self.lock:
+            batch.size += n
+            if self.batches.get(batch.id) is batch:
+                self.size += n
+                self._evict()
+
+    def _evict(self):
+        while len(self.batches) > self.LIMIT or (self.size > self.BYTES and len(self.batches) > 1):
+            self.size -= self.batches.pop(next(iter(self.batches))).size
 
     def get(self, batch_id):
         with self.lock:
@@ -92,7 +130,9 @@ class BatchStore:
 
     def remove(self, batch_id):
         with self.lock:
-            return self.batches.pop(batch_id, None)
+            batch = self.batches.pop(batch_id, None)
+            self.size -= batch.size if batch is not None else 0
+            return batch
 
 
 def store(server):
@@ -111,10 +151,11 @@ class Batch:
     """One batch: its input (the file's bytes, not a copy: read again when it runs), its pace (``step``
     seconds per status) and how it ends (``outcome``)."""
 
-    def __init__(self, req, content, count, errors, step, outcome, prefix="batch_"):
+    def __init__(self, req, content, count, errors, step, outcome, prefix="batch_", size=0):
         self.id = new_id(prefix, 12)
-        self.body, self.content, self.count, self.errors = req.json, content, count, errors
-        self.provider = req.provider
+        self.body = {k: req.json.get(k) for k in ("endpoint", "input_file_id", "metadata")}  #: what its object says
+        self.content, self.count, self.errors = content, count, errors
+        self.provider, self.size = req.provider, size  #: bytes it holds of its own (not a file's)
         self.step, self.outcome = step, outcome
         self.headers, self.test = req.headers, req.test  #: its requests are answered with its maker's key and test
         self.created = time.time()
@@ -129,8 +170,8 @@ class Batch:
     def status(self, now):
         """(status, {status: when it began}) at ``now``."""
         t0, step = self.created, self.step
-        if self.errors:
-            return "failed", {"in_progress_at": None, "failed_at": t0 + step}
+        if self.errors:  # refused once validating is over
+            return ("validating", {}) if now < t0 + step else ("failed", {"failed_at": t0 + step})
         stamps = {"in_progress_at": t0 + step, "finalizing_at": t0 + 2 * step}
         if self.cancelled is not None and now >= self.cancelled:
             stamps = {k: v for k, v in stamps.items() if v <= self.cancelled}
@@ -144,8 +185,6 @@ class Batch:
         end = t0 + 3 * step
         if self.outcome == "expired":
             return "expired", dict(stamps, expired_at=end)
-        if self.outcome == "failed":
-            return "failed", {"in_progress_at": None, "failed_at": end}
         return "completed", dict(stamps, completed_at=end)
 
 
@@ -179,13 +218,10 @@ def handle_batch_create(w, req):
     step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
     batch = Batch(req, record["content"], len(lines), errors, step, outcome)
     store(w.server).add(batch)
-    w.send_json(200, dict(batch_object(w.server, batch, batch.created), status="validating",
-                          in_progress_at=None, completed_at=None, failed_at=None, finalizing_at=None,
-                          output_file_id=None, error_file_id=None, errors=None,
-                          request_counts={"total": 0, "completed": 0, "failed": 0}))
+    w.send_json(200, batch_object(w.server, batch, batch.created, fresh=True))
 
 
-def read_lines(content, endpoint):
+def read_lines(content, endpoint):  # noqa: C901 - one check per rule of the real service
     """The requests of a batch's JSONL input, and what is wrong with it, as the real service checks it:
     each line a JSON object with a unique custom_id, method POST, the batch's endpoint as url and a body."""
     lines, errors, seen = [], [], set()
@@ -198,25 +234,25 @@ def read_lines(content, endpoint):
     except UnicodeDecodeError:
         error("invalid_json_line", "The file is not UTF-8 text.", 1)
         return lines, errors
-    for n, line in enumerate(text.splitlines(), 1):
+    from .dispatch import parse_json_body  # a line is read as a request body is: bounded, no NaN, no lone surrogate
+    for n, line in enumerate(text.split("\n"), 1):  # JSONL's lines end at \n only (not U+2028 and the like)
+        line = line[:-1] if line.endswith("\r") else line
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except (ValueError, RecursionError):
+            item = parse_json_body(line.encode("utf-8"))
+        except HTTPError:
             error("invalid_json_line", "This line is not parseable as valid JSON.", n)
-            continue
-        if not isinstance(item, dict):
-            error("invalid_json_line", "This line is not a JSON object.", n)
             continue
         custom = item.get("custom_id")
         if not isinstance(custom, str) or not custom:
             error("missing_required_parameter", "Missing required parameter: 'custom_id'.", n, "custom_id")
-        elif custom in seen:
+        elif custom in seen:  # a string: seen holds strings only
             error("duplicate_custom_id", "The custom_id for this request is a duplicate of another request. The "
                                          "custom_id parameter must be unique for each request in a batch.", n,
                   "custom_id")
-        seen.add(custom)
+        if isinstance(custom, str):
+            seen.add(custom)
         if item.get("method") != "POST":
             error("invalid_method", "The method for this request is invalid: only POST is supported.", n, "method")
         if item.get("url") != endpoint:
@@ -234,9 +270,10 @@ def read_lines(content, endpoint):
     return lines, errors
 
 
-def batch_object(server, batch, now):
-    """The Batch object as it is at ``now`` (its results made when it has finished)."""
-    status, stamps = batch.status(now)
+def batch_object(server, batch, now, fresh=False):
+    """The Batch object as it is at ``now`` (its results made when it has finished); ``fresh``: as the create
+    call answers it, validating."""
+    status, stamps = ("validating", {}) if fresh else batch.status(now)
     out = {"id": batch.id, "object": "batch", "endpoint": batch.body["endpoint"], "errors": None,
            "input_file_id": batch.body["input_file_id"], "completion_window": "24h", "status": status,
            "output_file_id": None, "error_file_id": None, "created_at": int(batch.created),
@@ -246,13 +283,13 @@ def batch_object(server, batch, now):
            "metadata": batch.body.get("metadata")}
     for name, when in stamps.items():
         out[name] = int(when) if when is not None else None
-    if batch.errors:
+    if batch.errors and status == "failed":
         out["errors"] = {"object": "list", "data": batch.errors}
         out["request_counts"]["total"] = 0
     elif status in ("completed", "expired", "cancelled"):
         output, error, counts = results(server, batch, status)
         out.update(output_file_id=output, error_file_id=error, request_counts=counts)
-    elif status in ("in_progress", "finalizing"):
+    elif status in ("in_progress", "finalizing", "cancelling"):
         done = batch.count if status == "finalizing" else batch.count // 2
         out["request_counts"]["completed"] = done
     return out
@@ -288,7 +325,7 @@ def results(server, batch, status):
             output = _result_file(server, batch, "output", ok)
             error = _result_file(server, batch, "error", failed)
             batch.results = (output, error, {"total": batch.count, "completed": len(ok), "failed": len(failed)})
-            batch.content = None  # the input is not needed again
+            batch.content = None  # the input is not needed again (its file holds it)
         return batch.results
 
 
@@ -306,10 +343,13 @@ def _result_file(server, batch, kind, lines):
 
 
 def _batch(w, req):
+    """The request's provider's batch the path names, made in the request's test; 404 otherwise."""
     check_key(req)
     batch_id = req.params["batch_id"]
-    batch = store(w.server).get(batch_id[8:] if req.provider == GEMINI and batch_id.startswith("batches/") else batch_id)
-    if batch is None or batch.provider != req.provider:
+    if req.provider == GEMINI and batch_id.startswith("batches/"):
+        batch_id = batch_id[8:]
+    batch = store(w.server).get(batch_id)
+    if batch is None or batch.provider != req.provider or batch.test != req.test:
         if req.provider == GEMINI:
             raise HTTPError(404, "Batch batches/%s not found." % clip(batch_id), etype="NOT_FOUND")
         if req.provider == ANTHROPIC:
@@ -319,7 +359,15 @@ def _batch(w, req):
     return batch
 
 
+def _openai_only(req):
+    """GET /batches is OpenAI's and Gemini's; Anthropic's batches live under /v1/messages/batches."""
+    if req.provider not in (OPENAI, GEMINI):
+        raise HTTPError(404, "no route for %s %s: Anthropic's batches are /v1/messages/batches" % (
+            req.method, req.path), etype="not_found_error")
+
+
 def handle_batch_get(w, req):
+    _openai_only(req)
     if req.provider == GEMINI:  # GET /v1beta/batches/{id}: Gemini's operation
         return handle_gemini_batch_get(w, req)
     batch = _batch(w, req)
@@ -339,6 +387,7 @@ def handle_batch_cancel(w, req):
 
 
 def handle_batch_list(w, req):
+    _openai_only(req)
     if req.provider == GEMINI:
         return handle_gemini_batch_list(w, req)
     check_key(req)
@@ -387,17 +436,14 @@ def handle_message_batch_create(w, req):
         seen.add(custom)
         items.append((custom, r["params"]))
     step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
-    batch = Batch(req, items, len(items), [], step, outcome, prefix="msgbatch_01")
+    batch = Batch(req, items, len(items), [], step, outcome, prefix="msgbatch_01", size=req.body_bytes)
     store(w.server).add(batch)
-    w.send_json(200, dict(message_batch(w.server, req, batch, batch.created), processing_status="in_progress",
-                          ended_at=None, results_url=None,
-                          request_counts={"processing": len(items), "succeeded": 0, "errored": 0, "canceled": 0,
-                                          "expired": 0}))
+    w.send_json(200, message_batch(w.server, req, batch, batch.created, fresh=True))
 
 
-def message_batch(server, req, batch, now):
-    """The MessageBatch object at ``now`` (its results made once it has ended)."""
-    status, stamps = batch.status(now)
+def message_batch(server, req, batch, now, fresh=False):
+    """The MessageBatch object at ``now`` (its results made once it has ended); ``fresh``: as made."""
+    status, stamps = ("validating", {}) if fresh else batch.status(now)
     out = {"id": batch.id, "type": "message_batch", "processing_status": _PROCESSING.get(status, "ended"),
            "request_counts": {"processing": batch.count, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
            "ended_at": None, "created_at": rfc3339(batch.created), "expires_at": rfc3339(batch.created + WINDOW),
@@ -438,6 +484,7 @@ def message_results(server, batch, status):
                 lines.append(line)
             batch.results = (("\n".join(lines) + "\n").encode("utf-8"), counts)
             batch.content = None  # the requests are not needed again
+            store(server).grew(batch, len(batch.results[0]) - batch.size)
         return batch.results
 
 
@@ -475,22 +522,10 @@ def handle_message_batch_results(w, req):
 def handle_message_batch_list(w, req):
     """Newest first, ``limit`` (1-1000), ``after_id`` / ``before_id``, as Anthropic's list pages are."""
     check_key(req)
-    limit = int_arg(req, "limit", 20, 1, 1000)
     batches = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == ANTHROPIC]
-    ids = [b.id for b in batches]
-    after, before = req.arg("after_id"), req.arg("before_id")
-    if after is not None:
-        batches = batches[ids.index(after) + 1:] if after in ids else []
-        page = batches[:limit]
-    elif before is not None:
-        batches = batches[:ids.index(before)] if before in ids else []
-        page = batches[-limit:]
-    else:
-        page = batches[:limit]
+    page, more = anthropic_page(req, batches, lambda b: b.id, "message batch")
     now = time.time()
-    data = [message_batch(w.server, req, b, now) for b in page]
-    w.send_json(200, {"data": data, "has_more": len(batches) > len(page), "first_id": data[0]["id"] if data else None,
-                      "last_id": data[-1]["id"] if data else None})
+    w.send_json(200, dict(page_body([message_batch(w.server, req, b, now) for b in page]), has_more=more))
 
 
 # ----------------------------------------------------------------------------- Gemini's batch mode
@@ -507,6 +542,8 @@ def handle_gemini_batch_create(w, req):
     metadata}``, each request a generateContent body."""
     check_key(req)
     model = req.params["model"]
+    if "/" in model or ":" in model:
+        raise invalid("* BatchGenerateContentRequest.model: unexpected model name format")
     check_model(req, model, "batchGenerateContent")
     batch = req.json.get("batch")
     config = batch.get("inputConfig", batch.get("input_config")) if isinstance(batch, dict) else None
@@ -526,8 +563,11 @@ def handle_gemini_batch_create(w, req):
                           "is required" % i)
         items.append((r.get("metadata"), dict(r["request"], model=None)))
     step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
-    job = Batch(req, items, len(items), [], step, outcome, prefix="")
-    job.model, job.display = model, batch.get("displayName", batch.get("display_name")) or job.id
+    job = Batch(req, items, len(items), [], step, outcome, prefix="", size=req.body_bytes)
+    display = batch.get("displayName", batch.get("display_name"))
+    if display is not None and not isinstance(display, str):
+        raise invalid("* BatchGenerateContentRequest.batch.display_name: expected a string")
+    job.model, job.display = model, display or job.id
     store(w.server).add(job)
     w.send_json(200, gemini_operation(w.server, job, job.created))
 
@@ -577,6 +617,7 @@ def gemini_results(server, job, status):
                 out.append(item)
             job.results = (out, ok)
             job.content = None
+            store(server).grew(job, size - job.size)
         return job.results
 
 
@@ -604,7 +645,9 @@ def handle_gemini_batch_list(w, req):
     size = int_arg(req, "pageSize", 50, 1, 1000)
     jobs = [b for b in reversed(store(w.server).listing()) if b.test == req.test and b.provider == GEMINI]
     token = req.arg("pageToken") or "0"
-    start = int(token) if token.isdigit() else 0
+    start = bounded_int(token, 0, 2 ** 62)
+    if start is None:
+        raise invalid("Invalid page token %r." % clip(token), "pageToken")
     now = time.time()
     answer = {"operations": [gemini_operation(w.server, b, now) for b in jobs[start:start + size]]}
     if start + size < len(jobs):

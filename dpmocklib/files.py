@@ -8,7 +8,7 @@ import time
 from .base import ANTHROPIC, GEMINI, HTTPError, OPENAI, b64, bounded_int, clip
 from .providers import first_of, check_key, invalid, new_id, rfc3339
 from .request import MAX_FIELD, MAX_FORM_BYTES, MAX_PARTS
-from .routing import int_arg
+from .routing import anthropic_page, int_arg, page_body
 
 
 def file_record(name, mime, nbytes, digest, **extra):
@@ -79,20 +79,8 @@ def handle_files_list(w, req):
         w.send_json(200, answer)
         return
     if req.provider == ANTHROPIC:  # newest first, Anthropic's paging
-        data = [anthropic_file(r) for r in reversed(records)]
-        limit = int_arg(req, "limit", 20, 1, 1000)
-        ids = [d["id"] for d in data]
-        after, before = req.arg("after_id"), req.arg("before_id")
-        if after is not None:
-            data = data[ids.index(after) + 1:] if after in ids else []
-            page = data[:limit]
-        elif before is not None:
-            data = data[:ids.index(before)] if before in ids else []
-            page = data[-limit:]
-        else:
-            page = data[:limit]
-        w.send_json(200, {"data": page, "has_more": len(data) > len(page), "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None})
+        page, more = anthropic_page(req, list(reversed(records)), lambda r: ANTHROPIC_FILE + r["id"], "file")
+        w.send_json(200, dict(page_body([anthropic_file(r) for r in page]), has_more=more))
         return
     data = [openai_file(r) for r in reversed(records)]
     w.send_json(200, {"object": "list", "data": data, "has_more": False,
@@ -150,7 +138,9 @@ def handle_file_upload(w, req):
     only counted, a batch file's kept) or Anthropic's Files API (its bytes kept, for downloads)."""
     check_key(req)
     boundary = multipart_boundary(req, "multipart/form-data")
-    fields, files = read_multipart(req, boundary, keep_files=KEPT_FILE_BYTES)
+    # A purpose sent before the file that keeps no bytes lets the file go by, only counted.
+    fields, files = read_multipart(req, boundary, keep_files=KEPT_FILE_BYTES, keep_if=lambda fields: (
+        req.provider == ANTHROPIC or fields.get("purpose", KEPT_PURPOSES[0]) in KEPT_PURPOSES))
     if req.provider == ANTHROPIC:
         if not files:
             raise invalid("file: Field required")
@@ -169,7 +159,7 @@ def handle_file_upload(w, req):
     name, mime, nbytes, digest, content, _ = files[0]
     record = file_record(name, mime, nbytes, digest, purpose=purpose)
     if purpose in KEPT_PURPOSES:
-        if content is False:
+        if content is False or content is None:  # too large (or a form whose purpose came after a big file)
             raise HTTPError(413, "a file of purpose %s is kept by dpmock up to %d bytes, not %d" % (
                 purpose, KEPT_FILE_BYTES, nbytes), "file_too_large", param="file")
         record["content"] = content
@@ -310,12 +300,13 @@ def multipart_boundary(req, kind):
     return params["boundary"].encode("latin-1")
 
 
-def read_multipart(req, boundary, keep_first=False, keep_files=0):
+def read_multipart(req, boundary, keep_first=False, keep_files=0, keep_if=None):
     """Parse a multipart body as it arrives: fields are kept (up to MAX_FIELD), files only counted.
 
     Returns ({field name: text}, [(filename, mime, byte count, sha256 digest, bytes or None, field name)]). With
     ``keep_first`` the first part is kept as field "" (Gemini's JSON metadata part); with ``keep_files``
-    each file's bytes are kept too, up to that many (a larger file's are not: False). At most
+    the first file's bytes are kept too, up to that many (a larger file's are not: False), unless
+    ``keep_if(fields so far)`` says no when it starts (other files are only counted: None). At most
     MAX_PARTS parts and MAX_FORM_BYTES of field text are accepted (as Go's mime/multipart and
     Werkzeug bound forms): a form can't make dpmock hold more than that.
     """
@@ -357,6 +348,7 @@ def read_multipart(req, boundary, keep_first=False, keep_files=0):
             headers[k.strip().lower()] = v.strip()
         _, disp = header_params(headers.get("content-disposition", ""))
         is_file = "filename" in disp or (index > 0 and keep_first)
+        keep = keep_files if is_file and not files and (keep_if is None or keep_if(fields)) else 0
         kept = bytearray()
         size = 0
         digest = _hasher() if is_file else None
@@ -370,10 +362,10 @@ def read_multipart(req, boundary, keep_first=False, keep_files=0):
             size += len(body)
             if is_file:
                 digest.update(body)
-                if keep_files and size <= keep_files:
+                if keep and size <= keep:
                     kept += body
                 elif kept:
-                    kept = bytearray()  # too large to keep: only counted, as every file is without keep_files
+                    kept = bytearray()  # too large to keep: only counted, as other files are
             elif len(kept) + len(body) > MAX_FIELD:
                 raise invalid("multipart field over %d bytes" % MAX_FIELD)
             elif held + len(kept) + len(body) > MAX_FORM_BYTES:
@@ -386,8 +378,8 @@ def read_multipart(req, boundary, keep_first=False, keep_files=0):
             buf += more()
         if is_file:
             files.append((disp.get("filename") or "upload", headers.get("content-type", "application/octet-stream"),
-                          size, digest.digest(), (bytes(kept) if size <= keep_files else False) if keep_files
-                          else None, disp.get("name", "")))
+                          size, digest.digest(), (bytes(kept) if size <= keep else False) if keep else None,
+                          disp.get("name", "")))
         else:
             held += len(kept)
             name = "" if keep_first and index == 0 else disp.get("name", "")

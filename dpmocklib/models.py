@@ -2,7 +2,7 @@
 
 from .base import ANTHROPIC, OPENAI, bounded_int, clip, scenarios
 from .providers import check_key, check_model, invalid
-from .routing import int_arg
+from .routing import anthropic_page, int_arg, page_body
 
 
 def handle_models_list(w, req):
@@ -12,22 +12,8 @@ def handle_models_list(w, req):
         w.send_json(200, {"object": "list", "data": [openai_model(m) for m in scenarios.OPENAI_MODELS]})
     elif p == ANTHROPIC:
         models = [anthropic_model(m) for m in scenarios.ANTHROPIC_MODELS]
-        limit = int_arg(req, "limit", 20, 1, 1000)
-        ids = [m["id"] for m in models]
-        after, before = req.arg("after_id"), req.arg("before_id")
-        for name, cursor in (("after_id", after), ("before_id", before)):
-            if cursor is not None and cursor not in ids:
-                raise invalid("%s: unknown model id %r" % (name, cursor))
-        if before is not None:
-            end = ids.index(before)
-            page = models[max(0, end - limit):end]
-            more = end - limit > 0
-        else:
-            start = ids.index(after) + 1 if after is not None else 0
-            page = models[start:start + limit]
-            more = start + limit < len(models)
-        w.send_json(200, {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None})
+        page, more = anthropic_page(req, models, lambda m: m["id"], "model")
+        w.send_json(200, dict(page_body(page), has_more=more))
     else:
         models = [gemini_model(m) for m in scenarios.GEMINI_MODELS]
         size = int_arg(req, "pageSize", 50, 1, 1000)

@@ -217,6 +217,9 @@ def handle_image_edit(w, req):
     if not images:
         raise invalid("Missing required parameter: 'image'.", "image", "missing_required_parameter")
     model = fields.get("model") or "dall-e-2"
+    if (fields.get("stream") or "").lower() == "true":
+        raise invalid("dpmock does not stream image edits (partial images): leave 'stream' out", "stream",
+                      "unsupported_value")
     edit = req.route.name == "images_edits"
     if edit and not fields.get("prompt"):
         raise invalid("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")

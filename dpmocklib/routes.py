@@ -5,7 +5,7 @@ route is first asked for."""
 
 from .base import ANTHROPIC, AZURE, BEDROCK, DPMOCK, GEMINI, GEMINI_OPENAI, OPENAI, SHARED, VERTEX
 from .faults import check_catalogue
-from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, check_modules
+from .routing import BODY_JSON, BODY_STREAM, Route, Router, STREAM_ALWAYS, STREAM_FLAG, STREAM_SSE_FORMAT, check_modules
 
 
 _GEMINI_MODEL = "/models/{model}"
@@ -39,7 +39,7 @@ ROUTES = (
     Route("GET", "/files/{file_id}/content", "files_content", "files.handle_file_content", SHARED),
     Route("POST", "/images/edits", "images_edits", "openai_api.handle_image_edit", OPENAI, BODY_STREAM),
     Route("POST", "/images/variations", "images_variations", "openai_api.handle_image_edit", OPENAI, BODY_STREAM),
-    Route("POST", "/audio/speech", "audio_speech", "audio.handle_speech", OPENAI, BODY_JSON, STREAM_FLAG),
+    Route("POST", "/audio/speech", "audio_speech", "audio.handle_speech", OPENAI, BODY_JSON, STREAM_SSE_FORMAT),
     Route("POST", "/audio/transcriptions", "audio_transcriptions", "audio.handle_transcription", OPENAI,
           BODY_STREAM),
     Route("POST", "/audio/translations", "audio_translations", "audio.handle_translation", OPENAI, BODY_STREAM),

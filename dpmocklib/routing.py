@@ -8,7 +8,7 @@ from .providers import invalid
 
 
 BODY_NONE, BODY_JSON, BODY_STREAM = "none", "json", "stream"
-STREAM_NEVER, STREAM_FLAG, STREAM_ALWAYS = "", "flag", "always"
+STREAM_NEVER, STREAM_FLAG, STREAM_ALWAYS, STREAM_SSE_FORMAT = "", "flag", "always", "sse_format"
 
 
 class Lazy:
@@ -59,7 +59,8 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
     ``provider`` is OPENAI, ANTHROPIC, GEMINI, SHARED (told apart per request) or DPMOCK;
     ``body`` is BODY_NONE, BODY_JSON (read and parsed before the handler runs) or BODY_STREAM
     (the handler reads it in pieces, never held whole); ``stream`` is STREAM_NEVER,
-    STREAM_FLAG (streams when the JSON body says ``"stream": true``) or STREAM_ALWAYS;
+    STREAM_FLAG (streams when the JSON body says ``"stream": true``), STREAM_SSE_FORMAT (when it says
+    ``"stream_format": "sse"``: speech) or STREAM_ALWAYS;
     ``reader(req)`` reads a conversation route's body into a Turn (what rules match on). ``handler``
     and ``reader`` are functions, or ``"module.function"`` names in the package (imported when first called).
     ``platform`` is a cloud (VERTEX, AZURE, BEDROCK, GEMINI_OPENAI) that serves the provider's models: its
@@ -92,9 +93,12 @@ class Route(namedtuple("Route", "method pattern name handler provider body strea
 
     def streaming(self, req):
         """Whether this request's answer is a stream."""
-        return self.stream == STREAM_ALWAYS or (self.stream == STREAM_FLAG and isinstance(req.json, dict)
-                                                and (req.json.get("stream") is True
-                                                     or req.json.get("stream_format") == "sse"))
+        if self.stream == STREAM_ALWAYS:
+            return True
+        if not isinstance(req.json, dict):
+            return False
+        return (self.stream == STREAM_FLAG and req.json.get("stream") is True) or (
+            self.stream == STREAM_SSE_FORMAT and req.json.get("stream_format") == "sse")
 
 
 #: Version segments; google-genai also uses /v1alpha and, in Vertex express mode, /v1beta1.
@@ -189,8 +193,9 @@ class Router:
             if platforms:
                 provider += " (also %s)" % ", ".join(platforms)
             body = {BODY_NONE: "none", BODY_JSON: "JSON", BODY_STREAM: "streamed in pieces"}[r.body]
-            stream = " or ".join(dict.fromkeys({STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`',
-                                                STREAM_ALWAYS: "always"}[g.stream] for g in group))
+            kinds = {STREAM_NEVER: "-", STREAM_FLAG: '`"stream": true`', STREAM_ALWAYS: "always",
+                     STREAM_SSE_FORMAT: '`"stream_format": "sse"`'}
+            stream = " or ".join(dict.fromkeys(kinds[g.stream] for g in group))
             rows.append("| %s | %s | %s | %s | %s |" % (name, paths, provider, body, stream))
         return "\n".join(rows) + "\n"
 
@@ -255,3 +260,25 @@ def int_arg(req, name, default, low, high):
     if value is None:
         raise invalid("%s: expected an integer from %d to %d, got %r" % (name, low, high, clip(raw)), name)
     return value
+
+
+def anthropic_page(req, items, ident, what):
+    """(page, has_more) of ``items`` as Anthropic pages a list: ``limit`` (1-1000, default 20), ``after_id`` or
+    ``before_id`` (an id the list does not hold is a 400 naming it); ``ident(item)`` is an item's id."""
+    limit = int_arg(req, "limit", 20, 1, 1000)
+    ids = [ident(i) for i in items]
+    after, before = req.arg("after_id"), req.arg("before_id")
+    for name, cursor in (("after_id", after), ("before_id", before)):
+        if cursor is not None and cursor not in ids:
+            raise invalid("%s: unknown %s id %r" % (name, what, clip(cursor)))
+    if before is not None:
+        end = ids.index(before)
+        return items[max(0, end - limit):end], end - limit > 0
+    start = ids.index(after) + 1 if after is not None else 0
+    return items[start:start + limit], start + limit < len(items)
+
+
+def page_body(data):
+    """An Anthropic list answer of the page's objects."""
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}

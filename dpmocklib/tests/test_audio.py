@@ -146,6 +146,8 @@ class SpeechTest(unittest.TestCase):
             self.assertEqual((st, json.loads(data)["error"]["param"]), (400, param), body)
         st, _, data = self.post("/v1/audio/speech", speech(voice={"id": "voice_custom1"}, response_format="pcm"))
         self.assertEqual(st, 200)
+        for body in (speech(response_format=["mp3"]), speech(stream_format=["sse"])):
+            self.assertEqual(self.post("/v1/audio/speech", body)[0], 400)
 
     def test_transcriptions_give_dpmocks_own_speech_back_in_every_format(self):
         audio = self.post("/v1/audio/speech", speech(response_format="wav"))[2]
@@ -189,6 +191,17 @@ class SpeechTest(unittest.TestCase):
             self.assertEqual((st, json.loads(data)["error"]["param"]), (400, param), fields)
         body, headers = form([("model", "gpt-4o-transcribe")], data=b"x")
         self.assertEqual(json.loads(self.post("/v1/audio/translations", body, headers)[2])["error"]["param"], "model")
+        icmt = b"a " * 100000
+        lying = (b"RIFF" + struct.pack("<I", 0) + b"WAVE" + b"LIST" + struct.pack("<I", len(icmt) + 8) + b"INFO" +
+                 b"ICMT" + struct.pack("<I", len(icmt)) + icmt + b"data" + struct.pack("<I", 2 ** 31))
+        for data in (b"ID3\x04\0\0\0\0\0\x0aTIT2", b"fLaC" + bytes(40), lying, b"RIFF\0\0\0\0WAVE" + b"JUNK\0\0\0\0" * 5000):
+            body, headers = form([("model", "whisper-1"), ("response_format", "verbose_json"),
+                                  ("timestamp_granularities[]", "word")], data=data)
+            st, _, r = self.post("/v1/audio/transcriptions", body, headers)
+            self.assertEqual(st, 200, r[:200])
+            r = json.loads(r)
+            self.assertLessEqual(len(r["text"]), 4096)
+            self.assertLessEqual(r["duration"], len(data) / 100.0)  # a header that lies is not believed
 
 
 @unittest.skipUnless(_have("openai"), "the openai package is not installed (optional)")

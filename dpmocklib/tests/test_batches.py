@@ -136,6 +136,34 @@ class BatchTest(BatchCase):
         st, r = self.call("GET", "/v1/batches/batch_nope")
         self.assertEqual(st, 404)
 
+    def test_hostile_lines_and_bodies_are_clear_errors(self):
+        lines = ['{"custom_id": "s", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "\\ud800"}}',
+                 '{"custom_id": "n", "method": "POST", "url": "/v1/chat/completions", "body": {"temperature": NaN}}',
+                 {"custom_id": [1], "method": "POST", "url": "/v1/chat/completions", "body": {}},
+                 {"custom_id": "u", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o",
+                                                                                              "messages": [
+                     {"role": "user", "content": "line\u2028separator"}]}}]
+        batch = self.create(upload(self.srv, "".join(
+            (line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n"
+            for line in lines).encode("utf-8"))["id"])
+        st, batch = self.call("GET", "/v1/batches/" + batch["id"])
+        self.assertEqual([(e["code"], e["line"]) for e in batch["errors"]["data"]],
+                         [("invalid_json_line", 1), ("invalid_json_line", 2), ("missing_required_parameter", 3)])
+        f = upload(self.srv, jsonl([chat_line("a", "x")]))
+        st, r = self.call("GET", "/v1/batches/%s" % self.create(f["id"])["id"], headers={"x-api-key": "k",
+                                                                                       "anthropic-version": "x"})
+        self.assertEqual(st, 404)  # Anthropic's batches are elsewhere; OpenAI's are not its
+        st, r = self.call("GET", "/v1/batches/%s" % self.create(f["id"])["id"],
+                          headers=dict(OA, **{"X-DP-Test-Id": "other"}))
+        self.assertEqual(st, 404)  # another test's batch
+        rule = {"match": {"text": "break it"}, "respond": {"scenario": "SERVER_ERROR"}}
+        headers = dict(OA, **{"X-DP-Test-Id": "batch-scenario"})
+        self.srv.request("POST", "/_control/rules", json.dumps(rule).encode(), headers)
+        batch = self.create(upload(self.srv, jsonl([chat_line("a", "break it")]))["id"], headers=headers)
+        st, batch = self.call("GET", "/v1/batches/" + batch["id"], headers=headers)
+        st, hdrs, data = self.srv.request("GET", "/v1/files/%s/content" % batch["error_file_id"], None, OA)
+        self.assertEqual(json.loads(data)["response"]["status_code"], 500)  # the rule's scenario, as directly
+
     def test_scenarios_pace_and_end_a_batch(self):
         f = upload(self.srv, jsonl([chat_line("a", "one"), chat_line("b", "two")]))
         batch = self.create(f["id"], "BATCH_SLOW; step_ms=300")
@@ -154,6 +182,11 @@ class BatchTest(BatchCase):
             self.assertEqual([e["error"]["code"] for e in self.content(batch["error_file_id"])], [code])
         st, batch = self.call("GET", "/v1/batches/" + self.create(f["id"], "BATCH_FAILED")["id"])
         self.assertEqual((batch["status"], batch["errors"]["data"][0]["code"]), ("failed", "token_limit_exceeded"))
+        made = self.create(f["id"], "BATCH_FAILED; step_ms=5000")
+        self.assertEqual(self.call("GET", "/v1/batches/" + made["id"])[1]["status"], "validating")
+        made = self.create(f["id"], "BATCH_EXPIRED")  # the create answer is the batch as made, whatever follows
+        self.assertEqual((made["status"], made["expired_at"], made["cancelled_at"], made["output_file_id"]),
+                         ("validating", None, None, None))
         batch = self.create(f["id"], "BATCH_SLOW; step_ms=5000")
         st, cancelled = self.call("POST", "/v1/batches/%s/cancel" % batch["id"])
         self.assertEqual((st, cancelled["status"]), (200, "cancelling"))
@@ -270,6 +303,13 @@ class GeminiBatchTest(BatchCase):
             self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), body)
         st, r = self.call("POST", self.PATH, {"batch": {"inputConfig": {"fileName": "files/abc"}}}, GE)
         self.assertEqual((st, r["error"]["status"]), (501, "UNIMPLEMENTED"))
+        for path in ("/v1beta/models/a%2Fb:batchGenerateContent", "/v1beta/batches?pageToken=%C2%B2"):
+            st, r = self.call("POST" if "models" in path else "GET", path, {"batch": {"inputConfig": {"requests": {
+                "requests": [{"request": {"contents": [{"parts": [{"text": "x"}]}]}}]}}}} if "models" in path else
+                None, GE)
+            self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), path)
+        st, r = self.call("GET", "/v1beta/batches", headers=GE)
+        self.assertEqual(st, 200)  # nothing stuck
         op = self.create_gemini(["one"], "BATCH_SLOW; step_ms=5000")
         self.assertEqual((op.get("done"), op["metadata"]["state"]), (None, "BATCH_STATE_PENDING"))
         self.assertEqual(self.call("POST", "/v1beta/%s:cancel" % op["name"], {}, GE)[0], 200)

@@ -86,6 +86,9 @@ class AnthropicFilesTest(unittest.TestCase):
         body["messages"][0]["content"][0]["source"]["file_id"] = "file_011nope"
         st, _, data = self.call("POST", "/v1/messages", body=body)
         self.assertEqual((st, json.loads(data)["error"]["type"]), (404, "not_found_error"))
+        body["messages"][0]["content"][0]["source"]["file_id"] = 5
+        st, _, data = self.call("POST", "/v1/messages", body=body)
+        self.assertEqual((st, json.loads(data)["error"]["type"]), (400, "invalid_request_error"))
 
 
 @unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")

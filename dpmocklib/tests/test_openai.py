@@ -208,7 +208,9 @@ class OpenAIRoutesTest(unittest.TestCase):
                                             ("/v1/images/edits", [("prompt", "x")], (), "image"),
                                             ("/v1/images/edits", [("prompt", "x")], ("image", "image"), "image"),
                                             ("/v1/images/variations", [("model", "gpt-image-1")], ("image",), "model"),
-                                            ("/v1/images/variations", [("n", "11")], ("image",), "n")):
+                                            ("/v1/images/variations", [("n", "11")], ("image",), "n"),
+                                            ("/v1/images/edits", [("prompt", "x"), ("stream", "true")], ("image",),
+                                             "stream")):
             st, _, r = jpost(path, *form(fields, images))
             self.assertEqual((st, r["error"]["param"]), (400, param), (path, fields))
 

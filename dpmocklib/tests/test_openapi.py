@@ -150,10 +150,13 @@ class OpenAPIConformanceTest(unittest.TestCase):
         self.check("Batch", batch, "batch create")
         self.check("Batch", json.loads(SERVER.request("GET", "/v1/batches/" + batch["id"], None, OA)[2]), "batch")
         self.check("ListBatchesResponse", json.loads(SERVER.request("GET", "/v1/batches", None, OA)[2]), "batches")
-        speech = json.loads(self.post("/v1/audio/speech", {"model": "gpt-4o-mini-tts", "input": "hi there",
-                                                           "voice": "alloy", "stream_format": "sse"})[2].decode()
-                            .split("data: ")[-1])
-        self.check("CreateSpeechResponseStreamEvent", speech, "speech stream event")
+        data = self.post("/v1/audio/speech", {"model": "gpt-4o-mini-tts", "input": "hi there " * 30, "voice": "alloy",
+                                              "stream_format": "sse"})[2]
+        for _, d in sse_events(data):
+            self.check("CreateSpeechResponseStreamEvent", json.loads(d), "speech stream event")
+        batch = json.loads(SERVER.request("GET", "/v1/batches/" + batch["id"], None, OA)[2])
+        for line in SERVER.request("GET", "/v1/files/%s/content" % batch["output_file_id"], None, OA)[2].splitlines():
+            self.check("CreateChatCompletionResponse", json.loads(line)["response"]["body"], "batch output line")
         wav = self.post("/v1/audio/speech", {"model": "tts-1", "input": "hi there", "voice": "alloy",
                                              "response_format": "wav"})[2]
         for model, fmt, schema in (("whisper-1", "json", "CreateTranscriptionResponseJson"),
