@@ -549,25 +549,27 @@ def handle_gemini_batch_create(w, req):
     config = batch.get("inputConfig", batch.get("input_config")) if isinstance(batch, dict) else None
     if not isinstance(config, dict):
         raise invalid("* BatchGenerateContentRequest.batch.input_config: input_config is required")
-    if config.get("fileName", config.get("file_name")) is not None:
-        raise HTTPError(501, "dpmock answers batches of inlined requests (inputConfig.requests); a batch read from "
-                             "an uploaded file (inputConfig.fileName) is not served yet", etype="UNIMPLEMENTED")
-    requests = (config.get("requests") or {}).get("requests") if isinstance(config.get("requests"), dict) else None
-    if not isinstance(requests, list) or not requests:
-        raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests: at least one request is "
-                      "required")
-    items = []
-    for i, r in enumerate(requests):
-        if not isinstance(r, dict) or not isinstance(r.get("request"), dict):
-            raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests[%d].request: request "
-                          "is required" % i)
-        items.append((r.get("metadata"), dict(r["request"], model=None)))
+    name = config.get("fileName", config.get("file_name"))
+    if name is not None:  # an uploaded JSONL file of {"key", "request"} lines
+        items = gemini_file_requests(w, name)
+    else:
+        requests = (config.get("requests") or {}).get("requests") if isinstance(config.get("requests"),
+                                                                                dict) else None
+        if not isinstance(requests, list) or not requests:
+            raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests: at least one request "
+                          "is required")
+        items = []
+        for i, r in enumerate(requests):
+            if not isinstance(r, dict) or not isinstance(r.get("request"), dict):
+                raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests[%d].request: "
+                              "request is required" % i)
+            items.append((r.get("metadata"), dict(r["request"], model=None)))
     step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
     job = Batch(req, items, len(items), [], step, outcome, prefix="", size=req.body_bytes)
     display = batch.get("displayName", batch.get("display_name"))
     if display is not None and not isinstance(display, str):
         raise invalid("* BatchGenerateContentRequest.batch.display_name: expected a string")
-    job.model, job.display = model, display or job.id
+    job.model, job.display, job.to_file = model, display or job.id, name is not None
     store(w.server).add(job)
     w.send_json(200, gemini_operation(w.server, job, job.created))
 
@@ -586,7 +588,8 @@ def gemini_operation(server, job, now):
         responses, ok = gemini_results(server, job, status)
         meta["endTime"] = meta["updateTime"]
         meta["batchStats"].update(successfulRequestCount=str(ok), failedRequestCount=str(job.count - ok))
-        meta["output"] = {"inlinedResponses": {"inlinedResponses": responses}}
+        meta["output"] = {"responsesFile": responses} if isinstance(responses, str) else {
+            "inlinedResponses": {"inlinedResponses": responses}}
         op.update(done=True, response=dict(meta["output"], **{"@type": _GEMINI_TYPE + "Output"}))
     return op
 
@@ -615,6 +618,17 @@ def gemini_results(server, job, status):
                     item["error"] = {"code": 1, "message": "The batch ended (%s) before this request ran." % status,
                                      "status": "CANCELLED"}
                 out.append(item)
+            if job.to_file:  # read from a file: answered into one, {"key", "response" or "error"} per line
+                data = "".join(json.dumps(dict((("key", i["metadata"]["key"]),) if "metadata" in i else (), **{
+                    k: v for k, v in i.items() if k != "metadata"}), separators=(",", ":"), ensure_ascii=False) + "\n"
+                    for i in out).encode("utf-8")
+                from .files import _hasher
+                digest = _hasher()
+                digest.update(data)
+                record = server.files.add(GEMINI, file_record("batch-%s-responses.jsonl" % job.id, "application/jsonl",
+                                                              len(data), digest.digest(), content=data,
+                                                              generated=True))
+                out, size = "files/" + record["id"], 0
             job.results = (out, ok)
             job.content = None
             store(server).grew(job, size - job.size)
@@ -653,3 +667,41 @@ def handle_gemini_batch_list(w, req):
     if start + size < len(jobs):
         answer["nextPageToken"] = str(start + size)
     w.send_json(200, answer)
+
+
+def gemini_file_requests(w, name):
+    """The (metadata, request) pairs of an uploaded JSONL file: each line ``{"key", "request"}``."""
+    from .dispatch import parse_json_body
+    from .files import file_key
+    record = w.server.files.get(GEMINI, file_key(GEMINI, name)) if isinstance(name, str) else None
+    if record is None:
+        raise HTTPError(404, "File %s does not exist." % clip(str(name)), etype="NOT_FOUND")
+    if record.get("content") is None:
+        raise invalid("* BatchGenerateContentRequest.batch.input_config.file_name: %s is not a JSONL file dpmock "
+                      "kept (upload it with mime type jsonl, up to 32 MiB)" % clip(name))
+    items = []
+    for n, line in enumerate(record["content"].decode("utf-8", "replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = parse_json_body(line.encode("utf-8"))
+        except HTTPError as e:
+            raise invalid("* %s line %d: %s" % (clip(name), n, e.message))
+        if not isinstance(item.get("request"), dict):
+            raise invalid("* %s line %d: request is required" % (clip(name), n))
+        items.append(({"key": item["key"]} if "key" in item else None, dict(item["request"], model=None)))
+    if not items:
+        raise invalid("* %s holds no requests" % clip(name))
+    return items
+
+
+def handle_gemini_file_download(w, req):
+    """GET /download/v1beta/files/{id}:download?alt=media: a generated file's bytes (a batch's responses)."""
+    from .files import file_key
+    check_key(req)
+    record = w.server.files.get(GEMINI, file_key(GEMINI, req.params["file_id"]))
+    if record is None:
+        raise HTTPError(404, "File files/%s does not exist." % clip(req.params["file_id"]), etype="NOT_FOUND")
+    if not record.get("generated"):
+        raise invalid("Only generated files can be downloaded; uploaded files cannot.")
+    w.send_bytes(200, record["content"], record.get("mime") or "application/octet-stream")

@@ -30,10 +30,13 @@ def openai_file(r):
 
 def gemini_file(r, origin):
     created = rfc3339(r["created"])
-    return {"name": "files/" + r["id"], "displayName": r["filename"], "mimeType": r["mime"],
-            "sizeBytes": str(r["bytes"]), "createTime": created, "updateTime": created,
-            "expirationTime": rfc3339(r["created"] + 48 * 3600), "sha256Hash": b64(r["sha256"]),
-            "uri": "%s/v1beta/files/%s" % (origin, r["id"]), "state": "ACTIVE", "source": "UPLOADED"}
+    out = {"name": "files/" + r["id"], "displayName": r["filename"], "mimeType": r["mime"],
+           "sizeBytes": str(r["bytes"]), "createTime": created, "updateTime": created,
+           "expirationTime": rfc3339(r["created"] + 48 * 3600), "sha256Hash": b64(r["sha256"]),
+           "uri": "%s/v1beta/files/%s" % (origin, r["id"]), "state": "ACTIVE", "source": "UPLOADED"}
+    if r.get("generated"):  # made by dpmock (a batch's responses): downloadable
+        out.update(source="GENERATED", downloadUri="%s/download/v1beta/files/%s:download?alt=media" % (origin, r["id"]))
+    return out
 
 
 def anthropic_file(r):
@@ -212,6 +215,8 @@ def handle_gemini_upload(w, req):
                    "name": meta.get("name") or hdr.get("x-goog-upload-file-name") or "upload",
                    "mime": meta.get("mime") or hdr.get("x-goog-upload-header-content-type") or
                    "application/octet-stream"}
+        if jsonl_mime(session["mime"], session["name"]):  # a batch's input: its bytes are kept (bounded)
+            session["content"] = bytearray()
         w.server.files.start_upload(session)
         url = "%s/upload/v1beta/files?upload_id=%s&upload_protocol=resumable" % (req.origin(), session["id"])
         w.send_bytes(200, b"", "text/plain; charset=utf-8", [
@@ -219,12 +224,14 @@ def handle_gemini_upload(w, req):
             ("X-Goog-Upload-Chunk-Granularity", "8388608")])
     elif protocol == "multipart":
         boundary = multipart_boundary(req, "multipart/related")
-        fields, files = read_multipart(req, boundary, keep_first=True)
+        fields, files = read_multipart(req, boundary, keep_first=True, keep_files=KEPT_FILE_BYTES, keep_if=lambda f: (
+            jsonl_mime(_upload_meta(f.get("")).get("mime"), _upload_meta(f.get("")).get("name"))))
         if not files:
             raise invalid("multipart upload has no media part")
         meta = _upload_meta(fields.get(""))
-        _, mime, nbytes, digest, _, _ = files[0]
-        gemini_store(w, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest)
+        _, mime, nbytes, digest, content, _ = files[0]
+        gemini_store(w, req, meta.get("name") or "upload", meta.get("mime") or mime, nbytes, digest,
+                     content=content or None)
     elif protocol in ("media", "raw", ""):
         nbytes, digest = count_body(req)
         mime = (hdr.get("content-type") or "application/octet-stream").split(";")[0].strip()
@@ -248,10 +255,16 @@ def _upload_meta(raw):
     return {"name": first_of(f, "displayName", "display_name"), "mime": first_of(f, "mimeType", "mime_type")}
 
 
-def gemini_store(w, req, name, mime, nbytes, digest, headers=()):
+def jsonl_mime(mime, name):
+    """Whether a Gemini upload is JSONL (a batch's requests): its bytes are kept, as OpenAI's batch files'."""
+    return "jsonl" in (mime or "").lower() or (name or "").lower().endswith(".jsonl")
+
+
+def gemini_store(w, req, name, mime, nbytes, digest, headers=(), content=None):
     if nbytes == 0:
         raise invalid("File is empty.")
-    record = w.server.files.add(GEMINI, file_record(name, mime, nbytes, digest))
+    extra = {"content": bytes(content)} if content is not None else {}
+    record = w.server.files.add(GEMINI, file_record(name, mime, nbytes, digest, **extra))
     w.send_json(200, {"file": gemini_file(record, req.origin())}, headers)
 
 
@@ -268,6 +281,12 @@ def resumable_chunk(w, req, upload_id):
         for piece in req.body_pieces():
             session["received"] += len(piece)
             session["hash"].update(piece)
+            kept = session.get("content")
+            if kept is not None:
+                if len(kept) + len(piece) > KEPT_FILE_BYTES:
+                    session["content"] = None  # too large to keep: only counted
+                else:
+                    kept += piece
     elif "query" in command or "cancel" in command or "finalize" in command:
         small_body(req)
     else:
@@ -278,7 +297,7 @@ def resumable_chunk(w, req, upload_id):
     elif "finalize" in command:
         w.server.files.end_upload(upload_id)
         gemini_store(w, req, session["name"], session["mime"], session["received"], session["hash"].digest(),
-                     [("X-Goog-Upload-Status", "final")])
+                     [("X-Goog-Upload-Status", "final")], session.get("content"))
     else:
         w.send_bytes(200, b"", "text/plain; charset=utf-8", [
             ("X-Goog-Upload-Status", "active"), ("X-Goog-Upload-Size-Received", str(session["received"]))])

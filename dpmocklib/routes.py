@@ -49,6 +49,10 @@ ROUTES = (
     Route("POST", "/batches/{batch_id}:cancel", "gemini_batches_cancel", "batches.handle_gemini_batch_cancel",
           GEMINI),
     Route("DELETE", "/batches/{batch_id}", "gemini_batches_delete", "batches.handle_gemini_batch_delete", GEMINI),
+    Route("GET", "/download/v1beta/files/{file_id}:download", "gemini_files_download",
+          "batches.handle_gemini_file_download", GEMINI),
+    Route("GET", "/files/{file_id}:download", "gemini_files_download", "batches.handle_gemini_file_download",
+          GEMINI),  # as google-genai's files.download sends it
     Route("POST", "/batches/{batch_id}/cancel", "batches_cancel", "batches.handle_batch_cancel", OPENAI),
     Route("POST", "/messages/batches", "messages_batches_create", "batches.handle_message_batch_create", ANTHROPIC,
           BODY_JSON),

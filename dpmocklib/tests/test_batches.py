@@ -302,7 +302,7 @@ class GeminiBatchTest(BatchCase):
             st, r = self.call("POST", self.PATH, body, GE)
             self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), body)
         st, r = self.call("POST", self.PATH, {"batch": {"inputConfig": {"fileName": "files/abc"}}}, GE)
-        self.assertEqual((st, r["error"]["status"]), (501, "UNIMPLEMENTED"))
+        self.assertEqual((st, r["error"]["status"]), (404, "NOT_FOUND"))
         for path in ("/v1beta/models/a%2Fb:batchGenerateContent", "/v1beta/batches?pageToken=%C2%B2"):
             st, r = self.call("POST" if "models" in path else "GET", path, {"batch": {"inputConfig": {"requests": {
                 "requests": [{"request": {"contents": [{"parts": [{"text": "x"}]}]}}]}}}} if "models" in path else
@@ -346,6 +346,15 @@ class GeminiBatchSdkTest(unittest.TestCase):
         self.assertEqual(c.batches.get(name=slow.name).state, self.types.JobState.JOB_STATE_PENDING)
         c.batches.cancel(name=slow.name)
         c.batches.delete(name=job.name)
+        lines = [{"key": "one", "request": {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}},
+                 {"key": "two", "request": {"contents": [{"role": "user", "parts": [{"text": "from a file"}]}]}}]
+        uploaded = c.files.upload(file=io.BytesIO(jsonl(lines)), config={"mime_type": "jsonl",
+                                                                         "display_name": "requests"})
+        job = c.batches.get(name=c.batches.create(model="gemini-2.5-flash", src=uploaded.name).name)
+        self.assertEqual(job.state, self.types.JobState.JOB_STATE_SUCCEEDED)
+        out = [json.loads(line) for line in c.files.download(file=job.dest.file_name).decode().splitlines()]
+        self.assertEqual([(o["key"], o["response"]["candidates"][0]["content"]["parts"][0]["text"]) for o in out],
+                         [("one", "Hi from a rule"), ("two", "dpmock reply to: from a file")])
 
 
 @unittest.skipUnless(_have("anthropic"), "the anthropic package is not installed (optional)")
