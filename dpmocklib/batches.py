@@ -550,8 +550,10 @@ def handle_gemini_batch_create(w, req):
     if not isinstance(config, dict):
         raise invalid("* BatchGenerateContentRequest.batch.input_config: input_config is required")
     name = config.get("fileName", config.get("file_name"))
+    if name is not None and config.get("requests") is not None:
+        raise invalid("* BatchGenerateContentRequest.batch.input_config: one of file_name and requests, not both")
     if name is not None:  # an uploaded JSONL file of {"key", "request"} lines
-        items = gemini_file_requests(w, name)
+        items, count = gemini_file_requests(w, name)
     else:
         requests = (config.get("requests") or {}).get("requests") if isinstance(config.get("requests"),
                                                                                 dict) else None
@@ -564,8 +566,9 @@ def handle_gemini_batch_create(w, req):
                 raise invalid("* BatchGenerateContentRequest.batch.input_config.requests.requests[%d].request: "
                               "request is required" % i)
             items.append((r.get("metadata"), dict(r["request"], model=None)))
+        count = len(items)
     step, outcome = w.fault[0].batch(w.fault[1]) if hasattr(w.fault[0], "batch") else (0.0, "completed")
-    job = Batch(req, items, len(items), [], step, outcome, prefix="", size=req.body_bytes)
+    job = Batch(req, items, count, [], step, outcome, prefix="", size=req.body_bytes)
     display = batch.get("displayName", batch.get("display_name"))
     if display is not None and not isinstance(display, str):
         raise invalid("* BatchGenerateContentRequest.batch.display_name: expected a string")
@@ -614,9 +617,14 @@ def gemini_results(server, job, status):
                         item["error"] = answer.get("error") if isinstance(answer, dict) else {
                             "code": code, "message": str(answer), "status": "INTERNAL"}
                     size += len(encode_body(item, compact=True))
+                elif i < run:
+                    item["error"] = {"code": 8, "message": "dpmock holds up to %d bytes of one batch's answers"
+                                     % MAX_OUTPUT, "status": "RESOURCE_EXHAUSTED"}
                 else:
                     item["error"] = {"code": 1, "message": "The batch ended (%s) before this request ran." % status,
                                      "status": "CANCELLED"}
+                if "error" in item:
+                    size += len(encode_body(item, compact=True))
                 out.append(item)
             if job.to_file:  # read from a file: answered into one, {"key", "response" or "error"} per line
                 data = "".join(json.dumps(dict((("key", i["metadata"]["key"]),) if "metadata" in i else (), **{
@@ -670,34 +678,57 @@ def handle_gemini_batch_list(w, req):
 
 
 def gemini_file_requests(w, name):
-    """The (metadata, request) pairs of an uploaded JSONL file: each line ``{"key", "request"}``."""
-    from .dispatch import parse_json_body
+    """The (metadata, request) pairs of an uploaded JSONL file (each line ``{"key", "request"}``), checked
+    whole now and read again, lazily, when the batch runs (the file's bytes are shared, not copied)."""
     from .files import file_key
-    record = w.server.files.get(GEMINI, file_key(GEMINI, name)) if isinstance(name, str) else None
+    if not isinstance(name, str) or not name:
+        raise invalid("* BatchGenerateContentRequest.batch.input_config.file_name: a file name is required")
+    record = w.server.files.get(GEMINI, file_key(GEMINI, name))
     if record is None:
-        raise HTTPError(404, "File %s does not exist." % clip(str(name)), etype="NOT_FOUND")
+        raise HTTPError(404, "File %s does not exist." % clip(name), etype="NOT_FOUND")
     if record.get("content") is None:
         raise invalid("* BatchGenerateContentRequest.batch.input_config.file_name: %s is not a JSONL file dpmock "
-                      "kept (upload it with mime type jsonl, up to 32 MiB)" % clip(name))
-    items = []
-    for n, line in enumerate(record["content"].decode("utf-8", "replace").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            item = parse_json_body(line.encode("utf-8"))
-        except HTTPError as e:
-            raise invalid("* %s line %d: %s" % (clip(name), n, e.message))
-        if not isinstance(item.get("request"), dict):
-            raise invalid("* %s line %d: request is required" % (clip(name), n))
-        items.append(({"key": item["key"]} if "key" in item else None, dict(item["request"], model=None)))
-    if not items:
+                      "kept (upload it by the resumable or multipart protocol with mime type jsonl, up to 32 MiB)"
+                      % clip(name))
+    requests = FileRequests(record["content"], name)
+    count = sum(1 for _ in requests)
+    if not count:
         raise invalid("* %s holds no requests" % clip(name))
-    return items
+    if count > MAX_REQUESTS:
+        raise invalid("* %s holds %d requests; a batch takes at most %d" % (clip(name), count, MAX_REQUESTS))
+    return requests, count
+
+
+class FileRequests:
+    """The requests of a JSONL file's bytes, read line by line each time they are iterated."""
+
+    def __init__(self, data, name):
+        self.data, self.name = data, name
+
+    def __iter__(self):
+        from .dispatch import parse_json_body
+        try:
+            text = self.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise invalid("* %s is not UTF-8 text (byte %d)" % (clip(self.name), e.start))
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = parse_json_body(line.encode("utf-8"))
+            except HTTPError as e:
+                raise invalid("* %s line %d: %s" % (clip(self.name), n, e.message))
+            if not isinstance(item.get("request"), dict):
+                raise invalid("* %s line %d: request is required" % (clip(self.name), n))
+            yield ({"key": item["key"]} if "key" in item else None, dict(item["request"], model=None))
 
 
 def handle_gemini_file_download(w, req):
     """GET /download/v1beta/files/{id}:download?alt=media: a generated file's bytes (a batch's responses)."""
     from .files import file_key
+    if req.provider != GEMINI:  # a shared path: only Gemini's files have a :download
+        raise HTTPError(404, "no route for %s %s" % (req.method, req.path), "not_found", etype="not_found_error"
+                        if req.provider == ANTHROPIC else None)
     check_key(req)
     record = w.server.files.get(GEMINI, file_key(GEMINI, req.params["file_id"]))
     if record is None:

@@ -233,7 +233,8 @@ def refuse_body(w, req, err):
     """Before answering without the body: drain a small one so the connection stays usable, else close."""
     if not req.has_body() or req.body_done:
         return
-    if req.headers.get("expect") is None and not req.chunked and req.length <= MAX_DISCARD:
+    if req.headers.get("expect") is None and not req.chunked and req.length <= MAX_DISCARD and not req.body_bytes:
+        # (a body read in part, by a handler that stopped midway, is not read again: the connection closes)
         req.drain()
     else:
         w.conn.close_connection = True

@@ -224,8 +224,7 @@ def handle_gemini_upload(w, req):
             ("X-Goog-Upload-Chunk-Granularity", "8388608")])
     elif protocol == "multipart":
         boundary = multipart_boundary(req, "multipart/related")
-        fields, files = read_multipart(req, boundary, keep_first=True, keep_files=KEPT_FILE_BYTES, keep_if=lambda f: (
-            jsonl_mime(_upload_meta(f.get("")).get("mime"), _upload_meta(f.get("")).get("name"))))
+        fields, files = read_multipart(req, boundary, keep_first=True, keep_files=KEPT_FILE_BYTES, keep_if=_keep_jsonl)
         if not files:
             raise invalid("multipart upload has no media part")
         meta = _upload_meta(fields.get(""))
@@ -252,7 +251,20 @@ def _upload_meta(raw):
         raise invalid("upload metadata is nested too deeply")
     f = first_of(meta, "file") if isinstance(meta, dict) else None
     f = f if isinstance(f, dict) else {}
-    return {"name": first_of(f, "displayName", "display_name"), "mime": first_of(f, "mimeType", "mime_type")}
+    name, mime = first_of(f, "displayName", "display_name"), first_of(f, "mimeType", "mime_type")
+    for field, value in (("displayName", name), ("mimeType", mime)):
+        if value is not None and not isinstance(value, str):
+            raise invalid("upload metadata: file.%s must be a string" % field)
+    return {"name": name, "mime": mime}
+
+
+def _keep_jsonl(fields):
+    """A multipart upload's media is kept when its metadata says JSONL (bad metadata: the 400 comes after)."""
+    try:
+        meta = _upload_meta(fields.get(""))
+    except HTTPError:
+        return False
+    return jsonl_mime(meta.get("mime"), meta.get("name"))
 
 
 def jsonl_mime(mime, name):
@@ -283,8 +295,9 @@ def resumable_chunk(w, req, upload_id):
             session["hash"].update(piece)
             kept = session.get("content")
             if kept is not None:
-                if len(kept) + len(piece) > KEPT_FILE_BYTES:
-                    session["content"] = None  # too large to keep: only counted
+                if len(kept) + len(piece) > KEPT_FILE_BYTES or not w.server.files.hold(len(piece)):
+                    w.server.files.hold(-len(kept))
+                    session["content"] = None  # too large to keep (or too much kept by open uploads): counted
                 else:
                     kept += piece
     elif "query" in command or "cancel" in command or "finalize" in command:

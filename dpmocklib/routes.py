@@ -52,7 +52,7 @@ ROUTES = (
     Route("GET", "/download/v1beta/files/{file_id}:download", "gemini_files_download",
           "batches.handle_gemini_file_download", GEMINI),
     Route("GET", "/files/{file_id}:download", "gemini_files_download", "batches.handle_gemini_file_download",
-          GEMINI),  # as google-genai's files.download sends it
+          SHARED),  # as google-genai's files.download sends it (only Gemini's files have one)
     Route("POST", "/batches/{batch_id}/cancel", "batches_cancel", "batches.handle_batch_cancel", OPENAI),
     Route("POST", "/messages/batches", "messages_batches_create", "batches.handle_message_batch_create", ANTHROPIC,
           BODY_JSON),

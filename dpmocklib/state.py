@@ -273,6 +273,7 @@ class FileStore:
         self.lock = threading.Lock()
         self.files = {}  # (provider, id) -> record dict
         self.kept = 0  # bytes of the records' "content"
+        self.held = 0  # bytes kept by open resumable uploads
         self.uploads = {}  # upload_id -> resumable session dict
 
     KEPT = 256 * 1024 * 1024  #: file bytes kept in all (batch files); the oldest files go first past it
@@ -303,15 +304,26 @@ class FileStore:
         with self.lock:
             self.uploads[session["id"]] = session
             while len(self.uploads) > self.LIMIT:
-                self.uploads.pop(next(iter(self.uploads)))
+                self.held -= len(self.uploads.pop(next(iter(self.uploads))).get("content") or b"")
 
     def upload(self, upload_id):
         with self.lock:
             return self.uploads.get(upload_id)
 
+    HELD = 64 * 1024 * 1024  #: bytes open resumable uploads may keep (JSONL, for batches) in all
+
+    def hold(self, n):
+        """Count ``n`` more bytes kept by open uploads (negative: released); False when past HELD."""
+        with self.lock:
+            if n > 0 and self.held + n > self.HELD:
+                return False
+            self.held += n
+            return True
+
     def end_upload(self, upload_id):
         with self.lock:
-            self.uploads.pop(upload_id, None)
+            session = self.uploads.pop(upload_id, None)
+            self.held -= len((session or {}).get("content") or b"")
 
 
 class StoredResponse:

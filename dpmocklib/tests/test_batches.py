@@ -310,6 +310,22 @@ class GeminiBatchTest(BatchCase):
             self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), path)
         st, r = self.call("GET", "/v1beta/batches", headers=GE)
         self.assertEqual(st, 200)  # nothing stuck
+        for config in ({"fileName": 5}, {"fileName": ""}, {"fileName": "files/x", "requests": {"requests": []}}):
+            st, r = self.call("POST", self.PATH, {"batch": {"inputConfig": config}}, GE)
+            self.assertEqual((st, r["error"]["status"]), (400, "INVALID_ARGUMENT"), config)
+        st, r = self.call("GET", "/v1/files/file-abc:download")  # OpenAI's client: no such route of its own
+        self.assertEqual((st, r["error"]["code"]), (404, "not_found"))
+
+    def test_hostile_gemini_uploads_are_clear_errors(self):
+        body = (b"--xyz\r\nContent-Type: application/json\r\n\r\nnot json\r\n--xyz\r\nContent-Type: application/jsonl"
+                b"\r\n\r\nx\r\n--xyz--\r\n")
+        st, _, data = self.srv.request("POST", "/upload/v1beta/files?key=k", body, {
+            "X-Goog-Upload-Protocol": "multipart", "Content-Type": "multipart/related; boundary=xyz"}, timeout=5)
+        self.assertEqual(st, 400, data)  # at once, not after a wait for more body
+        for meta in ({"file": {"mimeType": 5}}, {"file": {"displayName": ["a.jsonl"]}}):
+            st, _, data = self.srv.request("POST", "/upload/v1beta/files?key=k", json.dumps(meta).encode(), {
+                "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start"})
+            self.assertEqual(st, 400, (meta, data))
         op = self.create_gemini(["one"], "BATCH_SLOW; step_ms=5000")
         self.assertEqual((op.get("done"), op["metadata"]["state"]), (None, "BATCH_STATE_PENDING"))
         self.assertEqual(self.call("POST", "/v1beta/%s:cancel" % op["name"], {}, GE)[0], 200)
